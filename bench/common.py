@@ -1,0 +1,80 @@
+"""Shared helpers of the benchmarks: environment record, timing, tables and result files.
+
+Every benchmark times with ``triton.testing.do_bench`` (CUDA events, warm-up, L2 flushed between
+runs) and reports the median with p20/p80, prints a table, writes ``bench/results/<name>.json``
+(gpu, torch, commit, date, settings, rows) and ends with one JSON line on stdout.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def env_info() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, cwd=Path(__file__).parent).stdout.strip())
+    except OSError:
+        commit, dirty = None, False
+    info = {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "commit": commit + ("-dirty" if dirty else "") if commit else os.environ.get("SPIRAL_RT_COMMIT"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def time_ms(fn, warmup_ms: float = 25, rep_ms: float = 200) -> dict:
+    """Median and p20/p80 of ``fn``'s GPU time in ms (CUDA events; L2 flushed before each run)."""
+    from triton.testing import do_bench
+
+    med, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    return {"median_ms": med, "p20_ms": p20, "p80_ms": p80}
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth (bytes read + written per second), in GB/s."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    t = time_ms(lambda: dst.copy_(src))["median_ms"]
+    return 2 * src.numel() / (t * 1e-3) / 1e9
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in columns]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(fmt(r.get(c, "")).rjust(w) for c, w in zip(columns, widths)))
+
+
+def write_result(name: str, settings: dict, rows: list[dict], extra: dict | None = None) -> dict:
+    """Write bench/results/<name>.json and print it as the last line of output."""
+    result = {"benchmark": name, **env_info(), "settings": settings, "results": rows, **(extra or {})}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    out = os.environ.get("OUT")
+    if out:  # on the device machine: also hand the file back
+        Path(out, f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return result

@@ -1,0 +1,123 @@
+// pybind11 bindings of spiral_rt._C.
+//
+// Kernels receive raw device pointers (tensor.data_ptr()) and a stream handle
+// (torch.cuda.current_stream().cuda_stream); validation happens once, in spiral_rt/ops. This file
+// compiles without the CUDA headers: when the module is built without CUDA, only build_info() and
+// the host-side Philox helpers exist, and build_info()["cuda"] is False.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "philox.h"
+#include "sampler_step.h"
+
+namespace py = pybind11;
+using spiral_rt::DType;
+using spiral_rt::NoiseMode;
+
+namespace {
+
+py::dict build_info() {
+  py::dict info;
+#ifdef SPIRAL_RT_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_version"] = std::string(SPIRAL_RT_CUDA_VERSION);
+  info["cuda_archs"] = std::string(SPIRAL_RT_CUDA_ARCHS);
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = py::none();
+  info["cuda_archs"] = std::string();
+#endif
+  return info;
+}
+
+// Host evaluation of the exact code the kernels run (philox.h), for tests without a GPU.
+py::tuple philox4x32(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+  const spiral_rt::U32x4 r = spiral_rt::philox4x32_10({c0, c1, c2, c3}, k0, k1);
+  return py::make_tuple(r.x, r.y, r.z, r.w);
+}
+
+std::vector<float> philox_normals(uint64_t seed, uint32_t sequence, uint32_t chunk, uint32_t step,
+                                  int64_t count) {
+  std::vector<float> out(static_cast<size_t>(count));
+  float z[4];
+  for (int64_t i = 0; i < count; ++i) {
+    if (i % 4 == 0) spiral_rt::philox_normal4(seed, static_cast<uint32_t>(i / 4), sequence, chunk, step, z);
+    out[static_cast<size_t>(i)] = z[i % 4];
+  }
+  return out;
+}
+
+#ifdef SPIRAL_RT_WITH_CUDA
+template <typename P>
+P* ptr(uintptr_t address) {
+  return reinterpret_cast<P*>(address);
+}
+
+void sampler_step(uintptr_t x, uintptr_t m, uintptr_t a, uintptr_t b, uintptr_t c, uintptr_t noise,
+                  uintptr_t noise_key, uintptr_t x_next, uintptr_t mu, uintptr_t partials,
+                  uintptr_t tickets, uintptr_t sq_sum, int64_t num_seqs, int64_t seq_len, int dtype,
+                  int noise_mode, int device, uintptr_t stream) {
+  spiral_rt::SamplerStepArgs args;
+  args.x = ptr<const void>(x);
+  args.m = ptr<const void>(m);
+  args.a = ptr<const float>(a);
+  args.b = ptr<const float>(b);
+  args.c = ptr<const float>(c);
+  args.noise = ptr<const void>(noise);
+  args.noise_key = ptr<const int64_t>(noise_key);
+  args.x_next = ptr<void>(x_next);
+  args.mu = ptr<void>(mu);
+  args.partials = ptr<float>(partials);
+  args.tickets = ptr<uint32_t>(tickets);
+  args.sq_sum = ptr<float>(sq_sum);
+  args.num_seqs = num_seqs;
+  args.seq_len = seq_len;
+  args.dtype = static_cast<DType>(dtype);
+  args.noise_mode = static_cast<NoiseMode>(noise_mode);
+  const int err = spiral_rt::sampler_step_launch(args, device, ptr<void>(stream));
+  if (err != 0)
+    throw std::runtime_error(std::string("spiral_rt sampler_step launch failed: ") +
+                             spiral_rt::cuda_error_string(err));
+}
+#endif
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "spiral_rt native kernels (pointer-level; use spiral_rt.ops for the checked API)";
+  m.def("build_info", &build_info, "What this module was built with: {'cuda', 'cuda_version', 'cuda_archs'}");
+  m.def("philox4x32", &philox4x32, "Philox4x32-10 of one counter block, on the host",
+        py::arg("c0"), py::arg("c1"), py::arg("c2"), py::arg("c3"), py::arg("k0"), py::arg("k1"));
+  m.def("philox_normals", &philox_normals,
+        "The first `count` standard normals of a noise stream, computed on the host",
+        py::arg("seed"), py::arg("sequence"), py::arg("chunk"), py::arg("step"), py::arg("count"));
+
+  py::dict dtypes;
+  dtypes["float32"] = static_cast<int>(DType::kFloat32);
+  dtypes["float16"] = static_cast<int>(DType::kFloat16);
+  dtypes["bfloat16"] = static_cast<int>(DType::kBFloat16);
+  m.attr("DTYPES") = dtypes;
+  py::dict modes;
+  modes["none"] = static_cast<int>(NoiseMode::kNone);
+  modes["tensor"] = static_cast<int>(NoiseMode::kTensor);
+  modes["philox"] = static_cast<int>(NoiseMode::kPhilox);
+  m.attr("NOISE_MODES") = modes;
+
+#ifdef SPIRAL_RT_WITH_CUDA
+  m.def("sampler_step", &sampler_step, "Launch the fused sampler step (see csrc/sampler_step.h)",
+        py::arg("x"), py::arg("m"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("noise"),
+        py::arg("noise_key"), py::arg("x_next"), py::arg("mu"), py::arg("partials"),
+        py::arg("tickets"), py::arg("sq_sum"), py::arg("num_seqs"), py::arg("seq_len"),
+        py::arg("dtype"), py::arg("noise_mode"), py::arg("device"), py::arg("stream"));
+  m.def("sampler_step_blocks_per_seq",
+        [](int64_t seq_len, int dtype) {
+          return spiral_rt::sampler_step_blocks_per_seq(seq_len, static_cast<DType>(dtype));
+        },
+        py::arg("seq_len"), py::arg("dtype"));
+#endif
+}

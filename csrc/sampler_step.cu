@@ -1,0 +1,237 @@
+// Fused sampler step kernel (see sampler_step.h for the math and the contract).
+//
+// Grid (blocks_per_seq, num_seqs), 256 threads. Each block covers kElemsPerThread * 256 elements
+// of one sequence: 32 bytes per thread, as two 16-byte vectors loaded before any math so that
+// both are in flight at once. Rows whose length or pointers do not allow 16-byte vectors take the
+// scalar path over the same block ranges, so the partial sums (and sq_sum) do not depend on it.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "philox.h"
+#include "sampler_step.h"
+
+namespace spiral_rt {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kUnroll = 2;
+
+template <typename T>
+struct Elem;
+template <>
+struct Elem<float> {
+  static constexpr DType kType = DType::kFloat32;
+  __device__ static float load(float v) { return v; }
+  __device__ static float store(float v) { return v; }
+};
+template <>
+struct Elem<__half> {
+  static constexpr DType kType = DType::kFloat16;
+  __device__ static float load(__half v) { return __half2float(v); }
+  __device__ static __half store(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Elem<__nv_bfloat16> {
+  static constexpr DType kType = DType::kBFloat16;
+  __device__ static float load(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ static __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
+};
+
+template <typename T>
+constexpr int vec_elems() { return 16 / sizeof(T); }
+template <typename T>
+constexpr int elems_per_block() { return kThreads * kUnroll * vec_elems<T>(); }
+
+template <typename T, int N>
+struct alignas(16) Pack {
+  T v[N];
+};
+
+struct NoiseKey {
+  uint64_t seed;
+  uint32_t sequence, chunk, step;
+};
+
+__device__ __forceinline__ NoiseKey load_key(const int64_t* key) {
+  return NoiseKey{static_cast<uint64_t>(key[0]), static_cast<uint32_t>(key[1]),
+                  static_cast<uint32_t>(key[2]), static_cast<uint32_t>(key[3])};
+}
+
+__device__ __forceinline__ float philox_eps(const NoiseKey& k, int64_t i) {
+  float z[4];
+  philox_normal4(k.seed, static_cast<uint32_t>(i >> 2), k.sequence, k.chunk, k.step, z);
+  return z[i & 3];
+}
+
+// Sum over the block in a fixed order; the result is valid in thread 0.
+__device__ __forceinline__ float block_sum(float v, float* smem) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) total += smem[w];
+  }
+  __syncthreads();
+  return total;
+}
+
+template <typename T, bool kVector, NoiseMode kNoise>
+__global__ void __launch_bounds__(kThreads) sampler_step_kernel(SamplerStepArgs p) {
+  using E = Elem<T>;
+  constexpr int kVec = kVector ? vec_elems<T>() : 1;
+  constexpr int kIters = elems_per_block<T>() / (kThreads * kVec);
+  __shared__ float smem[kThreads / 32];
+  __shared__ bool is_last_block;
+
+  const int64_t seq = blockIdx.y;
+  const int64_t n = p.seq_len;
+  const int64_t row = seq * n;
+  const float A = p.a[seq], B = p.b[seq], C = p.c[seq];
+  NoiseKey key{};
+  if constexpr (kNoise == NoiseMode::kPhilox) key = load_key(p.noise_key + 4 * seq);
+
+  const T* x = static_cast<const T*>(p.x) + row;
+  const T* m = static_cast<const T*>(p.m) + row;
+  const T* noise = kNoise == NoiseMode::kTensor ? static_cast<const T*>(p.noise) + row : nullptr;
+  T* x_next = static_cast<T*>(p.x_next) + row;
+  T* mu_out = p.mu ? static_cast<T*>(p.mu) + row : nullptr;
+
+  const int64_t start = int64_t(blockIdx.x) * elems_per_block<T>();
+  float sq = 0.f;
+
+  // Load everything this thread needs before the math so all loads are in flight together.
+  Pack<T, kVec> xs[kIters], ms[kIters], ns[kIters];
+  int64_t first[kIters];
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    first[it] = start + (int64_t(it) * kThreads + threadIdx.x) * kVec;
+    if (first[it] < n) {  // kVector: n % kVec == 0, so a started vector is whole
+      xs[it] = *reinterpret_cast<const Pack<T, kVec>*>(x + first[it]);
+      ms[it] = *reinterpret_cast<const Pack<T, kVec>*>(m + first[it]);
+      if constexpr (kNoise == NoiseMode::kTensor)
+        ns[it] = *reinterpret_cast<const Pack<T, kVec>*>(noise + first[it]);
+    }
+  }
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    if (first[it] >= n) continue;
+    float eps[kVec];
+    if constexpr (kNoise == NoiseMode::kPhilox && kVec >= 4) {
+      // A vector starts at a multiple of 4 elements: one Philox block per 4 elements.
+#pragma unroll
+      for (int q = 0; q < kVec / 4; ++q)
+        philox_normal4(key.seed, static_cast<uint32_t>((first[it] >> 2) + q), key.sequence,
+                       key.chunk, key.step, eps + 4 * q);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        if constexpr (kNoise == NoiseMode::kPhilox) eps[j] = philox_eps(key, first[it] + j);
+        else if constexpr (kNoise == NoiseMode::kTensor) eps[j] = E::load(ns[it].v[j]);
+        else eps[j] = 0.f;
+      }
+    }
+    Pack<T, kVec> xo, mo;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const float mu = A * E::load(xs[it].v[j]) + B * E::load(ms[it].v[j]);
+      xo.v[j] = E::store(mu + C * eps[j]);
+      mo.v[j] = E::store(mu);
+      const float d = E::load(xo.v[j]) - mu;
+      sq += d * d;
+    }
+    *reinterpret_cast<Pack<T, kVec>*>(x_next + first[it]) = xo;
+    if (mu_out) *reinterpret_cast<Pack<T, kVec>*>(mu_out + first[it]) = mo;
+  }
+
+  // Deterministic two-level reduction of sq over the sequence.
+  const float partial = block_sum(sq, smem);
+  float* partials = p.partials + seq * gridDim.x;
+  if (threadIdx.x == 0) {
+    partials[blockIdx.x] = partial;
+    __threadfence();  // publish the partial before taking a ticket
+    const unsigned ticket = atomicAdd(p.tickets + seq, 1u);
+    is_last_block = ticket == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!is_last_block) return;
+  __threadfence();
+  float s = 0.f;
+  for (int i = threadIdx.x; i < static_cast<int>(gridDim.x); i += kThreads) s += __ldcg(partials + i);
+  const float total = block_sum(s, smem);
+  if (threadIdx.x == 0) {
+    p.sq_sum[seq] = total;
+    p.tickets[seq] = 0u;  // ready for the next launch (and for CUDA graph replays)
+  }
+}
+
+template <typename T>
+bool vector_ok(const SamplerStepArgs& p) {
+  auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  return p.seq_len % vec_elems<T>() == 0 && aligned(p.x) && aligned(p.m) && aligned(p.x_next) &&
+         (p.mu == nullptr || aligned(p.mu)) &&
+         (p.noise_mode != NoiseMode::kTensor || aligned(p.noise));
+}
+
+template <typename T, bool kVector>
+cudaError_t launch_typed(const SamplerStepArgs& p, dim3 grid, cudaStream_t stream) {
+  switch (p.noise_mode) {
+    case NoiseMode::kNone:
+      sampler_step_kernel<T, kVector, NoiseMode::kNone><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    case NoiseMode::kTensor:
+      sampler_step_kernel<T, kVector, NoiseMode::kTensor><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    case NoiseMode::kPhilox:
+      sampler_step_kernel<T, kVector, NoiseMode::kPhilox><<<grid, kThreads, 0, stream>>>(p);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch(const SamplerStepArgs& p, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(sampler_step_blocks_per_seq(p.seq_len, p.dtype)),
+                  static_cast<unsigned>(p.num_seqs));
+  return vector_ok<T>(p) ? launch_typed<T, true>(p, grid, stream)
+                         : launch_typed<T, false>(p, grid, stream);
+}
+
+}  // namespace
+
+int64_t sampler_step_elems_per_block(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32: return elems_per_block<float>();
+    case DType::kFloat16: return elems_per_block<__half>();
+    case DType::kBFloat16: return elems_per_block<__nv_bfloat16>();
+  }
+  return 0;
+}
+
+int64_t sampler_step_blocks_per_seq(int64_t seq_len, DType dtype) {
+  const int64_t per_block = sampler_step_elems_per_block(dtype);
+  return (seq_len + per_block - 1) / per_block;
+}
+
+int sampler_step_launch(const SamplerStepArgs& p, int device, void* stream) {
+  if (p.num_seqs == 0 || p.seq_len == 0) return cudaSuccess;
+  int current = -1;
+  cudaError_t err = cudaGetDevice(&current);
+  if (err != cudaSuccess) return err;
+  if (current != device && (err = cudaSetDevice(device)) != cudaSuccess) return err;
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (p.dtype) {
+    case DType::kFloat32: return launch<float>(p, s);
+    case DType::kFloat16: return launch<__half>(p, s);
+    case DType::kBFloat16: return launch<__nv_bfloat16>(p, s);
+  }
+  return cudaErrorInvalidValue;
+}
+
+const char* cuda_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+
+}  // namespace spiral_rt

@@ -1,0 +1,1 @@
+"""spiral_rt.cache (see its modules)."""

@@ -1,0 +1,1 @@
+"""spiral_rt.models (see its modules)."""

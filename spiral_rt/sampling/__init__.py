@@ -1,0 +1,1 @@
+"""spiral_rt.sampling (see its modules)."""
