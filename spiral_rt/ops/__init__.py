@@ -9,7 +9,11 @@ and forced. Ops are registered as ``torch.ops.spiral_rt.*`` custom ops, so they 
 Ops: ``sampler_step`` (fused stochastic sampler transition with Philox noise and log-prob terms).
 """
 
+from . import sampler_step as _sampler_step_module
 from .dispatch import available_backends, select_backend
 from .sampler_step import SamplerStepResult, noise_key, sampler_step
 
-__all__ = ["sampler_step", "SamplerStepResult", "noise_key", "available_backends", "select_backend"]
+# op name -> the backends that implement it (``spiral-rt info`` lists what runs where)
+OP_BACKENDS = {m.OP: m.IMPLEMENTED for m in (_sampler_step_module,)}
+
+__all__ = ["sampler_step", "SamplerStepResult", "noise_key", "available_backends", "select_backend", "OP_BACKENDS"]

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: build the package, run the GPU tests, run benchmarks.
+#   bash bench/run_gpu.sh [pytest target ...] -- [benchmark script ...]
+# e.g. bash bench/run_gpu.sh tests/ops -- bench/bench_sampler_step.py
+# Logs and result JSON go to $OUT (when set) so they come back from the device machine.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/spiral_rt_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then  # wheels the machine lacks (diffusers, nvtx, av, fa3-fwd), carried along
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+tests=(); benches=(); seen_sep=0
+for a in "$@"; do
+  if [ "$a" = "--" ]; then seen_sep=1; elif [ $seen_sep = 0 ]; then tests+=("$a"); else benches+=("$a"); fi
+done
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+start=$(date +%s)
+python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - start )) s"
+python3 -c "import spiral_rt._C as C; print('native:', C.build_info())"
+status=0
+if [ ${#tests[@]} -gt 0 ]; then
+  python3 -m pytest -m gpu -q -p no:cacheprovider "${tests[@]}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  status=${PIPESTATUS[0]}
+fi
+for b in "${benches[@]}"; do
+  echo "== $b"
+  python3 "$b" 2>&1 | tee "$OUT/$(basename "$b" .py).log" | grep -v '^{' | tail -30
+done
+echo "gpu tests exit status: $status; total $(( $(date +%s) - start )) s"
+exit $status
