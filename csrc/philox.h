@@ -26,21 +26,16 @@ struct U32x4 {
   uint32_t x, y, z, w;
 };
 
-SPIRAL_RT_HD uint32_t mulhi_u32(uint32_t a, uint32_t b) {
-#if defined(__CUDA_ARCH__)
-  return __umulhi(a, b);
-#else
-  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
-#endif
-}
-
 SPIRAL_RT_HD U32x4 philox4x32_10(U32x4 ctr, uint32_t k0, uint32_t k1) {
   constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;
   constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
 #pragma unroll
   for (int round = 0; round < 10; ++round) {
-    const uint32_t hi0 = mulhi_u32(kMul0, ctr.x), lo0 = kMul0 * ctr.x;
-    const uint32_t hi1 = mulhi_u32(kMul1, ctr.z), lo1 = kMul1 * ctr.z;
+    // One 32x32->64 multiply (a single IMAD.WIDE.U32 on the GPU) gives both halves.
+    const uint64_t p0 = static_cast<uint64_t>(kMul0) * ctr.x;
+    const uint64_t p1 = static_cast<uint64_t>(kMul1) * ctr.z;
+    const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
+    const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
     ctr = U32x4{hi1 ^ ctr.y ^ k0, lo1, hi0 ^ ctr.w ^ k1, lo0};
     k0 += kWeyl0;
     k1 += kWeyl1;
@@ -54,7 +49,14 @@ SPIRAL_RT_HD float u32_to_unit_open(uint32_t r) {
 }
 
 SPIRAL_RT_HD void box_muller(uint32_t a, uint32_t b, float& z0, float& z1) {
-  const float radius = sqrtf(-2.0f * logf(u32_to_unit_open(a)));
+  // logf stays the accurate one: the fast __logf loses relative precision as u -> 1, where
+  // the radius is small. r2 > 0 always (u < 1), so r2 * rsqrt(r2) is a safe, cheap sqrt.
+  const float r2 = -2.0f * logf(u32_to_unit_open(a));
+#if defined(__CUDA_ARCH__)
+  const float radius = r2 * rsqrtf(r2);
+#else
+  const float radius = std::sqrt(r2);
+#endif
   // theta in [-pi, pi): the range where the fast hardware sine/cosine are accurate.
   const float theta = u32_to_unit_open(b) * 6.28318530717958647692f - 3.14159265358979323846f;
   float s, c;

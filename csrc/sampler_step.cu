@@ -16,26 +16,33 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kUnroll = 2;
+// Resident blocks per SM the register budget must allow. 5 (<= 48 registers a thread) gives 660
+// slots on an H100, so one chunk of latents for up to 8 sequences (592 blocks in bf16) runs in a
+// single wave with no tail; the variants with a third input or scalar accesses would spill at 48
+// and keep 4.
+template <bool kVector, NoiseMode kNoise>
+constexpr int min_blocks_per_sm() { return kVector && kNoise != NoiseMode::kTensor ? 5 : 4; }
 
 template <typename T>
 struct Elem;
+// load: element -> fp32; store: fp32 -> element (round to nearest); bits: the raw encoding.
 template <>
 struct Elem<float> {
-  static constexpr DType kType = DType::kFloat32;
   __device__ static float load(float v) { return v; }
   __device__ static float store(float v) { return v; }
+  __device__ static uint32_t bits(float v) { return __float_as_uint(v); }
 };
 template <>
 struct Elem<__half> {
-  static constexpr DType kType = DType::kFloat16;
   __device__ static float load(__half v) { return __half2float(v); }
   __device__ static __half store(float v) { return __float2half_rn(v); }
+  __device__ static uint32_t bits(__half v) { return __half_as_ushort(v); }
 };
 template <>
 struct Elem<__nv_bfloat16> {
-  static constexpr DType kType = DType::kBFloat16;
   __device__ static float load(__nv_bfloat16 v) { return __bfloat162float(v); }
   __device__ static __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
+  __device__ static uint32_t bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
 };
 
 template <typename T>
@@ -44,9 +51,53 @@ template <typename T>
 constexpr int elems_per_block() { return kThreads * kUnroll * vec_elems<T>(); }
 
 template <typename T, int N>
-struct alignas(16) Pack {
+struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
+
+// Whole-vector loads and stores through plain integer types, so each is one instruction
+// (copying a struct of __nv_bfloat16 may be split into 16-bit accesses).
+template <int kBytes>
+struct Word;
+template <>
+struct Word<16> { using type = uint4; };
+template <>
+struct Word<8> { using type = uint2; };
+template <>
+struct Word<4> { using type = uint32_t; };
+template <>
+struct Word<2> { using type = uint16_t; };
+
+template <typename P>
+__device__ __forceinline__ P load_pack(const void* src) {
+  using W = typename Word<sizeof(P)>::type;
+  const W w = *static_cast<const W*>(src);
+  P p;
+  memcpy(&p, &w, sizeof(P));
+  return p;
+}
+
+// Assembles the 32-bit words from the elements' bits, so the store is one instruction.
+template <typename T, int N>
+__device__ __forceinline__ void store_pack(T* dst, const Pack<T, N>& p) {
+  constexpr int kPerWord = sizeof(T) >= 4 ? 1 : 4 / sizeof(T);
+  constexpr int kWords = N / kPerWord;
+  if constexpr (kWords == 0) {
+    *dst = p.v[0];  // a single 2-byte element (scalar path)
+  } else {
+    uint32_t words[kWords];
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) {
+      words[w] = 0;
+#pragma unroll
+      for (int e = 0; e < kPerWord; ++e) words[w] |= Elem<T>::bits(p.v[w * kPerWord + e]) << (16 * e);
+    }
+    using W = typename Word<sizeof(T) * N>::type;
+    W out;
+    memcpy(&out, words, sizeof(W));
+    *reinterpret_cast<W*>(dst) = out;
+  }
+}
 
 struct NoiseKey {
   uint64_t seed;
@@ -81,7 +132,7 @@ __device__ __forceinline__ float block_sum(float v, float* smem) {
 }
 
 template <typename T, bool kVector, NoiseMode kNoise>
-__global__ void __launch_bounds__(kThreads) sampler_step_kernel(SamplerStepArgs p) {
+__global__ void __launch_bounds__(kThreads, min_blocks_per_sm<kVector, kNoise>()) sampler_step_kernel(SamplerStepArgs p) {
   using E = Elem<T>;
   constexpr int kVec = kVector ? vec_elems<T>() : 1;
   constexpr int kIters = elems_per_block<T>() / (kThreads * kVec);
@@ -111,10 +162,9 @@ __global__ void __launch_bounds__(kThreads) sampler_step_kernel(SamplerStepArgs 
   for (int it = 0; it < kIters; ++it) {
     first[it] = start + (int64_t(it) * kThreads + threadIdx.x) * kVec;
     if (first[it] < n) {  // kVector: n % kVec == 0, so a started vector is whole
-      xs[it] = *reinterpret_cast<const Pack<T, kVec>*>(x + first[it]);
-      ms[it] = *reinterpret_cast<const Pack<T, kVec>*>(m + first[it]);
-      if constexpr (kNoise == NoiseMode::kTensor)
-        ns[it] = *reinterpret_cast<const Pack<T, kVec>*>(noise + first[it]);
+      xs[it] = load_pack<Pack<T, kVec>>(x + first[it]);
+      ms[it] = load_pack<Pack<T, kVec>>(m + first[it]);
+      if constexpr (kNoise == NoiseMode::kTensor) ns[it] = load_pack<Pack<T, kVec>>(noise + first[it]);
     }
   }
 #pragma unroll
@@ -136,16 +186,20 @@ __global__ void __launch_bounds__(kThreads) sampler_step_kernel(SamplerStepArgs 
       }
     }
     Pack<T, kVec> xo, mo;
+    float mu[kVec];
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      const float mu = A * E::load(xs[it].v[j]) + B * E::load(ms[it].v[j]);
-      xo.v[j] = E::store(mu + C * eps[j]);
-      mo.v[j] = E::store(mu);
-      const float d = E::load(xo.v[j]) - mu;
+      mu[j] = A * E::load(xs[it].v[j]) + B * E::load(ms[it].v[j]);
+      xo.v[j] = E::store(mu[j] + C * eps[j]);
+      mo.v[j] = E::store(mu[j]);
+    }
+    store_pack(x_next + first[it], xo);
+    if (mu_out) store_pack(mu_out + first[it], mo);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {  // the density of the stored (rounded) sample
+      const float d = E::load(xo.v[j]) - mu[j];
       sq += d * d;
     }
-    *reinterpret_cast<Pack<T, kVec>*>(x_next + first[it]) = xo;
-    if (mu_out) *reinterpret_cast<Pack<T, kVec>*>(mu_out + first[it]) = mo;
   }
 
   // Deterministic two-level reduction of sq over the sequence.

@@ -17,7 +17,7 @@ from spiral_rt.ops import OP_BACKENDS, available_backends, dispatch
 
 
 def _info(_: argparse.Namespace) -> int:
-    native = dispatch.native_module()
+    native = dispatch.NATIVE
     build = native.build_info() if native is not None else None
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     lines = [
@@ -27,7 +27,7 @@ def _info(_: argparse.Namespace) -> int:
             else f"CUDA {build['cuda_version']} ({build['cuda_archs']})" if build["cuda"]
             else "CPU-only (no CUDA compiler at build time)"
         ),
-        "triton: " + ("installed" if dispatch.triton_installed() else "not installed"),
+        "triton: " + ("installed" if dispatch.TRITON_INSTALLED else "not installed"),
         "devices: " + ", ".join(devices + ([torch.cuda.get_device_name(0)] if torch.cuda.is_available() else [])),
         "ops (backends usable per device; the first is the automatic choice):",
     ]

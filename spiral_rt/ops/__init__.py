@@ -6,14 +6,49 @@ dispatches to a backend: ``cuda`` (csrc/ via ``spiral_rt._C``), ``triton`` (kern
 and forced. Ops are registered as ``torch.ops.spiral_rt.*`` custom ops, so they trace through
 ``torch.compile`` and record into CUDA graphs.
 
-Ops: ``sampler_step`` (fused stochastic sampler transition with Philox noise and log-prob terms).
+Ops:
+- ``sampler_step``: fused stochastic sampler transition with Philox noise and log-prob terms;
+- ``chunk_attention``: a chunk's queries over paged K/V (varlen, plan once, run per layer/step);
+- ``merge_states``: exact log-sum-exp merge of partial attention states (shared prefixes);
+- ``qk_norm_rope_kv_write``: RMSNorm over heads + Wan 3D RoPE on q, k and the K/V page write;
+- ``modulated_norm``: LayerNorm * (1 + scale) + shift per frame, optionally after a gated residual.
 """
 
+from . import chunk_attention as _chunk_attention_module
+from . import merge_states as _merge_states_module
+from . import modulated_norm as _modulated_norm_module
+from . import qk_norm_rope_kv_write as _qk_norm_rope_kv_write_module
 from . import sampler_step as _sampler_step_module
+from .chunk_attention import (
+    AttentionConfig,
+    ChunkAttentionPlan,
+    chunk_attention,
+    chunk_attention_shared_prefix,
+    plan_chunk_attention,
+)
 from .dispatch import available_backends, select_backend
+from .merge_states import AttentionState, merge_states
+from .modulated_norm import ModulatedNormResult, modulated_norm
+from .qk_norm_rope_kv_write import qk_norm_rope_kv_write
 from .sampler_step import SamplerStepResult, noise_key, sampler_step
 
 # op name -> the backends that implement it (``spiral-rt info`` lists what runs where)
-OP_BACKENDS = {m.OP: m.IMPLEMENTED for m in (_sampler_step_module,)}
+OP_BACKENDS = {
+    m.OP: m.IMPLEMENTED
+    for m in (
+        _sampler_step_module,
+        _chunk_attention_module,
+        _merge_states_module,
+        _qk_norm_rope_kv_write_module,
+        _modulated_norm_module,
+    )
+}
 
-__all__ = ["sampler_step", "SamplerStepResult", "noise_key", "available_backends", "select_backend", "OP_BACKENDS"]
+__all__ = [
+    "sampler_step", "SamplerStepResult", "noise_key",
+    "chunk_attention", "chunk_attention_shared_prefix", "plan_chunk_attention", "ChunkAttentionPlan", "AttentionConfig",
+    "merge_states", "AttentionState",
+    "modulated_norm", "ModulatedNormResult",
+    "qk_norm_rope_kv_write",
+    "available_backends", "select_backend", "OP_BACKENDS",
+]

@@ -18,7 +18,6 @@ Checks raise ``ValueError`` naming the op and the argument, with what was expect
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from typing import Iterable, Sequence
@@ -30,9 +29,7 @@ AUTO_ORDER = ("cuda", "triton", "reference")
 ENV_VAR = "SPIRAL_RT_BACKEND"
 
 
-@functools.lru_cache(maxsize=None)
-def native_module():
-    """``spiral_rt._C`` or None when the package was not built (e.g. a plain source checkout)."""
+def _load_native():
     try:
         from spiral_rt import _C
     except ImportError:
@@ -40,16 +37,12 @@ def native_module():
     return _C
 
 
-@functools.lru_cache(maxsize=None)
-def cuda_kernels_built() -> bool:
-    """Whether ``spiral_rt._C`` was compiled with its CUDA kernels (nvcc found at build time)."""
-    mod = native_module()
-    return bool(mod is not None and mod.build_info()["cuda"])
-
-
-@functools.lru_cache(maxsize=None)
-def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+# Facts about this installation, fixed at import (plain values, so torch.compile traces through).
+NATIVE = _load_native()
+"""``spiral_rt._C``, or None when the package was not built (e.g. a plain source checkout)."""
+CUDA_KERNELS_BUILT = bool(NATIVE is not None and NATIVE.build_info()["cuda"])
+"""Whether ``spiral_rt._C`` was compiled with its CUDA kernels (nvcc found at build time)."""
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def triton_interpreting() -> bool:
@@ -74,10 +67,10 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
     if backend == "cuda":
         if device.type != "cuda":
             return f"the cuda backend needs CUDA tensors, got tensors on {device}"
-        if not cuda_kernels_built():
+        if not CUDA_KERNELS_BUILT:
             return "spiral_rt._C was built without CUDA (no nvcc at build time); rebuild on a CUDA machine"
     elif backend == "triton":
-        if not triton_installed():
+        if not TRITON_INSTALLED:
             return "triton is not installed"
         if device.type == "cpu" and not triton_interpreting():
             return "the triton backend runs CPU tensors only under TRITON_INTERPRET=1"
@@ -86,8 +79,12 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result
 def select_backend(op: str, device: torch.device, implemented: Sequence[str], requested: str | None = None) -> str:
-    """The backend that runs ``op`` on tensors on ``device`` (see the module docstring)."""
+    """The backend that runs ``op`` on tensors on ``device`` (see the module docstring).
+
+    Under torch.compile the choice is made once, at trace time, and baked into the graph.
+    """
     source = "backend"
     if requested in (None, "auto"):
         requested, source = _requested_from_env(op), ENV_VAR

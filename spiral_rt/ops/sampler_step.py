@@ -48,10 +48,22 @@ class SamplerStepResult(NamedTuple):
 
 
 def noise_key(seed: int, sequence_ids, chunk: int, step: int, device=None) -> torch.Tensor:
-    """Build the (S, 4) int64 ``noise_key`` for sequences ``sequence_ids`` at one chunk and step."""
+    """Build the (S, 4) int64 ``noise_key`` for sequences ``sequence_ids`` at one chunk and step.
+
+    seed is any integer in [0, 2**64) (stored as its two's-complement int64); sequence ids, chunk
+    and step are counters in [0, 2**32).
+    """
+    seed = int(seed)
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"noise_key: argument 'seed' must be in [0, 2**64), got {seed}")
     ids = torch.as_tensor(sequence_ids, dtype=torch.int64).reshape(-1)
+    for name, value in (("chunk", chunk), ("step", step)):
+        if not 0 <= int(value) < 2**32:
+            raise ValueError(f"noise_key: argument '{name}' must be in [0, 2**32), got {value}")
+    if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < 2**32):
+        raise ValueError(f"noise_key: argument 'sequence_ids' must be in [0, 2**32), got range [{int(ids.min())}, {int(ids.max())}]")
     key = torch.empty((ids.numel(), 4), dtype=torch.int64)
-    key[:, 0] = int(seed)
+    key[:, 0] = seed - 2**64 if seed >= 2**63 else seed
     key[:, 1] = ids
     key[:, 2] = int(chunk)
     key[:, 3] = int(step)
@@ -95,15 +107,17 @@ def sampler_step(
         dispatch.check_tensor(OP, "noise_key", noise_key, shape=(num_seqs, 4), dtypes=(torch.int64,), device=device)
     chosen = dispatch.select_backend(OP, device, IMPLEMENTED, backend)
     count = x[0].numel() if num_seqs else 0
-    x_next, mu, sq_sum = torch.ops.spiral_rt.sampler_step(x, m, a, b, c, noise, noise_key, return_mu, chosen)
+    # Eager calls skip the custom-op dispatcher (tens of microseconds a call); torch.compile
+    # traces the registered op.
+    run = torch.ops.spiral_rt.sampler_step if torch.compiler.is_compiling() else _sampler_step_impl
+    x_next, mu, sq_sum = run(x, m, a, b, c, noise, noise_key, return_mu, chosen)
     return SamplerStepResult(x_next, mu if return_mu else None, sq_sum, count)
 
 
 # ------------------------------------------------------------------ torch.library registration
 
 
-@torch.library.custom_op("spiral_rt::sampler_step", mutates_args=())
-def _sampler_step_op(
+def _sampler_step_impl(
     x: torch.Tensor,
     m: torch.Tensor,
     a: torch.Tensor,
@@ -131,6 +145,9 @@ def _sampler_step_op(
         run(x2, m.view(num_seqs, -1), a, b, c, noise2, noise_key, x_next, mu, sq_sum, mode)
     mu_out = mu.view(x.shape) if mu is not None else x.new_empty(0)
     return x_next.view(x.shape), mu_out, sq_sum
+
+
+_sampler_step_op = torch.library.custom_op("spiral_rt::sampler_step", _sampler_step_impl, mutates_args=())
 
 
 @_sampler_step_op.register_fake
@@ -161,7 +178,7 @@ def _tickets(device: torch.device, stream: torch.cuda.Stream, n: int) -> torch.T
 
 
 def _run_cuda(x, m, a, b, c, noise, noise_key, x_next, mu, sq_sum, mode):
-    C = dispatch.native_module()
+    C = dispatch.NATIVE
     num_seqs, seq_len = x.shape
     dtype_code = C.DTYPES[str(x.dtype).replace("torch.", "")]
     partials = torch.empty(num_seqs * C.sampler_step_blocks_per_seq(seq_len, dtype_code), dtype=torch.float32, device=x.device)

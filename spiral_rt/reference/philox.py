@@ -30,17 +30,16 @@ def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox4x32(counter: tuple[torch.Tensor, ...], key: tuple[int, int], rounds: int = PHILOX_ROUNDS):
-    """Philox4x32 on uint32 counters held in int64 tensors (broadcastable); returns 4 tensors."""
-    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) & MASK32 for c in counter)
-    c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
-    k0, k1 = key[0] & MASK32, key[1] & MASK32
+def philox4x32(counter, key, rounds: int = PHILOX_ROUNDS):
+    """Philox4x32 on uint32 counters and keys held in int64 tensors or ints (broadcastable)."""
+    device = next((c.device for c in (*counter, *key) if isinstance(c, torch.Tensor)), None)
+    c0, c1, c2, c3, k0, k1 = (torch.as_tensor(c, dtype=torch.int64, device=device) & MASK32 for c in (*counter, *key))
     for _ in range(rounds):
         hi0, lo0 = _mulhilo(PHILOX_MUL[0], c0)
         hi1, lo1 = _mulhilo(PHILOX_MUL[1], c2)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
         k0, k1 = (k0 + PHILOX_WEYL[0]) & MASK32, (k1 + PHILOX_WEYL[1]) & MASK32
-    return c0, c1, c2, c3
+    return torch.broadcast_tensors(c0, c1, c2, c3)
 
 
 def unit_open(bits: torch.Tensor) -> torch.Tensor:
@@ -57,10 +56,21 @@ def box_muller(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return radius * torch.cos(theta), radius * torch.sin(theta)
 
 
-def philox_normal(seed: int, sequence: int, chunk: int, step: int, numel: int, device=None) -> torch.Tensor:
-    """The first ``numel`` standard normals (fp32) of the noise stream keyed by the four ids."""
-    quads = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
-    r0, r1, r2, r3 = philox4x32((quads, sequence, chunk, step), (seed & MASK32, (seed >> 32) & MASK32))
+def philox_normal_keyed(noise_key: torch.Tensor, numel: int) -> torch.Tensor:
+    """(S, numel) fp32 normals, row s keyed by ``noise_key[s] = (seed, sequence, chunk, step)``.
+
+    Pure tensor code on noise_key's device: no host sync, so it records into CUDA graphs.
+    """
+    key = noise_key.to(torch.int64).reshape(-1, 4, 1)
+    seed, sequence, chunk, step = key.unbind(1)
+    quads = torch.arange((numel + 3) // 4, dtype=torch.int64, device=noise_key.device)
+    r0, r1, r2, r3 = philox4x32((quads, sequence, chunk, step), (seed, seed >> 32))
     z0, z1 = box_muller(r0, r1)
     z2, z3 = box_muller(r2, r3)
-    return torch.stack((z0, z1, z2, z3), dim=-1).reshape(-1)[:numel]
+    return torch.stack((z0, z1, z2, z3), dim=-1).reshape(key.shape[0], -1)[:, :numel]
+
+
+def philox_normal(seed: int, sequence: int, chunk: int, step: int, numel: int, device=None) -> torch.Tensor:
+    """The first ``numel`` standard normals (fp32) of the noise stream keyed by the four ids."""
+    key = torch.tensor([[seed, sequence, chunk, step]], dtype=torch.int64, device=device)
+    return philox_normal_keyed(key, numel)[0]

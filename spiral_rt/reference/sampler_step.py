@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .philox import philox_normal
+from .philox import philox_normal_keyed
 
 
 def sampler_step(
@@ -35,8 +35,7 @@ def sampler_step(
     if noise is not None:
         eps = noise.reshape(num_seqs, -1).float()
     elif noise_key is not None:
-        keys = noise_key.tolist()  # host copy: fine for an oracle
-        eps = torch.stack([philox_normal(*k, numel=per_seq, device=x.device) for k in keys]) if keys else xf
+        eps = philox_normal_keyed(noise_key, per_seq)
     else:
         eps = torch.zeros_like(xf)
     mu = a.float()[:, None] * xf + b.float()[:, None] * mf

@@ -55,6 +55,9 @@ def _assert_close_dtype(actual, expected, dtype):
 def test_reference_philox_known_answers(ctr, key, expected):
     out = ref_philox.philox4x32(tuple(torch.tensor([c]) for c in ctr), key)
     assert tuple(int(o) for o in out) == expected
+    # the same with the key as tensors (how the batched noise path calls it)
+    out = ref_philox.philox4x32(ctr, tuple(torch.tensor([k]) for k in key))
+    assert tuple(int(o) for o in out) == expected
 
 
 @pytest.mark.parametrize("ctr,key,expected", PHILOX_KAT)
@@ -200,6 +203,18 @@ def test_bad_inputs_name_the_argument():
             sampler_step(args.pop("x"), args.pop("m"), args.pop("a"), args.pop("b"), args.pop("c"), **args)
         assert message in str(err.value), (message, str(err.value))
         assert "sampler_step" in str(err.value)
+
+
+def test_noise_key_checks_its_ranges_and_keeps_64_bit_seeds():
+    key = noise_key(2**64 - 1, [0, 2**32 - 1], 3, 4)
+    assert key[0, 0].item() == -1 and key[1, 1].item() == 2**32 - 1
+    z = ref_philox.philox_normal_keyed(key[:1], 16)
+    torch.testing.assert_close(z[0], torch.tensor(__import__("spiral_rt._C")._C.philox_normals(2**64 - 1, 0, 3, 4, 16)), rtol=0, atol=2e-6)
+    for kwargs, name in [(dict(seed=-1), "seed"), (dict(seed=2**64), "seed"), (dict(chunk=2**32), "chunk"),
+                         (dict(step=-1), "step"), (dict(sequence_ids=[2**32]), "sequence_ids")]:
+        args = dict(seed=0, sequence_ids=[0], chunk=0, step=0) | kwargs
+        with pytest.raises(ValueError, match=f"'{name}'"):
+            noise_key(**args)
 
 
 def test_environment_variable_forces_a_backend(monkeypatch):

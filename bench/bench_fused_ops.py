@@ -1,0 +1,167 @@
+"""Memory-bound fused ops on one Wan chunk vs the measured copy bandwidth: modulated_norm (plain
+and fused with the gated residual add) and qk_norm_rope_kv_write.
+
+Shapes: L = 4680 tokens (3 latent frames at 832x480), C = 1536 = 12 heads x 128, bf16 activations,
+fp32 modulation; a batch of 8 such sequences for comparison. GB/s counts the bytes each op must
+move (reads + writes of its activations; the per-frame modulation rows and norm weights are
+counted too, they are negligible). The fraction is against the 1 GiB device copy bandwidth
+(``common.copy_bandwidth_gbs``) and against a copy of the op's own byte count (same launch-size
+overheads). Launch variants (num_warps) are timed; "best" is reported with the default's numbers.
+Eager PyTorch (the reference implementations) is timed for context.
+
+Run on the GPU machine: ``python bench/bench_fused_ops.py`` (writes bench/results/fused_ops.json).
+``--smoke`` runs the same code on CPU through the Triton interpreter at toy sizes (no timing
+meaning, no result file): a check that the script itself works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from common import print_table, write_result  # noqa: E402
+
+if "--smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from spiral_rt.kernels import modulated_norm as mn_kernel  # noqa: E402
+from spiral_rt.kernels import qk_norm_rope_kv_write as qk_kernel  # noqa: E402
+from spiral_rt.ops.modulated_norm import modulated_norm  # noqa: E402
+from spiral_rt.ops.qk_norm_rope_kv_write import _inv_freq, qk_norm_rope_kv_write  # noqa: E402
+from spiral_rt.reference import modulated_norm as mn_ref  # noqa: E402
+from spiral_rt.reference import qk_norm_rope_kv_write as qk_ref  # noqa: E402
+
+DEVICE = "cuda"
+PAGE, GRID = 1560, (30, 52)
+HEADS, HEAD_DIM = 12, 128
+C = HEADS * HEAD_DIM
+WARPS = (2, 4, 8, 16)
+SMOKE = False
+
+
+def configure_smoke():
+    global DEVICE, PAGE, GRID, HEADS, HEAD_DIM, C, WARPS, SMOKE
+    DEVICE, PAGE, GRID, HEADS, HEAD_DIM, WARPS, SMOKE = "cpu", 12, (3, 4), 2, 32, (4,), True
+    C = HEADS * HEAD_DIM
+
+
+def time_ms(fn, rep_ms):
+    if SMOKE:  # one wall-clock run: the interpreter's timing means nothing
+        t0 = time.perf_counter()
+        fn()
+        ms = (time.perf_counter() - t0) * 1e3
+        return {"median_ms": ms, "p20_ms": ms, "p80_ms": ms}
+    return common.time_ms(fn, rep_ms=rep_ms)
+
+
+def gbs(nbytes: int, ms: float) -> float:
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def same_size_copy_gbs(nbytes: int, rep_ms: float) -> float:
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=DEVICE).random_()
+    dst = torch.empty_like(src)
+    return gbs(2 * src.numel(), time_ms(lambda: dst.copy_(src), rep_ms=rep_ms)["median_ms"])
+
+
+def measure(name, nbytes, default_fn, variant_fns, eager_fn, copy_peak, rep_ms):
+    t_default = time_ms(default_fn, rep_ms=rep_ms)
+    best_name, best_ms = "default", t_default["median_ms"]
+    for vname, fn in variant_fns.items():
+        try:
+            t = time_ms(fn, rep_ms=rep_ms)["median_ms"]
+        except Exception as err:
+            print(f"{name} variant {vname} failed: {type(err).__name__}: {str(err)[:200]}", file=sys.stderr)
+            continue
+        if t < best_ms:
+            best_name, best_ms = vname, t
+    t_eager = time_ms(eager_fn, rep_ms=rep_ms)["median_ms"]
+    same = same_size_copy_gbs(nbytes, rep_ms)
+    return {
+        "op": name, "MB": nbytes / 1e6, **t_default,
+        "GBs": gbs(nbytes, t_default["median_ms"]), "frac_copy": gbs(nbytes, t_default["median_ms"]) / copy_peak,
+        "best_variant": best_name, "best_GBs": gbs(nbytes, best_ms), "best_frac_copy": gbs(nbytes, best_ms) / copy_peak,
+        "frac_same_size_copy": gbs(nbytes, best_ms) / same, "eager_ms": t_eager, "speedup_vs_eager": t_eager / best_ms,
+    }
+
+
+def bench_modulated_norm(batch, seq_len, fused, copy_peak, rep_ms):
+    x = torch.randn(batch, seq_len, C, device=DEVICE, dtype=torch.bfloat16)
+    shift, scale, gate = (torch.randn(batch, 3, C, device=DEVICE) for _ in range(3))
+    branch = torch.randn_like(x) if fused else None
+    gate = gate if fused else None
+    y = torch.empty_like(x)
+    x_new = torch.empty_like(x) if fused else None
+    act = x.numel() * x.element_size()
+    nbytes = act * (4 if fused else 2) + (3 if fused else 2) * shift.numel() * 4
+    default = lambda: modulated_norm(x, shift, scale, gate=gate, branch=branch)  # noqa: E731
+    variants = {f"w{w}": (lambda w=w: mn_kernel.modulated_norm(x, shift, scale, gate, branch, y, x_new, 3, 1e-6, w))
+                for w in WARPS}
+    eager = lambda: mn_ref.modulated_norm(x, shift, scale, gate, branch)  # noqa: E731
+    name = f"modulated_norm{'+gated_residual' if fused else ''} B={batch}"
+    return measure(name, nbytes, default, variants, eager, copy_peak, rep_ms)
+
+
+def bench_qk(batch, copy_peak, rep_ms):
+    total = batch * 3 * PAGE
+    qkv = torch.randn(total, 3, HEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)  # fused projection output
+    q, k, v = qkv.unbind(1)
+    qw, kw = torch.rand(C, device=DEVICE) + 0.5, torch.rand(C, device=DEVICE) + 0.5
+    num_pages = batch * 3 + 4
+    k_pages = torch.empty(num_pages, PAGE, HEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
+    v_pages = torch.empty_like(k_pages)
+    pages = torch.randperm(num_pages, device=DEVICE)[:batch * 3]
+    slots = (pages[:, None] * PAGE + torch.arange(PAGE, device=DEVICE)).reshape(-1)
+    cu = torch.arange(0, total + 1, 3 * PAGE, dtype=torch.int32, device=DEVICE) if batch > 1 else None
+    offsets = torch.full((batch,), 6, dtype=torch.int32, device=DEVICE)
+    q_out = torch.empty(total, HEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
+    nbytes = 6 * total * C * 2 + 2 * C * 4
+    kwargs = dict(grid_hw=GRID, frame_offset=offsets, cu_seqlens=cu)
+    default = lambda: qk_norm_rope_kv_write(q, k, v, qw, kw, k_pages, v_pages, slots, **kwargs)  # noqa: E731
+    inv = _inv_freq(HEAD_DIM, q.device)
+    PAIRS = [d // 2 for d in qk_ref.rope_parts(HEAD_DIM)]
+    variants = {f"w{w}": (lambda w=w: qk_kernel.qk_norm_rope_kv_write(
+        q, k, v, qw, kw, inv, q_out, k_pages, v_pages, slots, cu, offsets, 0, GRID[0], GRID[1], PAIRS[0], PAIRS[1], 1e-6, w))
+        for w in WARPS}
+    cu_list = cu.tolist() if cu is not None else None
+    off_list = offsets.tolist()
+    eager = lambda: qk_ref.qk_norm_rope_kv_write(q, k, v, qw, kw, k_pages, v_pages, slots, GRID[0], GRID[1],  # noqa: E731
+                                                 off_list, cu_list)
+    return measure(f"qk_norm_rope_kv_write B={batch}", nbytes, default, variants, eager, copy_peak, rep_ms)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rep-ms", type=float, default=100, help="timing budget per measurement (do_bench rep)")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes on CPU through the Triton interpreter")
+    args = parser.parse_args()
+    if args.smoke:
+        configure_smoke()
+    elif not torch.cuda.is_available():
+        sys.exit("bench_fused_ops needs a CUDA GPU (or --smoke)")
+    torch.manual_seed(0)
+    copy_peak = same_size_copy_gbs(1 << 20, args.rep_ms) if SMOKE else common.copy_bandwidth_gbs()
+    rows = []
+    for batch in (1, 8):
+        rows.append(bench_modulated_norm(batch, 3 * PAGE, False, copy_peak, args.rep_ms))
+        rows.append(bench_modulated_norm(batch, 3 * PAGE, True, copy_peak, args.rep_ms))
+        rows.append(bench_qk(batch, copy_peak, args.rep_ms))
+    print(f"copy bandwidth (1 GiB): {copy_peak:.0f} GB/s")
+    print_table(rows, ["op", "MB", "median_ms", "GBs", "frac_copy", "best_variant", "best_GBs", "best_frac_copy",
+                       "frac_same_size_copy", "eager_ms", "speedup_vs_eager"])
+    settings = {"L": 3 * PAGE, "C": C, "heads": HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16",
+                "modulation_dtype": "float32", "frames": 3, "grid_hw": GRID, "page_size": PAGE,
+                "timing": "triton.testing.do_bench median, L2 flushed"}
+    if not SMOKE:
+        write_result("fused_ops", settings, rows, {"copy_bandwidth_gbs": copy_peak, "target_frac_copy": 0.8})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""RMSNorm over heads + Wan 3D RoPE on q and k, and the write of k, v into KV pages, in one Triton
+pass (math and contract: ``spiral_rt.reference.qk_norm_rope_kv_write``).
+
+One program per token: it reads the token's q, k, v rows as (H, D) blocks (each padded to a power
+of two and masked), normalizes q and k over the whole row in fp32, rotates the (even, odd) pairs
+by cos/sin of pos * inv_freq (D/2 angles per token in fp32 from a (D/2,) table of inverse
+frequencies, shared by all heads), and stores q' to the output and k', v to the token's slot of
+the pages. Traffic per token: 3 row reads and
+3 row writes, nothing else (the weights and the frequency table stay in L2).
+
+The sequence of a token (varlen) is found by comparing the token index with all of ``cu_seqlens``
+at once (MAX_SEQS lanes). Slots outside [0, num_slots) are skipped (negative = padding; the op
+layer is responsible for rejecting out-of-range slots), so a bad slot can never write out of bounds.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _norm_rope(x, w, cos, sin, eps, ROW: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """RMSNorm of the (BLOCK_H, BLOCK_D) fp32 row block over all valid values, then the rotation of
+    its (even, odd) pairs by (cos, sin) of shape (BLOCK_D // 2,), shared by every head."""
+    x = x * (1.0 / tl.sqrt(tl.sum(tl.sum(x * x, axis=1), axis=0) / ROW + eps)) * w
+    xe, xo = tl.split(tl.reshape(x, [BLOCK_H, BLOCK_D // 2, 2]))
+    c = cos[None, :]
+    s = sin[None, :]
+    return tl.reshape(tl.join(xe * c - xo * s, xe * s + xo * c), [BLOCK_H, BLOCK_D])
+
+
+@triton.jit
+def _qk_norm_rope_kv_write_kernel(
+    q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, inv_freq_ptr,
+    q_out_ptr, k_pages_ptr, v_pages_ptr, slot_ptr,
+    cu_seqlens_ptr, frame_offsets_ptr,
+    stride_q, stride_k, stride_v,
+    num_seqs, frame_offset, grid_h, grid_w, num_slots, eps,
+    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAIRS_T: tl.constexpr, PAIRS_H: tl.constexpr,
+    VARLEN: tl.constexpr, OFFSET_TENSOR: tl.constexpr, FRAME_TABLE: tl.constexpr, MAX_SEQS: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    ROW: tl.constexpr = HEADS * HEAD_DIM
+    token = tl.program_id(0)
+    # ---- position (t, h, w) of this token
+    per_frame = grid_h * grid_w
+    if FRAME_TABLE:  # whole frames of tokens; frame_offsets holds each frame's absolute index
+        frame_no = token // per_frame
+        local = token - frame_no * per_frame
+        seq = 0
+    elif VARLEN:
+        seq_idx = tl.arange(0, MAX_SEQS)
+        ends = tl.load(cu_seqlens_ptr + 1 + seq_idx, mask=seq_idx < num_seqs, other=2147483647)
+        seq = tl.minimum(tl.sum((token >= ends).to(tl.int32), axis=0), num_seqs - 1)
+        local = token - tl.load(cu_seqlens_ptr + seq)
+    else:
+        seq = 0
+        local = token
+    if FRAME_TABLE:
+        f0 = tl.load(frame_offsets_ptr + frame_no)
+    elif OFFSET_TENSOR:
+        f0 = tl.load(frame_offsets_ptr + seq)
+    else:
+        f0 = frame_offset
+    frame = local // per_frame
+    rem = local - frame * per_frame
+    pos_y = rem // grid_w
+    pos_x = rem - pos_y * grid_w
+    pos_t = f0 + frame
+    # ---- cos/sin of the D/2 pairs of a head (the same for every head)
+    pair = tl.arange(0, BLOCK_D // 2)
+    pair_ok = pair < HEAD_DIM // 2
+    pos = tl.where(pair < PAIRS_T, pos_t, tl.where(pair < PAIRS_T + PAIRS_H, pos_y, pos_x)).to(tl.float32)
+    angle = pos * tl.load(inv_freq_ptr + pair, mask=pair_ok, other=0.0)
+    cos = tl.cos(angle)
+    sin = tl.sin(angle)
+
+    heads = tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_D)
+    cols = heads[:, None] * HEAD_DIM + dims[None, :]
+    mask = (heads[:, None] < HEADS) & (dims[None, :] < HEAD_DIM)
+    tok = token.to(tl.int64)
+    slot = tl.load(slot_ptr + tok)
+    write = (slot >= 0) & (slot < num_slots)
+    dst = slot * ROW + cols
+
+    # ---- q: norm + rope -> q_out
+    x = tl.load(q_ptr + tok * stride_q + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(qw_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    x = _norm_rope(x, w, cos, sin, eps, ROW, BLOCK_H, BLOCK_D)
+    tl.store(q_out_ptr + tok * ROW + cols, x.to(q_out_ptr.dtype.element_ty), mask=mask)
+
+    # ---- k: norm + rope -> k page slot
+    x = tl.load(k_ptr + tok * stride_k + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(kw_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    x = _norm_rope(x, w, cos, sin, eps, ROW, BLOCK_H, BLOCK_D)
+    tl.store(k_pages_ptr + dst, x.to(k_pages_ptr.dtype.element_ty), mask=mask & write)
+
+    # ---- v: copy -> v page slot
+    x = tl.load(v_ptr + tok * stride_v + cols, mask=mask, other=0.0)
+    tl.store(v_pages_ptr + dst, x.to(v_pages_ptr.dtype.element_ty), mask=mask & write)
+
+
+def _num_warps(block: int) -> int:
+    return 4 if block <= 2048 else 8 if block <= 4096 else 16
+
+
+def qk_norm_rope_kv_write(q, k, v, q_weight, k_weight, inv_freq, q_out, k_pages, v_pages, slot_mapping,
+                          cu_seqlens, frame_offsets, frame_offset: int, grid_h: int, grid_w: int,
+                          pairs_t: int, pairs_h: int, eps: float, num_warps: int | None = None, frame_index=None):
+    """Launch on checked tensors: q, k, v (T, H, D) with (H, D) contiguous and any token stride;
+    q_out (T, H, D) contiguous; pages (P, page_size, H, D) contiguous; slot_mapping (T,) int64;
+    cu_seqlens (S+1,) int32 or None (one sequence); frame_offsets (S,) int32/int64 or None (use the
+    int frame_offset); frame_index (T / (grid_h * grid_w),) int32/int64 absolute frame of each
+    frame of tokens, or None (overrides cu_seqlens/frame offsets); inv_freq (D/2,) fp32."""
+    total, heads, head_dim = q.shape
+    block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(head_dim)
+    num_seqs = cu_seqlens.numel() - 1 if cu_seqlens is not None else 1
+    num_slots = k_pages.shape[0] * k_pages.shape[1]
+    _qk_norm_rope_kv_write_kernel[(total,)](
+        q, k, v, q_weight, k_weight, inv_freq, q_out, k_pages, v_pages, slot_mapping,
+        cu_seqlens if cu_seqlens is not None else slot_mapping,
+        frame_index if frame_index is not None else frame_offsets if frame_offsets is not None else slot_mapping,
+        q.stride(0), k.stride(0), v.stride(0),
+        num_seqs, frame_offset, grid_h, grid_w, num_slots, eps,
+        HEADS=heads, HEAD_DIM=head_dim, PAIRS_T=pairs_t, PAIRS_H=pairs_h,
+        VARLEN=cu_seqlens is not None, OFFSET_TENSOR=frame_offsets is not None, FRAME_TABLE=frame_index is not None,
+        MAX_SEQS=max(2, triton.next_power_of_2(num_seqs)), BLOCK_H=block_h, BLOCK_D=block_d,
+        num_warps=num_warps or _num_warps(block_h * block_d),
+    )

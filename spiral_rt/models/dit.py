@@ -1,0 +1,395 @@
+"""CausalWanDiT: the Wan2.1 text-to-video DiT, run chunk by chunk against a KV cache.
+
+One forward denoises one chunk of latent frames:
+
+    x (B, C, F, H, W), timesteps (B, F), frame_offset, attention context, text conditioning
+        -> patch embed (Conv3d, patch (1, 2, 2)) -> tokens (B, L, dim), L = F * (H/2) * (W/2), frame-major
+        -> num_layers x [ self-attention (per-frame adaLN, qk RMSNorm, 3D RoPE, attention context)
+                          cross-attention to the text (K/V precomputed once per prompt)
+                          feed-forward (per-frame adaLN, tanh-GELU) ]
+        -> head (per-frame 2-way adaLN, Linear) -> unpatchify -> velocity (B, C_out, F, H, W)
+
+Per-frame timesteps: every latent frame has its own t (Self-Forcing / CausVid / diffusion forcing);
+its sinusoidal embedding goes through the time MLP to a 6-way modulation (shift, scale, gate for
+self-attention; shift, scale, gate for the FFN) applied to that frame's tokens only.
+
+RoPE: head_dim d is split into time / height / width parts of d - 4*(d//6), 2*(d//6), 2*(d//6)
+channels (44/42/42 for d = 128), rotating consecutive channel pairs (Wan's complex layout). The
+temporal position of a token is ``frame_offset`` + its frame index in the chunk, so a chunk
+placed after cached frames gets the positions it would have in the full sequence. Angles and
+cos/sin are computed in fp32 from inverse frequencies computed once, and the tables are cached
+per (frame_offset, F, H, W, device).
+
+Boundaries: the model does not know how the KV cache is managed; it calls
+``attention.self_attention(layer, q, k, v)`` (see ``spiral_rt.models.attention``). Text embeddings
+come in already encoded (``spiral_rt.models.text``); ``encode_text`` runs the text MLP and the
+per-block cross-attention K/V once per prompt into a ``TextConditioning``. Module and parameter
+names follow the original Wan code (``blocks.N.self_attn.q``, ``ffn.0``, ``modulation``,
+``head.head``...), so original checkpoints load with the identity key map
+(``spiral_rt.models.checkpoints``).
+
+Dtypes: the residual stream and matmuls run in the parameters' dtype (``to_dtype(torch.bfloat16)``
+keeps the time MLP and the modulation tables in fp32, as Wan does); norms, modulation, RoPE and the
+residual additions are computed in fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import AttentionContext, DenseAttention, sdpa_blhd
+from .config import WanDiTConfig, rope_split
+
+logger = logging.getLogger(__name__)
+
+FP32_PARAM_PREFIXES = ("time_embedding.", "time_projection.")
+FP32_PARAM_SUFFIXES = ("modulation",)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+class RMSNorm(nn.Module):
+    """Wan's RMSNorm: normalise in fp32, cast back, multiply by the weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 and cast back to the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Projections of one attention layer (q, k, v, o and the qk RMSNorms over all heads)."""
+
+    def __init__(self, cfg: WanDiTConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.num_heads = cfg.num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, dim) -> (B, L, H, D)."""
+        return x.unflatten(-1, (self.num_heads, -1))
+
+
+class Block(nn.Module):
+    """One Wan block: self-attention, cross-attention, FFN, with a 6-way per-frame modulation."""
+
+    def __init__(self, cfg: WanDiTConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.eps = cfg.eps
+        self.self_attn = Attention(cfg)
+        self.norm3 = LayerNorm(dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = Attention(cfg)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention K, V (B, Lt, H, D) of the text-MLP output ``context`` (B, Lt, dim)."""
+        ca = self.cross_attn
+        return ca.heads(ca.norm_k(ca.k(context))), ca.heads(ca.v(context))
+
+
+def _modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm(x) * (1 + scale) + shift per frame, in fp32. x: (B, F, T, C); shift, scale: (B, F, 1, C)."""
+    xn = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+    return xn * (1 + scale) + shift
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanDiTConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.head = nn.Linear(cfg.dim, cfg.out_channels * cfg.patch_volume)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+
+class RotaryEmbedding3D:
+    """cos/sin tables of Wan's 3D RoPE, fp32, cached per (frame_offset, F, H, W, device).
+
+    Inverse frequencies are computed once (on the CPU, in float64, then stored in fp32); the
+    angles pos * inv_freq and their cos/sin are computed in fp32 on the target device.
+    """
+
+    def __init__(self, head_dim: int, theta: float, max_cached: int = 64):
+        self.split = rope_split(head_dim)
+        # explicit device: independent of any torch.device(...) context (meta-device model init)
+        self.inv_freq = [
+            (1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d)).float() for d in self.split
+        ]
+        self.max_cached = max_cached
+        self._cache: OrderedDict = OrderedDict()
+
+    def tables(self, frame_offset: int, frames: int, height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (L, 1, head_dim / 2), L = frames * height * width (frame-major tokens)."""
+        key = (frame_offset, frames, height, width, torch.device(device))
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        inv_t, inv_h, inv_w = (f.to(device) for f in self.inv_freq)
+        pos_t = torch.arange(frame_offset, frame_offset + frames, device=device, dtype=torch.float32)
+        ang_t = torch.outer(pos_t, inv_t)[:, None, None, :].expand(frames, height, width, -1)
+        ang_h = torch.outer(torch.arange(height, device=device, dtype=torch.float32), inv_h)[None, :, None, :]
+        ang_w = torch.outer(torch.arange(width, device=device, dtype=torch.float32), inv_w)[None, None, :, :]
+        ang = torch.cat([ang_t, ang_h.expand(frames, height, width, -1), ang_w.expand(frames, height, width, -1)], -1)
+        ang = ang.reshape(frames * height * width, 1, -1)
+        out = (ang.cos(), ang.sin())
+        self._cache[key] = out
+        if len(self._cache) > self.max_cached:
+            self._cache.popitem(last=False)
+        return out
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive channel pairs of x (B, L, H, D) by the angles of cos/sin (L, 1, D/2), in fp32."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding [cos, sin] of t (any shape) -> (*t.shape, dim), fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    ang = t.float()[..., None] * freqs
+    return torch.cat([ang.cos(), ang.sin()], dim=-1)
+
+
+# ----------------------------------------------------------------------------- text conditioning
+
+
+@dataclass
+class TextConditioning:
+    """Everything the DiT derives from one batch of prompts; built once per prompt by
+    ``CausalWanDiT.encode_text`` and reused by every forward until the prompt changes."""
+
+    context: torch.Tensor
+    """(B, text_len, dim): the text-embedding MLP's output."""
+    cross_k: list[torch.Tensor]
+    """Per block, (B, text_len, H, D): cross-attention keys after the k RMSNorm."""
+    cross_v: list[torch.Tensor]
+    """Per block, (B, text_len, H, D): cross-attention values."""
+
+    @property
+    def batch_size(self) -> int:
+        return self.context.shape[0]
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class CausalWanDiT(nn.Module):
+    """Wan2.1 DiT with per-frame timesteps and an attention-context interface (module docstring)."""
+
+    def __init__(self, config: WanDiTConfig):
+        super().__init__()
+        if not isinstance(config, WanDiTConfig):
+            raise ValueError(f"CausalWanDiT: 'config' must be a WanDiTConfig, got {type(config).__name__}")
+        self.config = cfg = config
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
+        self.head = Head(cfg)
+        self.rope = RotaryEmbedding3D(cfg.head_dim, cfg.rope_theta)
+
+    # ------------------------------------------------------------------ dtype
+
+    def to_dtype(self, dtype: torch.dtype) -> "CausalWanDiT":
+        """Cast parameters to ``dtype``, keeping the time MLP and the modulation tables in fp32."""
+        for name, p in self.named_parameters():
+            keep = name.startswith(FP32_PARAM_PREFIXES) or name.endswith(FP32_PARAM_SUFFIXES)
+            p.data = p.data.to(torch.float32 if keep else dtype)
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    # ------------------------------------------------------------------ text
+
+    def encode_text(self, text_embeddings: torch.Tensor) -> TextConditioning:
+        """Run the text MLP and every block's cross-attention K/V once for a batch of prompts.
+
+        Args:
+            text_embeddings: (B, Lt, text_dim) encoder output, padding positions zero; Lt <= text_len.
+                Shorter sequences are zero-padded to ``config.text_len`` (what Wan does).
+        """
+        cfg = self.config
+        emb = text_embeddings
+        if not isinstance(emb, torch.Tensor) or emb.dim() != 3 or emb.shape[-1] != cfg.text_dim:
+            shape = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
+            raise ValueError(f"CausalWanDiT.encode_text: 'text_embeddings' must be (B, Lt, {cfg.text_dim}), got {shape}")
+        length = text_embeddings.shape[1]
+        if length > cfg.text_len:
+            raise ValueError(
+                f"CausalWanDiT.encode_text: 'text_embeddings' has {length} tokens, more than text_len={cfg.text_len}"
+            )
+        if length < cfg.text_len:
+            text_embeddings = F.pad(text_embeddings, (0, 0, 0, cfg.text_len - length))
+        context = self.text_embedding(text_embeddings.to(self.dtype))
+        ks, vs = zip(*(block.text_kv(context) for block in self.blocks))
+        return TextConditioning(context=context, cross_k=list(ks), cross_v=list(vs))
+
+    # ------------------------------------------------------------------ forward
+
+    def _check_inputs(self, x, timesteps, frame_offset, text):
+        cfg = self.config
+        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != cfg.in_channels:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"CausalWanDiT: 'x' must be (B, {cfg.in_channels}, F, H, W), got {shape}")
+        B, _, Fr, H, W = x.shape
+        pt, ph, pw = cfg.patch_size
+        if Fr % pt or H % ph or W % pw:
+            raise ValueError(
+                f"CausalWanDiT: 'x' frames/height/width ({Fr}, {H}, {W}) must be multiples of the patch {cfg.patch_size}"
+            )
+        frames = Fr // pt
+        if not isinstance(timesteps, torch.Tensor) or tuple(timesteps.shape) not in ((B, frames), (B,)):
+            shape = tuple(timesteps.shape) if isinstance(timesteps, torch.Tensor) else type(timesteps).__name__
+            raise ValueError(
+                f"CausalWanDiT: 'timesteps' must be (B, F) = ({B}, {frames}) (one t per latent frame) or ({B},), got {shape}"
+            )
+        if isinstance(frame_offset, bool) or not isinstance(frame_offset, int) or frame_offset < 0:
+            raise ValueError(f"CausalWanDiT: 'frame_offset' must be a non-negative int, got {frame_offset!r}")
+        if not isinstance(text, TextConditioning):
+            raise ValueError(
+                f"CausalWanDiT: 'text' must be a TextConditioning (from model.encode_text), got {type(text).__name__}"
+            )
+        if text.batch_size not in (1, B) or len(text.cross_k) != cfg.num_layers:
+            raise ValueError(
+                f"CausalWanDiT: 'text' has batch {text.batch_size} and {len(text.cross_k)} blocks; "
+                f"expected batch 1 or {B} and {cfg.num_layers} blocks"
+            )
+        return frames
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        frame_offset: int,
+        attention: AttentionContext | None,
+        text: TextConditioning,
+    ) -> torch.Tensor:
+        """Velocity prediction for one chunk.
+
+        Args:
+            x: (B, C, F, H, W) latents of this chunk.
+            timesteps: (B, F) one t in [0, 1000] per latent frame (or (B,): the same t for every frame).
+            frame_offset: temporal RoPE position of the chunk's first frame (frames before it in the video).
+            attention: the KV-cache view for this forward; None = attention over this chunk only.
+            text: the prompt's ``TextConditioning`` (batch 1 broadcasts over B).
+        Returns:
+            (B, C_out, F, H, W) in the model dtype.
+        """
+        cfg = self.config
+        frames = self._check_inputs(x, timesteps, frame_offset, text)
+        if attention is None:
+            attention = DenseAttention()
+        B = x.shape[0]
+        dtype = self.dtype
+        pt, ph, pw = cfg.patch_size
+        h, w = x.shape[3] // ph, x.shape[4] // pw
+        tokens_per_frame = h * w
+
+        # patch embedding -> (B, L, dim), frame-major
+        tokens = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).contiguous()
+        L = tokens.shape[1]
+
+        # per-frame time embedding and 6-way modulation, fp32: (B, F, dim), (B, F, 6, dim)
+        if timesteps.dim() == 1:
+            timesteps = timesteps[:, None].expand(B, frames)
+        t_dtype = self.time_embedding[0].weight.dtype
+        e = self.time_embedding(timestep_embedding(timesteps, cfg.freq_dim).to(t_dtype)).float()
+        e0 = self.time_projection(e.to(t_dtype)).float().unflatten(-1, (6, cfg.dim))
+
+        cos, sin = self.rope.tables(frame_offset, frames, h, w, x.device)
+
+        for i, block in enumerate(self.blocks):
+            tokens = self._block(i, block, tokens, e0, cos, sin, attention, text, frames, tokens_per_frame)
+
+        # head: per-frame 2-way modulation
+        mod = self.head.modulation.float()[:, None] + e[:, :, None]  # (B, F, 2, dim)
+        shift, scale = mod[:, :, 0:1], mod[:, :, 1:2]
+        y = _modulated_norm(tokens.view(B, frames, tokens_per_frame, -1), shift, scale, cfg.eps).to(dtype)
+        out = self.head.head(y.view(B, L, -1))
+        return self.unpatchify(out, frames, h, w)
+
+    def _block(self, i, block: Block, x, e0, cos, sin, attention, text, frames, tpf):
+        B, L, C = x.shape
+        dtype = x.dtype
+        mod = block.modulation.float()[:, None] + e0  # (B, F, 6, dim)
+        shift, scale, gate, c_shift, c_scale, c_gate = (m[:, :, None] for m in mod.unbind(2))
+        xf = x.view(B, frames, tpf, C)
+
+        # self-attention
+        sa = block.self_attn
+        y = _modulated_norm(xf, shift, scale, block.eps).to(dtype).view(B, L, C)
+        q = apply_rope(sa.heads(sa.norm_q(sa.q(y))), cos, sin)
+        k = apply_rope(sa.heads(sa.norm_k(sa.k(y))), cos, sin)
+        v = sa.heads(sa.v(y))
+        o = attention.self_attention(i, q, k, v)
+        y = sa.o(o.flatten(2))
+        x = (xf.float() + y.view(B, frames, tpf, C).float() * gate).to(dtype)
+
+        # cross-attention to the text (K/V precomputed)
+        ca = block.cross_attn
+        y = block.norm3(x.view(B, L, C))
+        q = ca.heads(ca.norm_q(ca.q(y)))
+        k, v = text.cross_k[i], text.cross_v[i]
+        if k.shape[0] != B:
+            k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
+        x = x.view(B, L, C) + ca.o(sdpa_blhd(q, k, v).flatten(2))
+
+        # feed-forward
+        xf = x.view(B, frames, tpf, C)
+        y = block.ffn(_modulated_norm(xf, c_shift, c_scale, block.eps).to(dtype))
+        x = (xf.float() + y.float() * c_gate).to(dtype)
+        return x.view(B, L, C)
+
+    def unpatchify(self, out: torch.Tensor, frames: int, h: int, w: int) -> torch.Tensor:
+        """(B, L, C_out * pt * ph * pw) -> (B, C_out, frames * pt, h * ph, w * pw)."""
+        pt, ph, pw = self.config.patch_size
+        B = out.shape[0]
+        out = out.view(B, frames, h, w, pt, ph, pw, self.config.out_channels)
+        out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(B, self.config.out_channels, frames * pt, h * ph, w * pw)
+
+
+def build_dit(config: WanDiTConfig, device=None, dtype: torch.dtype | None = None) -> CausalWanDiT:
+    """A randomly initialised CausalWanDiT on ``device`` (default CPU), optionally cast with ``to_dtype``."""
+    with torch.device(device or "cpu"):
+        model = CausalWanDiT(config)
+    if dtype is not None:
+        model.to_dtype(dtype)
+    return model.eval()

@@ -1,0 +1,370 @@
+"""Streaming Wan2.1 VAE decoder: latents (B, 16, T, H, W) -> video (B, 3, T_out, 8H, 8W) in [-1, 1].
+
+The Wan2.1 VAE compresses 4x in time and 8x8 in space with causal 3D convolutions: an output
+frame depends only on the current and earlier latent frames. Every temporal convolution (kernel 3
+in time) looks at the two input frames before the current one; decoding chunk by chunk carries
+those two frames per convolution from one call to the next in a ``DecoderState`` whose buffers are
+allocated once (``new_state``) and updated in place, so decoding a clip chunk by chunk gives the
+same frames as decoding it at once. The first latent frame decodes to 1 frame, every later latent
+frame to 4: a first chunk of T latent frames gives 1 + 4 (T - 1) frames, later chunks 4 T.
+
+Structure (names follow the original ``Wan2.1_VAE.pth``, so its decoder keys load unchanged):
+
+    z -> z * std + mean (per channel) -> conv2 (1x1x1) -> decoder.conv1 (3x3x3)
+      -> decoder.middle: ResidualBlock, AttentionBlock (per frame, one head), ResidualBlock
+      -> decoder.upsamples: per stage (num_res_blocks + 1) ResidualBlocks, then a Resample
+         (upsample3d: causal time conv doubling the frames after the first + 2x nearest + 3x3 conv;
+          upsample2d: 2x nearest + 3x3 conv)
+      -> decoder.head: RMS norm, SiLU, conv to 3 channels -> clamp to [-1, 1]
+
+``upsample3d`` keeps Wan's rule for the first frame: the very first frame a resample sees passes
+through without the time convolution (1 frame out), every later frame through the causal time
+convolution of the sequence that starts at the second frame (2 frames out).
+
+Boundaries: decoder only (the runtime never encodes); weights via
+``spiral_rt.models.checkpoints.load_vae``. Activations run in the parameters' dtype; the RMS norm
+and the upsampling are computed in fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                      0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+WAN21_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+CACHE_FRAMES = 2
+
+
+@dataclass(frozen=True)
+class WanVAEConfig:
+    """Architecture of the Wan2.1 VAE decoder."""
+
+    z_dim: int = 16
+    """Latent channels."""
+    base_dim: int = 96
+    """Base width; stage widths are base_dim * dim_mult."""
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    """Width multipliers of the encoder stages (the decoder walks them in reverse)."""
+    num_res_blocks: int = 2
+    """Residual blocks per encoder stage (the decoder has one more per stage)."""
+    temporal_upsample: tuple[bool, ...] = (True, True, False)
+    """Per decoder upsampling stage, whether it also doubles the frames (Wan2.1: 2 of 3 -> 4x in time)."""
+    out_channels: int = 3
+    """Video channels."""
+    latents_mean: tuple[float, ...] = WAN21_LATENTS_MEAN
+    """Per-channel mean of the latents: the DiT's normalised latents z decode as z * std + mean."""
+    latents_std: tuple[float, ...] = WAN21_LATENTS_STD
+    """Per-channel std of the latents."""
+    name: str = field(default="wan2.1-vae", compare=False)
+    """Label for logs and errors."""
+
+    def __post_init__(self):
+        for f in ("dim_mult", "temporal_upsample", "latents_mean", "latents_std"):
+            if isinstance(getattr(self, f), list):
+                object.__setattr__(self, f, tuple(getattr(self, f)))
+        for f in ("z_dim", "base_dim", "num_res_blocks", "out_channels"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"WanVAEConfig({self.name}): '{f}' must be a positive int, got {v!r}")
+        if len(self.dim_mult) < 2 or any(m <= 0 for m in self.dim_mult):
+            raise ValueError(f"WanVAEConfig({self.name}): 'dim_mult' must list >= 2 positive multipliers, got {self.dim_mult}")
+        if len(self.temporal_upsample) != len(self.dim_mult) - 1:
+            raise ValueError(
+                f"WanVAEConfig({self.name}): 'temporal_upsample' needs {len(self.dim_mult) - 1} entries "
+                f"(one per upsampling stage of dim_mult={self.dim_mult}), got {len(self.temporal_upsample)}"
+            )
+        for f in ("latents_mean", "latents_std"):
+            if len(getattr(self, f)) != self.z_dim:
+                raise ValueError(f"WanVAEConfig({self.name}): '{f}' needs z_dim={self.z_dim} values, got {len(getattr(self, f))}")
+        if any(s <= 0 for s in self.latents_std):
+            raise ValueError(f"WanVAEConfig({self.name}): 'latents_std' must be positive")
+        if (self.base_dim * self.dim_mult[-1]) % 2 or any((self.base_dim * m) % 2 for m in self.dim_mult):
+            raise ValueError(f"WanVAEConfig({self.name}): stage widths base_dim * dim_mult must be even (resamples halve them)")
+
+    @property
+    def temporal_stride(self) -> int:
+        return 2 ** sum(self.temporal_upsample)
+
+    @property
+    def spatial_stride(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+    def output_frames(self, latent_frames: int, first_chunk: bool) -> int:
+        s = self.temporal_stride
+        return (1 + s * (latent_frames - 1)) if first_chunk else s * latent_frames
+
+
+def wan21_vae() -> WanVAEConfig:
+    return WanVAEConfig()
+
+
+def tiny_vae(base_dim: int = 8, z_dim: int = 16) -> WanVAEConfig:
+    mean = WAN21_LATENTS_MEAN if z_dim == 16 else tuple(0.1 * i for i in range(z_dim))
+    std = WAN21_LATENTS_STD if z_dim == 16 else tuple(1.0 + 0.1 * i for i in range(z_dim))
+    return WanVAEConfig(z_dim=z_dim, base_dim=base_dim, latents_mean=mean, latents_std=std, name="tiny-vae")
+
+
+# ----------------------------------------------------------------------------- streaming state
+
+
+@dataclass
+class DecoderState:
+    """Carried between ``decode_chunk`` calls of one video: the last two input frames of every
+    temporal convolution (zeros before the first chunk) and whether the first frame was decoded."""
+
+    buffers: list[torch.Tensor]
+    """Per temporal conv, (B, C_in, 2, H_conv, W_conv)."""
+    started: bool = False
+    """True once the first chunk is decoded."""
+    latent_size: tuple[int, int] = (0, 0)
+    """(H, W) of the latents this state was made for."""
+
+    def reset(self) -> None:
+        for b in self.buffers:
+            b.zero_()
+        self.started = False
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d, zero 'same' padding in space, causal in time: a temporal kernel kt sees the kt - 1
+    frames before each output frame, taken from the stream state (zeros before the video starts)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, padding=0):
+        kernel = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
+        pad = (padding,) * 3 if isinstance(padding, int) else tuple(padding)
+        super().__init__(in_channels, out_channels, kernel, padding=(0, pad[1], pad[2]))
+        self.time_context = kernel[0] - 1
+        if self.time_context not in (0, CACHE_FRAMES) or pad[0] * 2 != self.time_context:
+            raise ValueError(f"CausalConv3d: temporal kernel {kernel[0]} / padding {pad[0]} not supported (1/0 or 3/1)")
+        self.cache_index = -1  # set by the decoder when time_context > 0
+        self.spatial_scale = 1
+
+    def forward(self, x: torch.Tensor, state: DecoderState | None = None) -> torch.Tensor:
+        if self.time_context == 0:
+            return super().forward(x)
+        if state is None:
+            past = x.new_zeros(x.shape[0], x.shape[1], self.time_context, x.shape[3], x.shape[4])
+            return super().forward(torch.cat([past, x], dim=2))
+        buf = state.buffers[self.cache_index]
+        xin = torch.cat([buf, x], dim=2)
+        out = super().forward(xin)
+        buf.copy_(xin[:, :, -CACHE_FRAMES:])
+        return out
+
+
+class RMSNorm3d(nn.Module):
+    """Wan VAE's RMS norm over channels: normalize(x, dim=1) * sqrt(C) * gamma (fp32 normalisation)."""
+
+    def __init__(self, dim: int, images: bool = False):
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x.float(), dim=1).to(x.dtype) * self.scale * self.gamma
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.residual = nn.Sequential(
+            RMSNorm3d(in_dim), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMSNorm3d(out_dim), nn.SiLU(), nn.Dropout(0.0), CausalConv3d(out_dim, out_dim, 3, padding=1),
+        )
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: torch.Tensor, state: DecoderState | None) -> torch.Tensor:
+        h = self.shortcut(x)
+        for layer in self.residual:
+            x = layer(x, state) if isinstance(layer, CausalConv3d) else layer(x)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head spatial self-attention within each frame."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = RMSNorm3d(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor, state: DecoderState | None = None) -> torch.Tensor:
+        B, C, T, H, W = x.shape
+        y = x.permute(0, 2, 1, 3, 4).reshape(B * T, C, H, W)
+        qkv = self.to_qkv(self.norm(y)).reshape(B * T, 3 * C, H * W).transpose(1, 2)  # (BT, HW, 3C)
+        q, k, v = qkv[:, None].chunk(3, dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(B * T, C, H, W)
+        y = self.proj(y).view(B, T, C, H, W).permute(0, 2, 1, 3, 4)
+        return x + y
+
+
+class Upsample2x(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x.float(), scale_factor=2.0, mode="nearest-exact").to(x.dtype)
+
+
+class Resample(nn.Module):
+    """2x spatial upsampling (and, for 'upsample3d', 2x temporal through a causal time conv)."""
+
+    def __init__(self, dim: int, mode: str):
+        super().__init__()
+        if mode not in ("upsample2d", "upsample3d"):
+            raise ValueError(f"Resample: 'mode' must be 'upsample2d' or 'upsample3d', got {mode!r}")
+        self.mode = mode
+        self.resample = nn.Sequential(Upsample2x(), nn.Conv2d(dim, dim // 2, 3, padding=1))
+        if mode == "upsample3d":
+            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+
+    def forward(self, x: torch.Tensor, state: DecoderState | None) -> torch.Tensor:
+        if self.mode == "upsample3d":
+            first_video_frame = state is None or not state.started
+            head, rest = (x[:, :, :1], x[:, :, 1:]) if first_video_frame else (None, x)
+            parts = [head] if head is not None else []
+            if rest.shape[2]:
+                B, C, T, H, W = rest.shape
+                y = self.time_conv(rest, state).view(B, 2, C, T, H, W)
+                parts.append(torch.stack((y[:, 0], y[:, 1]), dim=3).reshape(B, C, 2 * T, H, W))
+            x = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+        B, C, T, H, W = x.shape
+        y = self.resample(x.permute(0, 2, 1, 3, 4).reshape(B * T, C, H, W))
+        return y.view(B, T, *y.shape[1:]).permute(0, 2, 1, 3, 4)
+
+
+class Decoder3d(nn.Module):
+    def __init__(self, cfg: WanVAEConfig):
+        super().__init__()
+        mult = cfg.dim_mult
+        dims = [cfg.base_dim * m for m in (mult[-1],) + tuple(reversed(mult))]
+        self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
+        self.middle = nn.ModuleList([ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]), ResidualBlock(dims[0], dims[0])])
+        ups = []
+        scale = 1
+        convs_scale: list[tuple[nn.Module, int]] = [(self.conv1, 1), *((m, 1) for m in self.middle.modules())]
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:
+                in_dim //= 2  # the previous resample halved the width
+            for _ in range(cfg.num_res_blocks + 1):
+                ups.append(ResidualBlock(in_dim, out_dim))
+                convs_scale += [(m, scale) for m in ups[-1].modules()]
+                in_dim = out_dim
+            if i != len(mult) - 1:
+                ups.append(Resample(out_dim, "upsample3d" if cfg.temporal_upsample[i] else "upsample2d"))
+                convs_scale += [(m, scale) for m in ups[-1].modules()]
+                scale *= 2
+        self.upsamples = nn.ModuleList(ups)
+        self.head = nn.Sequential(RMSNorm3d(out_dim), nn.SiLU(), CausalConv3d(out_dim, cfg.out_channels, 3, padding=1))
+        convs_scale += [(m, scale) for m in self.head.modules()]
+        self.cached_convs: list[CausalConv3d] = []
+        for m, s in convs_scale:
+            if isinstance(m, CausalConv3d) and m.time_context and m.cache_index < 0:
+                m.cache_index, m.spatial_scale = len(self.cached_convs), s
+                self.cached_convs.append(m)
+
+    def forward(self, x: torch.Tensor, state: DecoderState | None) -> torch.Tensor:
+        x = self.conv1(x, state)
+        for layer in self.middle:
+            x = layer(x, state)
+        for layer in self.upsamples:
+            x = layer(x, state)
+        x = self.head[1](self.head[0](x))
+        return self.head[2](x, state)
+
+
+class WanVAEDecoder(nn.Module):
+    """The streaming decoder (module docstring). ``decode`` for a whole clip, ``new_state`` +
+    ``decode_chunk`` for chunk-by-chunk decoding with identical results."""
+
+    def __init__(self, config: WanVAEConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or WanVAEConfig()
+        self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
+        self.decoder = Decoder3d(cfg)
+        # fp32 per-channel mean/std, one copy per device (not buffers: model.to(bf16) must not round them)
+        self._scale_by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _latent_scale(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) as fp32 (1, z_dim, 1, 1, 1) tensors on ``device``, copied there once."""
+        hit = self._scale_by_device.get(device)
+        if hit is None:
+            cfg = self.config
+            hit = tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1)
+                        for v in (cfg.latents_mean, cfg.latents_std))
+            self._scale_by_device[device] = hit
+        return hit
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv2.weight.dtype
+
+    def new_state(self, batch: int, latent_height: int, latent_width: int, device=None, dtype=None) -> DecoderState:
+        """Zeroed conv caches for decoding one batch of videos of (latent_height, latent_width) latents."""
+        device = device if device is not None else self.conv2.weight.device
+        dtype = dtype or self.dtype
+        bufs = [
+            torch.zeros(batch, c.in_channels, CACHE_FRAMES, latent_height * c.spatial_scale, latent_width * c.spatial_scale,
+                        device=device, dtype=dtype)
+            for c in self.decoder.cached_convs
+        ]
+        return DecoderState(buffers=bufs, latent_size=(latent_height, latent_width))
+
+    def state_nbytes(self, batch: int, latent_height: int, latent_width: int, dtype=torch.bfloat16) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return sum(batch * c.in_channels * CACHE_FRAMES * latent_height * latent_width * c.spatial_scale**2 * elem
+                   for c in self.decoder.cached_convs)
+
+    def _check(self, z: torch.Tensor, state: DecoderState | None):
+        cfg = self.config
+        if not isinstance(z, torch.Tensor) or z.dim() != 5 or z.shape[1] != cfg.z_dim or z.shape[2] == 0:
+            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"WanVAEDecoder: 'z' must be (B, {cfg.z_dim}, T >= 1, H, W) latents, got {shape}")
+        if state is not None:
+            B, _, _, H, W = z.shape
+            first = state.buffers[0] if state.buffers else None
+            if state.latent_size != (H, W) or (first is not None and first.shape[0] != B):
+                raise ValueError(
+                    f"WanVAEDecoder: 'state' was made for batch {first.shape[0] if first is not None else '?'} and latents "
+                    f"{state.latent_size}, got z of batch {B} and (H, W) = ({H}, {W}); make one with new_state()"
+                )
+
+    def decode_chunk(self, z: torch.Tensor, state: DecoderState, clamp: bool = True) -> torch.Tensor:
+        """Decode the next chunk of a video.
+
+        Args:
+            z: (B, z_dim, T, H, W) normalised latents (the DiT's output space) of the next T latent frames.
+            state: from ``new_state``; updated in place.
+        Returns:
+            (B, 3, T_out, 8H, 8W) frames in [-1, 1] (clamped), T_out = 1 + 4 (T - 1) for the first chunk, else 4 T.
+        """
+        self._check(z, state)
+        mean, std = self._latent_scale(z.device)
+        x = (z.float() * std + mean).to(self.dtype)
+        out = self.decoder(self.conv2(x), state)
+        state.started = True
+        return out.clamp(-1.0, 1.0) if clamp else out
+
+    def decode(self, z: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Decode a whole clip (B, z_dim, T, H, W) -> (B, 3, 1 + 4 (T - 1), 8H, 8W)."""
+        self._check(z, None)
+        state = self.new_state(z.shape[0], z.shape[3], z.shape[4], device=z.device)
+        return self.decode_chunk(z, state, clamp=clamp)
+
+
+def build_vae_decoder(config: WanVAEConfig | None = None, device=None, dtype=None) -> WanVAEDecoder:
+    with torch.device(device or "cpu"):
+        model = WanVAEDecoder(config)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()

@@ -1,0 +1,465 @@
+"""``chunk_attention``: the queries of one chunk per sequence against K/V reached through page
+tables, varlen over many sequences in one launch; returns O and LSE. Plus the plan that makes it
+cheap to call once per layer and denoising step, and the shared-prefix composition.
+
+Layout (FlashInfer's naming; the KV cache manager produces it):
+
+- q (total_q, H, D): the queries of S sequences back to back, ``q_indptr`` (S+1,);
+- k_pages, v_pages (num_pages, page_size, H_kv, D): one layer's K and V pages;
+- sequence s lists pages ``kv_indices[kv_indptr[s]:kv_indptr[s+1]]`` (any order, any ids, pages
+  may be shared between sequences: sink pages, window pages, then its own chunk's pages, which
+  were written before attention); logical key j lives at page list[j // page_size], offset
+  j % page_size; kv_len[s] = (num_pages[s] - 1) * page_size + kv_last_page_len[s] (0 pages: 0 keys).
+
+Every query attends to all keys of its sequence (no mask: bidirectional within the chunk, full
+view of the listed context). O (total_q, H, D) in q's dtype; LSE (total_q, H) fp32, natural log;
+a sequence without keys gets O = 0, LSE = -inf (so it merges exactly, see ``merge_states``).
+
+Plan once, run many: ``plan_chunk_attention`` validates the host-side index tables once (page ids
+in range, lengths consistent with the indptrs, supported head dim: ValueError naming the
+argument), copies them to the device and builds the work partition (q-blocks x KV splits, chosen by
+shape), all reused by every layer and step of the chunk. ``chunk_attention`` itself only checks
+shapes and dtypes against the plan (no host sync). ``AttentionConfig`` selects the kernel variant
+(tile sizes, warps, stages, KV splits, page lookup, pointer or TMA loads); ``default_config``
+picks one by shape and bench/bench_attention.py compares them. Math:
+``spiral_rt.reference.chunk_attention``.
+Backends: triton (kernels/chunk_attention.py), reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+
+from ..reference import chunk_attention as _reference
+from . import dispatch
+from .merge_states import AttentionState, merge_states
+
+OP = "chunk_attention"
+IMPLEMENTED = ("triton", "reference")
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SUPPORTED_HEAD_DIMS = (64, 128)
+WORK_FIELDS = 6  # seq, q_start, q_end, kv_start, kv_end, split (kernels/chunk_attention.py)
+WORK_FIELDS_TMA = 8  # seq, q_start, q_end, t0, t1, l0, l1, split
+
+# Throughput model used only to choose the number of KV splits (H100 SXM figures, DESIGN.md §4).
+_ATTN_FLOPS = 5.0e14
+_MERGE_BYTES_PER_S = 2.5e12
+_MIN_TILES_PER_SPLIT = 8
+_MAX_SPLITS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Tile shape and launch parameters of the Triton kernel (one compiled variant each)."""
+
+    block_m: int = 128
+    """Queries per program (a power of two >= 16)."""
+    block_n: int = 64
+    """Keys per inner-loop tile (a power of two >= 16); tiles need not align with pages."""
+    num_warps: int = 8
+    """Warps per program (8: two Hopper warpgroups over BLOCK_M = 128)."""
+    num_stages: int = 3
+    """Software-pipelining depth of the K/V loads."""
+    num_splits: int = 0
+    """KV splits per sequence (> 1: partial states merged by a second kernel); 0 = choose by shape."""
+    hoist_pages: bool = True
+    """Look pages up with two scalar loads per key tile (when block_n <= page_size) instead of a
+    per-row gather from the page list."""
+    warp_specialize: bool = False
+    """Ask Triton to warp-specialize the key loop (``tl.range(warp_specialize=True)``); Triton
+    documents it for Blackwell, the benchmark tries it on Hopper."""
+    kv_load: str = "pointer"
+    """"pointer": gathered loads over logical key tiles; "tma": the plan cuts the keys into tiles
+    whole inside one page (TMA descriptor loads) plus gathered leftovers of partial page tails."""
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 16 and value & (value - 1) == 0):
+                raise ValueError(f"AttentionConfig: '{name}' must be a power of two >= 16, got {value!r}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"AttentionConfig: 'num_warps' must be 1, 2, 4, 8 or 16, got {self.num_warps!r}")
+        if not (isinstance(self.num_stages, int) and self.num_stages >= 1):
+            raise ValueError(f"AttentionConfig: 'num_stages' must be an int >= 1, got {self.num_stages!r}")
+        if self.kv_load not in ("pointer", "tma"):
+            raise ValueError(f"AttentionConfig: 'kv_load' must be 'pointer' or 'tma', got {self.kv_load!r}")
+        if not (isinstance(self.num_splits, int) and 0 <= self.num_splits <= 64):
+            raise ValueError(f"AttentionConfig: 'num_splits' must be an int in [0, 64] (0 = auto), got {self.num_splits!r}")
+
+
+def default_config(head_dim: int, dtype: torch.dtype, max_q_len: int, interpreting: bool) -> AttentionConfig:
+    """The config used when the plan is given none: by head dim, dtype and query length."""
+    if interpreting:  # the CPU interpreter: small tiles keep the tests fast and exercise masking
+        return AttentionConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    if dtype == torch.float32:  # fp32 tiles take twice the shared memory; correctness path
+        return AttentionConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    if max_q_len <= 64:
+        return AttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
+    if head_dim <= 64:
+        return AttentionConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
+    return AttentionConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+
+
+@dataclasses.dataclass
+class ChunkAttentionPlan:
+    """Validated index tables on the device plus the work partition; build with
+    ``plan_chunk_attention`` once per chunk step, reuse across layers and denoising steps."""
+
+    num_seqs: int
+    """S, sequences in the batch."""
+    total_q: int
+    """q_indptr[-1]: rows of q."""
+    num_qo_heads: int
+    """H of q."""
+    num_kv_heads: int
+    """H_kv of the pages (divides H)."""
+    head_dim: int
+    """D (64 or 128)."""
+    page_size: int
+    """Tokens per page."""
+    num_pages: int
+    """Pages per layer in the pool (k_pages.shape[0])."""
+    dtype: torch.dtype
+    """dtype of q and the pages."""
+    device: torch.device
+    """Where the tables and inputs live."""
+    config: AttentionConfig
+    """Kernel config, num_splits resolved (>= 1)."""
+    q_indptr: torch.Tensor
+    """(S+1,) int32 on device."""
+    kv_indptr: torch.Tensor
+    """(S+1,) int32 on device."""
+    kv_indices: torch.Tensor
+    """(total_pages,) int32 on device (at least one element, padded with 0 when empty)."""
+    kv_last_page_len: torch.Tensor
+    """(S,) int32 on device."""
+    work: torch.Tensor
+    """(num_work, 6) int32 on device: seq, q_start, q_end, kv_start, kv_end, split; with
+    kv_load="tma" (num_work, 8): seq, q_start, q_end, t0, t1, l0, l1, split."""
+    tile_rows: torch.Tensor | None
+    """kv_load="tma": int32 flat row (page * page_size + offset) of each whole in-page key tile."""
+    left_rows: torch.Tensor | None
+    """kv_load="tma": int32 flat rows of the keys left over in partial page tails."""
+    kv_lens: tuple[int, ...]
+    """Keys per sequence (host)."""
+    flops: int
+    """4 * sum_s q_len_s * kv_len_s * H * D: the attention FLOPs of one call."""
+
+    @property
+    def num_splits(self) -> int:
+        return self.config.num_splits
+
+
+def _host_ints(op: str, name: str, value, length: int | None = None) -> list[int]:
+    """An index table as a host list of ints (from a list, numpy array or tensor on any device)."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{op}: argument '{name}' must be an integer tensor, got {value.dtype}")
+        if value.dim() != 1:
+            raise ValueError(f"{op}: argument '{name}' must be 1-D, got shape {tuple(value.shape)}")
+        out = value.tolist()
+    else:
+        try:
+            out = [int(x) for x in value]
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{op}: argument '{name}' must be a 1-D sequence of ints ({err})") from None
+    if length is not None and len(out) != length:
+        raise ValueError(f"{op}: argument '{name}' must have {length} entries, got {len(out)}")
+    return out
+
+
+def _check_indptr(name: str, indptr: list[int]) -> None:
+    if len(indptr) < 2:
+        raise ValueError(f"{OP}: argument '{name}' must have S + 1 >= 2 entries, got {len(indptr)}")
+    if indptr[0] != 0:
+        raise ValueError(f"{OP}: argument '{name}' must start at 0, got {indptr[0]}")
+    for s in range(len(indptr) - 1):
+        if indptr[s + 1] < indptr[s]:
+            raise ValueError(f"{OP}: argument '{name}' must be non-decreasing; entry {s + 1} = {indptr[s + 1]} "
+                             f"< entry {s} = {indptr[s]}")
+
+
+def _choose_splits(q_lens, kv_lens, heads, head_dim, block_m, block_n, num_sms, ctas_per_sm) -> int:
+    """KV splits minimizing the modelled time: attention at _ATTN_FLOPS scaled by the wave
+    efficiency of the grid, plus the traffic of the split merge."""
+    flops = sum(4 * ql * kl * heads * head_dim for ql, kl in zip(q_lens, kv_lens))
+    if flops == 0:
+        return 1
+    blocks = sum(math.ceil(ql / block_m) for ql, kl in zip(q_lens, kv_lens) if ql and kl) * heads
+    longest_tiles = max(math.ceil(kl / block_n) for kl in kv_lens)
+    total_q = sum(q_lens)
+    slots = max(1, num_sms * ctas_per_sm)
+    best, best_time = 1, None
+    for splits in range(1, _MAX_SPLITS + 1):
+        if splits > 1 and longest_tiles < splits * _MIN_TILES_PER_SPLIT:
+            break
+        units = blocks * splits
+        efficiency = units / (math.ceil(units / slots) * slots)
+        merge_bytes = 0 if splits == 1 else (2 * splits * 4 + 2) * total_q * heads * head_dim
+        t = flops / (_ATTN_FLOPS * efficiency) + merge_bytes / _MERGE_BYTES_PER_S
+        if best_time is None or t < best_time * 0.97:  # a split must win clearly
+            best, best_time = splits, t
+    return best
+
+
+def plan_chunk_attention(
+    q_indptr,
+    kv_indptr,
+    kv_indices,
+    kv_last_page_len,
+    *,
+    page_size: int,
+    num_pages: int,
+    num_qo_heads: int,
+    head_dim: int,
+    num_kv_heads: int | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cuda",
+    config: AttentionConfig | None = None,
+    num_sms: int | None = None,
+) -> ChunkAttentionPlan:
+    """Validate the index tables once and build the plan (see the module docstring).
+
+    Args:
+        q_indptr: (S+1,) query offsets into q. Host lists/tensors preferred (device tensors are
+            copied to the host once, here).
+        kv_indptr: (S+1,) offsets into kv_indices.
+        kv_indices: page ids of each sequence, in logical order, each in [0, num_pages).
+        kv_last_page_len: (S,) keys in each sequence's last page: 1..page_size, 0 without pages.
+        page_size: tokens per page (any positive int).
+        num_pages: pages per layer in the pool (k_pages.shape[0]).
+        num_qo_heads: H of q.
+        head_dim: D, 64 or 128.
+        num_kv_heads: H_kv of the pages (divides H); default H.
+        dtype: dtype of q and the pages (bf16/fp16/fp32).
+        device: where q and the pages live.
+        config: kernel config; default ``default_config`` (num_splits=0: chosen by shape).
+        num_sms: SM count for the split choice; default the device's (132 off-GPU).
+    """
+    q_ptr = _host_ints(OP, "q_indptr", q_indptr)
+    _check_indptr("q_indptr", q_ptr)
+    num_seqs = len(q_ptr) - 1
+    kv_ptr = _host_ints(OP, "kv_indptr", kv_indptr, num_seqs + 1)
+    _check_indptr("kv_indptr", kv_ptr)
+    pages = _host_ints(OP, "kv_indices", kv_indices)
+    last = _host_ints(OP, "kv_last_page_len", kv_last_page_len, num_seqs)
+    if not (isinstance(page_size, int) and page_size >= 1):
+        raise ValueError(f"{OP}: argument 'page_size' must be a positive int, got {page_size!r}")
+    if not (isinstance(num_pages, int) and num_pages >= 1):
+        raise ValueError(f"{OP}: argument 'num_pages' must be a positive int, got {num_pages!r}")
+    if kv_ptr[-1] != len(pages):
+        raise ValueError(f"{OP}: argument 'kv_indptr' ends at {kv_ptr[-1]} but 'kv_indices' has {len(pages)} entries")
+    for i, p in enumerate(pages):
+        if not 0 <= p < num_pages:
+            raise ValueError(f"{OP}: argument 'kv_indices' entry {i} is page {p}, out of range [0, {num_pages})")
+    for s in range(num_seqs):
+        n = kv_ptr[s + 1] - kv_ptr[s]
+        lo = 1 if n > 0 else 0
+        hi = page_size if n > 0 else 0
+        if not lo <= last[s] <= hi:
+            what = f"in [1, page_size={page_size}]" if n > 0 else "0 (the sequence lists no pages)"
+            raise ValueError(f"{OP}: argument 'kv_last_page_len' entry {s} is {last[s]}, must be {what}")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"{OP}: argument 'head_dim' is {head_dim}; supported head dims are {SUPPORTED_HEAD_DIMS}")
+    num_kv_heads = num_qo_heads if num_kv_heads is None else num_kv_heads
+    if not (isinstance(num_qo_heads, int) and num_qo_heads >= 1 and isinstance(num_kv_heads, int)
+            and num_kv_heads >= 1 and num_qo_heads % num_kv_heads == 0):
+        raise ValueError(f"{OP}: argument 'num_kv_heads' ({num_kv_heads}) must be a positive divisor of "
+                         f"'num_qo_heads' ({num_qo_heads})")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{OP}: argument 'dtype' must be bfloat16, float16 or float32, got {dtype}")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+
+    q_lens = [q_ptr[s + 1] - q_ptr[s] for s in range(num_seqs)]
+    kv_lens = _reference.kv_lengths(kv_ptr, last, page_size)
+    if config is None:
+        config = default_config(head_dim, dtype, max(q_lens), dispatch.triton_interpreting())
+    if not isinstance(config, AttentionConfig):
+        raise ValueError(f"{OP}: argument 'config' must be an AttentionConfig, got {type(config).__name__}")
+    splits = config.num_splits
+    if splits == 0:
+        if num_sms is None:
+            num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+        ctas = 1 if config.block_m * head_dim >= 128 * 128 else 2
+        splits = _choose_splits(q_lens, kv_lens, num_qo_heads, head_dim, config.block_m, config.block_n, num_sms, ctas)
+    config = dataclasses.replace(config, num_splits=splits)
+
+    # work items, longest key range first (fewer stragglers in the last wave)
+    order = sorted(range(num_seqs), key=lambda s: -kv_lens[s])
+    work, tile_rows, left_rows = [], [], []
+    if config.kv_load == "pointer":
+        for s in order:
+            tiles = math.ceil(kv_lens[s] / config.block_n)
+            per_split = math.ceil(tiles / splits) * config.block_n if tiles else 0
+            for q0 in range(q_ptr[s], q_ptr[s + 1], config.block_m):
+                q1 = min(q0 + config.block_m, q_ptr[s + 1])
+                for sp in range(splits):
+                    k0 = min(sp * per_split, kv_lens[s])
+                    k1 = min((sp + 1) * per_split, kv_lens[s])
+                    work.append((s, q0, q1, k0, k1, sp))
+        fields = WORK_FIELDS
+    else:
+        if num_pages * page_size >= 2**31:
+            raise ValueError(f"{OP}: kv_load='tma' needs num_pages * page_size < 2**31, got {num_pages * page_size}")
+        bn = config.block_n
+        for s in order:
+            if q_ptr[s + 1] == q_ptr[s]:
+                continue
+            t_start, l_start = len(tile_rows), len(left_rows)
+            seq_pages = pages[kv_ptr[s]:kv_ptr[s + 1]]
+            for i, page in enumerate(seq_pages):
+                in_page = page_size if i < len(seq_pages) - 1 else last[s]
+                whole = in_page // bn * bn
+                tile_rows += range(page * page_size, page * page_size + whole, bn)
+                left_rows += range(page * page_size + whole, page * page_size + in_page)
+            n_tiles, n_left = len(tile_rows) - t_start, len(left_rows) - l_start
+            left_tiles = math.ceil(n_left / bn)
+            for q0 in range(q_ptr[s], q_ptr[s + 1], config.block_m):
+                q1 = min(q0 + config.block_m, q_ptr[s + 1])
+                for sp in range(splits):
+                    t0, t1 = t_start + n_tiles * sp // splits, t_start + n_tiles * (sp + 1) // splits
+                    l0 = l_start + min(n_left, left_tiles * sp // splits * bn)
+                    l1 = l_start + min(n_left, left_tiles * (sp + 1) // splits * bn)
+                    work.append((s, q0, q1, t0, t1, l0, l1, sp))
+        fields = WORK_FIELDS_TMA
+
+    def dev(values):
+        return torch.tensor(values, dtype=torch.int32).to(device)
+
+    work_t = torch.tensor(work, dtype=torch.int32).reshape(-1, fields).to(device)
+    tma = config.kv_load == "tma"
+    return ChunkAttentionPlan(
+        num_seqs=num_seqs, total_q=q_ptr[-1], num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
+        head_dim=head_dim, page_size=page_size, num_pages=num_pages, dtype=dtype, device=device, config=config,
+        q_indptr=dev(q_ptr), kv_indptr=dev(kv_ptr), kv_indices=dev(pages or [0]), kv_last_page_len=dev(last),
+        work=work_t, kv_lens=tuple(kv_lens),
+        tile_rows=dev(tile_rows or [0]) if tma else None, left_rows=dev(left_rows or [0]) if tma else None,
+        flops=sum(4 * ql * kl * num_qo_heads * head_dim for ql, kl in zip(q_lens, kv_lens)),
+    )
+
+
+def chunk_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    plan: ChunkAttentionPlan,
+    *,
+    sm_scale: float | None = None,
+    backend: str | None = None,
+) -> AttentionState:
+    """Attention of each sequence's queries over its listed K/V pages; see the module docstring.
+
+    Args:
+        q: (total_q, H, D) queries, dtype and device of the plan; (H, D) contiguous in the last
+            dim (any token and head strides).
+        k_pages, v_pages: (num_pages, page_size, H_kv, D) contiguous K and V pages of one layer.
+        plan: from ``plan_chunk_attention`` for these index tables.
+        sm_scale: softmax scale; default 1 / sqrt(D).
+        backend: "triton" | "reference" | "auto"/None (see spiral_rt.ops.dispatch).
+    Returns:
+        ``AttentionState(o, lse)``: o (total_q, H, D) in q's dtype, lse (total_q, H) fp32.
+    """
+    if not isinstance(plan, ChunkAttentionPlan):
+        raise ValueError(f"{OP}: argument 'plan' must be a ChunkAttentionPlan from plan_chunk_attention, "
+                         f"got {type(plan).__name__}")
+    dispatch.check_tensor(OP, "q", q, shape=(plan.total_q, plan.num_qo_heads, plan.head_dim), dtypes=(plan.dtype,),
+                          device=plan.device, contiguous=False)
+    if q.stride(2) != 1:
+        raise ValueError(f"{OP}: argument 'q' must be contiguous in its last dim, got strides {tuple(q.stride())}")
+    page_shape = (plan.num_pages, plan.page_size, plan.num_kv_heads, plan.head_dim)
+    dispatch.check_tensor(OP, "k_pages", k_pages, shape=page_shape, dtypes=(plan.dtype,), device=plan.device)
+    dispatch.check_tensor(OP, "v_pages", v_pages, shape=page_shape, dtypes=(plan.dtype,), device=plan.device)
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(plan.head_dim)
+    elif not (isinstance(sm_scale, (int, float)) and sm_scale > 0):
+        raise ValueError(f"{OP}: argument 'sm_scale' must be a positive float, got {sm_scale!r}")
+    chosen = dispatch.select_backend(OP, q.device, IMPLEMENTED, backend)
+    cfg = plan.config
+    if cfg.kv_load == "tma" and (k_pages.data_ptr() % 16 or v_pages.data_ptr() % 16):
+        raise ValueError(f"{OP}: kv_load='tma' needs 16-byte aligned 'k_pages' and 'v_pages' (TMA descriptors)")
+    o, lse = torch.ops.spiral_rt.chunk_attention(
+        q, k_pages, v_pages, plan.q_indptr, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, plan.work,
+        float(sm_scale), cfg.num_splits, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.hoist_pages,
+        cfg.warp_specialize, plan.tile_rows, plan.left_rows, chosen)
+    return AttentionState(o, lse)
+
+
+def chunk_attention_shared_prefix(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    prefix_plan: ChunkAttentionPlan,
+    suffix_plan: ChunkAttentionPlan,
+    *,
+    sm_scale: float | None = None,
+    backend: str | None = None,
+) -> AttentionState:
+    """Attention of G group members over (shared prefix pages + own pages) in two launches.
+
+    ``prefix_plan``: one sequence per group whose queries are its members' queries concatenated,
+    listing the shared prefix pages; ``suffix_plan``: one sequence per member, listing only its
+    own pages. Both cover the same rows of q in the same order. Returns the exact merge.
+    """
+    if prefix_plan.total_q != suffix_plan.total_q:
+        raise ValueError(f"{OP}: 'prefix_plan' covers {prefix_plan.total_q} queries but 'suffix_plan' "
+                         f"{suffix_plan.total_q}; both must cover the same rows of q")
+    a = chunk_attention(q, k_pages, v_pages, prefix_plan, sm_scale=sm_scale, backend=backend)
+    b = chunk_attention(q, k_pages, v_pages, suffix_plan, sm_scale=sm_scale, backend=backend)
+    return merge_states(a.o, a.lse, b.o, b.lse, backend=backend)
+
+
+# ------------------------------------------------------------------ torch.library registration
+
+
+@torch.library.custom_op("spiral_rt::chunk_attention", mutates_args=())
+def _chunk_attention_op(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    q_indptr: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_last_page_len: torch.Tensor,
+    work: torch.Tensor,
+    sm_scale: float,
+    num_splits: int,
+    block_m: int,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
+    hoist_pages: bool,
+    warp_specialize: bool,
+    tile_rows: Optional[torch.Tensor],
+    left_rows: Optional[torch.Tensor],
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "reference":
+        kv_ptr = kv_indptr.tolist()
+        return _reference.chunk_attention(q, k_pages, v_pages, q_indptr.tolist(), kv_ptr,
+                                          kv_indices.tolist()[:kv_ptr[-1]], kv_last_page_len.tolist(), sm_scale)
+    total_q, heads, head_dim = q.shape
+    o = torch.empty((total_q, heads, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((total_q, heads), dtype=torch.float32, device=q.device)
+    partial_o = partial_lse = None
+    if num_splits > 1:
+        partial_o = torch.empty((num_splits, total_q, heads, head_dim), dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty((num_splits, total_q, heads), dtype=torch.float32, device=q.device)
+    from spiral_rt.kernels import chunk_attention as kernel
+
+    kernel.chunk_attention(q, k_pages, v_pages, work, kv_indptr, kv_indices, o, lse, partial_o, partial_lse,
+                           sm_scale, num_splits, block_m, block_n, num_warps, num_stages, hoist_pages,
+                           warp_specialize, tile_rows, left_rows)
+    return o, lse
+
+
+@_chunk_attention_op.register_fake
+def _(q, k_pages, v_pages, q_indptr, kv_indptr, kv_indices, kv_last_page_len, work, sm_scale, num_splits,
+      block_m, block_n, num_warps, num_stages, hoist_pages, warp_specialize, tile_rows, left_rows, backend):
+    total_q, heads, head_dim = q.shape
+    return q.new_empty((total_q, heads, head_dim)), q.new_empty((total_q, heads), dtype=torch.float32)

@@ -1,0 +1,233 @@
+"""CausalWanDiT: parameter counts, config errors, block-causal semantics through the KV cache,
+RoPE in fp32, text conditioning, and equality with diffusers' WanTransformer3DModel.
+
+Tolerances: fp32 paths compared with fp32 paths at relative error (||a-b||/||b||) <= 1e-5;
+bf16 against fp32 at <= 3e-2.
+"""
+
+
+import pytest
+import torch
+
+from model_helpers import randomize_, rel_err
+from spiral_rt.models.attention import ContiguousKVCache, DenseAttention, block_causal_mask
+from spiral_rt.models.config import WanDiTConfig, tiny_test, wan21_t2v_1_3b, wan21_t2v_14b
+from spiral_rt.models.dit import CausalWanDiT, RotaryEmbedding3D, build_dit
+
+
+def _model(cfg):
+    return randomize_(build_dit(cfg))
+
+
+def _text(model, batch, length=None):
+    cfg = model.config
+    return model.encode_text(torch.randn(batch, length or cfg.text_len, cfg.text_dim))
+
+
+# ----------------------------------------------------------------------------- config / counts
+
+
+@pytest.mark.parametrize("factory, count", [(wan21_t2v_1_3b, 1_418_996_800), (wan21_t2v_14b, 14_288_491_584)])
+def test_parameter_count_on_meta(factory, count):
+    cfg = factory()
+    with torch.device("meta"):
+        model = CausalWanDiT(cfg)
+    assert sum(p.numel() for p in model.parameters()) == count
+    assert cfg.num_parameters() == count
+    assert cfg.rope_split == (44, 42, 42) and cfg.head_dim == 128
+
+
+@pytest.mark.parametrize("name", ["world-small", "tiny-test"])
+def test_preset_count_matches_module(name):
+    cfg = WanDiTConfig.from_name(name)
+    for c in (cfg, cfg.replace(cross_attn_norm=False, qk_norm=False)):
+        with torch.device("meta"):
+            model = CausalWanDiT(c)
+        assert sum(p.numel() for p in model.parameters()) == c.num_parameters()
+    if name == "world-small":
+        assert cfg.num_parameters() == 13_281_472
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(dim=50, num_heads=4), "num_heads"),
+    (dict(num_layers=0), "num_layers"),
+    (dict(patch_size=(1, 2)), "patch_size"),
+    (dict(freq_dim=33), "freq_dim"),
+    (dict(dim=16, num_heads=4), "head_dim"),
+    (dict(eps=0.0), "eps"),
+])
+def test_config_errors_name_the_field(changes, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_test().replace(**changes)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="not a preset"):
+        WanDiTConfig.from_name("wan9")
+    assert WanDiTConfig.from_name("wan2.1-t2v-1.3b") == wan21_t2v_1_3b()
+
+
+# ----------------------------------------------------------------------------- forward checks
+
+
+def test_forward_argument_errors(tiny_cfg):
+    model = _model(tiny_cfg)
+    x = torch.randn(2, 4, 3, 6, 10)
+    t = torch.rand(2, 3) * 1000
+    text = _text(model, 2)
+    with pytest.raises(ValueError, match="'x'"):
+        model(torch.randn(2, 5, 3, 6, 10), t, 0, None, text)
+    with pytest.raises(ValueError, match="multiples of the patch"):
+        model(torch.randn(2, 4, 3, 7, 10), t, 0, None, text)
+    with pytest.raises(ValueError, match="'timesteps'"):
+        model(x, torch.rand(2, 4), 0, None, text)
+    with pytest.raises(ValueError, match="'frame_offset'"):
+        model(x, t, -1, None, text)
+    with pytest.raises(ValueError, match="'text'"):
+        model(x, t, 0, None, _text(model, 3))
+    with pytest.raises(ValueError, match="text_embeddings"):
+        model.encode_text(torch.randn(2, 3, tiny_cfg.text_dim + 1))
+
+
+@torch.no_grad()
+def test_block_causal_cache_equals_masked_full_forward(tiny_cfg):
+    """Chunk by chunk through ContiguousKVCache == one forward with a block-causal mask."""
+    model = _model(tiny_cfg)
+    B, H, W = 2, 6, 10                      # 3 x 5 = 15 tokens per frame (odd)
+    blocks = [2, 3, 1, 3]                   # frames per chunk, uneven
+    Fr = sum(blocks)
+    x = torch.randn(B, 4, Fr, H, W)
+    t = torch.rand(B, Fr) * 1000            # every frame its own t
+    text = _text(model, B)
+    full = model(x, t, 0, DenseAttention(blocks, tokens_per_frame=15), text)
+
+    cache = ContiguousKVCache(tiny_cfg.num_layers)
+    start = 0
+    for i, nf in enumerate(blocks):
+        sl = slice(start, start + nf)
+        # a read-only "denoising" forward on other inputs must not disturb the cache
+        cache.write = False
+        model(torch.randn(B, 4, nf, H, W), torch.rand(B, nf) * 1000, start, cache, text)
+        cache.write = True
+        out = model(x[:, :, sl], t[:, sl], start, cache, text)
+        cache.commit()
+        assert rel_err(out, full[:, :, sl]) <= 1e-5, f"chunk {i}"
+        start += nf
+    assert cache.length == Fr * 15
+
+    # the frame offset matters: the last chunk at offset 0 differs
+    cache.truncate(cache.length - blocks[-1] * 15)
+    cache.write = False
+    wrong = model(x[:, :, -blocks[-1]:], t[:, -blocks[-1]:], 0, cache, text)
+    assert rel_err(wrong, full[:, :, -blocks[-1]:]) > 1e-3
+
+
+def test_block_causal_mask_layout():
+    mask = block_causal_mask([1, 2], tokens_per_frame=2)
+    expected = torch.tensor([[1, 1, 0, 0, 0, 0]] * 2 + [[1] * 6] * 4, dtype=torch.bool)
+    assert torch.equal(mask, expected)
+
+
+def test_cache_commit_errors(tiny_cfg):
+    cache = ContiguousKVCache(2)
+    with pytest.raises(ValueError, match="nothing was written"):
+        cache.commit()
+    q = torch.randn(1, 5, 2, 8)
+    cache.write = True
+    cache.self_attention(0, q, q, q)
+    with pytest.raises(ValueError, match="all 2 layers"):
+        cache.commit()
+    with pytest.raises(ValueError, match="truncate"):
+        cache.truncate(3)
+
+
+@torch.no_grad()
+def test_scalar_timesteps_and_text_broadcast(tiny_cfg):
+    model = _model(tiny_cfg)
+    x = torch.randn(3, 4, 2, 4, 6)
+    t = torch.rand(3) * 1000
+    emb = torch.randn(1, 9, tiny_cfg.text_dim)   # shorter than text_len: zero-padded
+    text1 = model.encode_text(emb)
+    text3 = model.encode_text(emb.expand(3, -1, -1))
+    a = model(x, t, 5, None, text1)
+    b = model(x, t[:, None].expand(3, 2), 5, None, text3)
+    assert rel_err(a, b) <= 1e-6
+    assert text1.context.shape == (1, tiny_cfg.text_len, tiny_cfg.dim)
+    assert text1.cross_k[0].shape == (1, tiny_cfg.text_len, tiny_cfg.num_heads, tiny_cfg.head_dim)
+
+
+@torch.no_grad()
+def test_per_frame_timesteps_modulate_their_frame_only(tiny_cfg):
+    """With block-causal attention of 1-frame blocks, changing frame 2's t leaves frames 0, 1 unchanged."""
+    model = _model(tiny_cfg)
+    x = torch.randn(1, 4, 3, 4, 6)
+    t = torch.rand(1, 3) * 1000
+    attn = DenseAttention(1, tokens_per_frame=6)
+    text = _text(model, 1)
+    a = model(x, t, 0, attn, text)
+    t2 = t.clone()
+    t2[0, 2] = 1000 - t2[0, 2]
+    b = model(x, t2, 0, attn, text)
+    assert torch.equal(a[:, :, :2], b[:, :, :2])
+    assert rel_err(a[:, :, 2], b[:, :, 2]) > 1e-3
+
+
+def test_rope_fp32_tables_and_cache():
+    rope = RotaryEmbedding3D(128, 10000.0)
+    cos, sin = rope.tables(37, 3, 4, 5, "cpu")
+    assert cos.dtype == torch.float32 and cos.shape == (60, 1, 64)
+    assert rope.tables(37, 3, 4, 5, "cpu")[0] is cos        # cached
+    # float64 reference: token (f, y, x) at temporal position 37 + f
+    d = 128
+    parts = [d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)]
+    inv = [1.0 / 10000 ** (torch.arange(0, p, 2, dtype=torch.float64) / p) for p in parts]
+    f, y, xx = torch.meshgrid(torch.arange(3) + 37, torch.arange(4), torch.arange(5), indexing="ij")
+    ang = torch.cat([f.reshape(-1, 1) * inv[0], y.reshape(-1, 1) * inv[1], xx.reshape(-1, 1) * inv[2]], dim=1)
+    assert (cos[:, 0].double() - ang.cos()).abs().max() < 2e-5
+    assert (sin[:, 0].double() - ang.sin()).abs().max() < 2e-5
+
+
+@torch.no_grad()
+def test_bf16_close_to_fp32(tiny_cfg):
+    model = _model(tiny_cfg)
+    x = torch.randn(1, 4, 2, 4, 6)
+    t = torch.rand(1, 2) * 1000
+    emb = torch.randn(1, 8, tiny_cfg.text_dim)
+    ref = model(x, t, 3, None, model.encode_text(emb))
+    model.to_dtype(torch.bfloat16)
+    assert model.time_projection[1].weight.dtype == torch.float32
+    assert model.blocks[0].modulation.dtype == torch.float32
+    assert model.blocks[0].self_attn.q.weight.dtype == torch.bfloat16
+    out = model(x, t, 3, None, model.encode_text(emb))
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, ref) <= 3e-2
+
+
+# ----------------------------------------------------------------------------- diffusers
+
+
+@torch.no_grad()
+def test_equals_diffusers_wan_transformer(tiny_cfg):
+    diffusers = pytest.importorskip("diffusers")
+    from spiral_rt.models.checkpoints import load_dit
+
+    cfg = tiny_cfg
+    ref = diffusers.WanTransformer3DModel(
+        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        eps=cfg.eps,
+    ).eval()
+    randomize_(ref)
+    model = load_dit(ref.state_dict(), cfg)      # diffusers names, auto-detected
+
+    B, Fr, H, W = 2, 3, 6, 10
+    x = torch.randn(B, cfg.in_channels, Fr, H, W)
+    t = torch.rand(B, Fr) * 1000
+    emb = torch.randn(B, cfg.text_len, cfg.text_dim)
+    ours = model(x, t, 0, None, model.encode_text(emb))
+    # diffusers takes one t per token (B, L) (the Wan2.2 TI2V path): repeat each frame's t
+    t_tok = t.repeat_interleave((H // 2) * (W // 2), dim=1)
+    theirs = ref(hidden_states=x, timestep=t_tok, encoder_hidden_states=emb, return_dict=False)[0]
+    assert theirs.shape == ours.shape
+    assert rel_err(ours, theirs) <= 1e-5

@@ -1,0 +1,425 @@
+"""Tests of ``spiral_rt.ops.chunk_attention`` (and its plan and shared-prefix composition).
+
+Ground truth: dense attention in fp64 over keys gathered position by position from the page
+lists (independent of the reference's gather). Cases: varlen batches whose lengths are not tile
+multiples, one-frame chunks, a sequence without context (LSE = -inf, O = 0), a sequence without
+queries, pages shared between sequences, page_size not a power of two, sink + window + own page
+lists with out-of-order ids, GQA, D = 64 and 128, forced KV splits (some empty).
+
+Tolerances. Reference (fp32 math) vs fp64: 1e-5 (O, relative to max |O|) and 1e-5 (LSE).
+Triton under the interpreter: fp32 inputs 1e-5 for O and LSE; fp16 inputs 4e-3 for O (the fp16
+rounding of P and of O), 1e-3 for LSE. GPU (bf16/fp16): the kernel's max error against an fp32
+reference is at most twice that of PyTorch's own SDPA in the same dtype (flash-attention's test
+criterion), LSE within 2e-2 absolute of the fp32 LSE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from spiral_rt.ops.chunk_attention import (
+    AttentionConfig,
+    _choose_splits,
+    chunk_attention,
+    chunk_attention_shared_prefix,
+    plan_chunk_attention,
+)
+from spiral_rt.ops.merge_states import merge_states
+from spiral_rt.reference.chunk_attention import chunk_attention as chunk_attention_ref
+
+# the interpreter converts loaded scalars with a numpy deprecation warning; harmless
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+
+@dataclasses.dataclass
+class Batch:
+    q_indptr: list
+    kv_indptr: list
+    kv_indices: list
+    last: list
+    page_size: int
+    num_pages: int
+    seqs: list  # (q_len, pages, kv_len)
+
+
+def make_batch(seqs, page_size, num_pages):
+    """seqs: list of (q_len, page ids, kv_len) with kv_len consistent with the page count."""
+    q_ptr, kv_ptr, idx, last = [0], [0], [], []
+    for q_len, pages, kv_len in seqs:
+        assert (kv_len == 0) == (len(pages) == 0) and (len(pages) - 1) * page_size < kv_len <= len(pages) * page_size or not pages
+        q_ptr.append(q_ptr[-1] + q_len)
+        kv_ptr.append(kv_ptr[-1] + len(pages))
+        idx += pages
+        last.append(kv_len - (len(pages) - 1) * page_size if pages else 0)
+    return Batch(q_ptr, kv_ptr, idx, last, page_size, num_pages, seqs)
+
+
+def dense_attention_fp64(q, k_pages, v_pages, b: Batch, sm_scale=None):
+    """fp64 attention, keys gathered one logical position at a time."""
+    total_q, heads, d = q.shape
+    group = heads // k_pages.shape[2]
+    scale = sm_scale or 1 / math.sqrt(d)
+    o = torch.zeros(total_q, heads, d, dtype=torch.float64)
+    lse = torch.full((total_q, heads), float("-inf"), dtype=torch.float64)
+    kf, vf = k_pages.double().cpu(), v_pages.double().cpu()
+    qd = q.double().cpu()
+    for s, (q_len, pages, kv_len) in enumerate(b.seqs):
+        if q_len == 0 or kv_len == 0:
+            continue
+        j = torch.arange(kv_len)
+        page = torch.tensor(pages)[j // b.page_size]
+        k = kf[page, j % b.page_size].repeat_interleave(group, 1)
+        v = vf[page, j % b.page_size].repeat_interleave(group, 1)
+        q0 = b.q_indptr[s]
+        sc = torch.einsum("qhd,khd->hqk", qd[q0:q0 + q_len], k) * scale
+        lse[q0:q0 + q_len] = torch.logsumexp(sc, -1).T
+        o[q0:q0 + q_len] = torch.einsum("hqk,khd->qhd", torch.softmax(sc, -1), v)
+    return o, lse
+
+
+def plan_for(b: Batch, heads, d, dtype, device, kv_heads=None, config=None):
+    return plan_chunk_attention(b.q_indptr, b.kv_indptr, b.kv_indices, b.last, page_size=b.page_size,
+                                num_pages=b.num_pages, num_qo_heads=heads, num_kv_heads=kv_heads, head_dim=d,
+                                dtype=dtype, device=device, config=config)
+
+
+def random_inputs(b: Batch, heads, kv_heads, d, dtype, device):
+    q = torch.randn(b.q_indptr[-1], heads, d, device=device).to(dtype)
+    k_pages = torch.randn(b.num_pages, b.page_size, kv_heads, d, device=device).to(dtype)
+    v_pages = torch.randn(b.num_pages, b.page_size, kv_heads, d, device=device).to(dtype)
+    return q, k_pages, v_pages
+
+
+def check_against_fp64(o, lse, q, k_pages, v_pages, b, o_tol, lse_tol):
+    o_ref, lse_ref = dense_attention_fp64(q, k_pages, v_pages, b)
+    o, lse = o.double().cpu(), lse.double().cpu()
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref)), "empty-context rows must have LSE = -inf exactly"
+    finite = torch.isfinite(lse_ref)
+    torch.testing.assert_close(lse[finite], lse_ref[finite], rtol=0, atol=lse_tol)
+    torch.testing.assert_close(o, o_ref, rtol=0, atol=o_tol * max(o_ref.abs().max().item(), 1e-30))
+    assert (o[~finite] == 0).all()
+
+
+# A window/sink-like batch: page_size 7 (not a power of two), out-of-order ids, shared pages.
+SINK = [12, 3]
+WINDOW = [17, 8, 0]
+VARLEN = [
+    (23, SINK + WINDOW + [5, 14], 6 * 7 + 4),   # sink + window + own chunk, partial last page
+    (7, [5], 7),                                # one-frame chunk, no context: only its own page
+    (9, [], 0),                                 # no keys at all: O = 0, LSE = -inf
+    (0, [1, 2], 10),                            # no queries
+    (16, SINK + [9, 11, 10], 5 * 7),            # shares the sink pages, exactly full pages
+]
+
+
+# The same shapes with page_size 21 > BLOCK_N: key tiles straddle page boundaries (two-page lookup).
+VARLEN_21 = [
+    (23, [12, 3, 17, 8, 0], 4 * 21 + 5),
+    (7, [5], 21),
+    (9, [], 0),
+    (19, [12, 3, 9], 3 * 21),
+]
+
+
+def test_reference_matches_fp64():
+    b = make_batch(VARLEN, page_size=7, num_pages=18)
+    q, kp, vp = random_inputs(b, 4, 2, 24, torch.float32, "cpu")
+    o, lse = chunk_attention_ref(q, kp, vp, b.q_indptr, b.kv_indptr, b.kv_indices, b.last)
+    check_against_fp64(o, lse, q, kp, vp, b, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("dtype,o_tol,lse_tol", [(torch.float32, 1e-5, 1e-5), (torch.float16, 4e-3, 1e-3)])
+@pytest.mark.parametrize("config", [
+    AttentionConfig(block_m=16, block_n=16, num_warps=4, num_stages=1, num_splits=1),
+    AttentionConfig(block_m=32, block_n=16, num_warps=4, num_stages=1, num_splits=3),
+    AttentionConfig(block_m=16, block_n=16, num_warps=4, num_stages=1, num_splits=1, kv_load="tma"),
+], ids=["m16n16", "m32n16-split3", "m16n16-tma"])
+def test_triton_varlen_paged(triton_device, dtype, o_tol, lse_tol, config):
+    b = make_batch(VARLEN, page_size=7, num_pages=18)
+    q, kp, vp = random_inputs(b, 4, 2, 64, dtype, triton_device)
+    plan = plan_for(b, 4, 64, dtype, triton_device, kv_heads=2, config=config)
+    o, lse = chunk_attention(q, kp, vp, plan, backend="triton")
+    assert o.dtype == dtype and lse.dtype == torch.float32 and o.shape == q.shape
+    check_against_fp64(o, lse, q, kp, vp, b, o_tol, lse_tol)
+
+
+@pytest.mark.parametrize("variant", ["hoist", "gather", "tma"])
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_triton_tiles_straddle_pages(triton_device, variant, num_splits):
+    b = make_batch(VARLEN_21, page_size=21, num_pages=18)
+    q, kp, vp = random_inputs(b, 2, 2, 64, torch.float32, triton_device)
+    cfg = AttentionConfig(block_m=16, block_n=16, num_warps=4, num_stages=1, num_splits=num_splits,
+                          hoist_pages=variant == "hoist", kv_load="tma" if variant == "tma" else "pointer")
+    o, lse = chunk_attention(q, kp, vp, plan_for(b, 2, 64, torch.float32, triton_device, config=cfg), backend="triton")
+    check_against_fp64(o, lse, q, kp, vp, b, 1e-5, 1e-5)
+
+
+def test_triton_head_dim_128_page_size_13(triton_device):
+    b = make_batch([(21, [4, 1, 0], 2 * 13 + 1), (13, [2, 3], 26)], page_size=13, num_pages=5)
+    q, kp, vp = random_inputs(b, 2, 2, 128, torch.float16, triton_device)
+    plan = plan_for(b, 2, 128, torch.float16, triton_device, config=AttentionConfig(16, 32, 4, 1, 1))
+    o, lse = chunk_attention(q, kp, vp, plan, backend="triton", sm_scale=0.05)
+    o_ref, lse_ref = chunk_attention_ref(q.double(), kp.double(), vp.double(), b.q_indptr, b.kv_indptr,
+                                         b.kv_indices, b.last, sm_scale=0.05)
+    torch.testing.assert_close(o.double(), o_ref, rtol=0, atol=4e-3 * o_ref.abs().max().item())
+    torch.testing.assert_close(lse.double(), lse_ref, rtol=0, atol=1e-3)
+
+
+def test_shared_prefix_equals_full_attention(triton_device):
+    """G = 3 members share 3 prefix pages; each has 2 own pages; prefix + own merged == full."""
+    ps, prefix = 5, [7, 2, 9]
+    own = [[0, 4], [1, 6], [3, 8]]
+    q_lens = [10, 10, 10]
+    full = make_batch([(ql, prefix + o, 5 * ps - 2) for ql, o in zip(q_lens, own)], ps, 10)
+    pre = make_batch([(sum(q_lens), prefix, 3 * ps)], ps, 10)
+    suf = make_batch([(ql, o, 2 * ps - 2) for ql, o in zip(q_lens, own)], ps, 10)
+    q, kp, vp = random_inputs(full, 2, 2, 64, torch.float32, triton_device)
+    cfg = AttentionConfig(16, 16, 4, 1, 1)
+    merged = chunk_attention_shared_prefix(q, kp, vp, plan_for(pre, 2, 64, torch.float32, triton_device, config=cfg),
+                                           plan_for(suf, 2, 64, torch.float32, triton_device, config=cfg),
+                                           backend="triton")
+    check_against_fp64(merged.o, merged.lse, q, kp, vp, full, 1e-5, 1e-5)
+
+
+def test_empty_context_merges_exactly(triton_device):
+    """A launch over no keys gives (0, -inf); merging it with a real state returns that state."""
+    b_empty = make_batch([(11, [], 0)], 6, 4)
+    b_real = make_batch([(11, [3, 1], 9)], 6, 4)
+    q, kp, vp = random_inputs(b_real, 2, 2, 64, torch.float32, triton_device)
+    cfg = AttentionConfig(16, 16, 4, 1, 1)
+    e = chunk_attention(q, kp, vp, plan_for(b_empty, 2, 64, torch.float32, triton_device, config=cfg), backend="triton")
+    assert torch.isneginf(e.lse).all() and (e.o == 0).all()
+    r = chunk_attention(q, kp, vp, plan_for(b_real, 2, 64, torch.float32, triton_device, config=cfg), backend="triton")
+    m = merge_states(e.o, e.lse, r.o, r.lse, backend="triton")
+    torch.testing.assert_close(m.o, r.o, rtol=0, atol=1e-6)
+    torch.testing.assert_close(m.lse, r.lse, rtol=0, atol=1e-6)
+
+
+def test_plan_partition_covers_every_query_key_pair_once():
+    b = make_batch(VARLEN, page_size=7, num_pages=18)
+    for cfg in (AttentionConfig(16, 16, 4, 1, 1), AttentionConfig(32, 16, 4, 1, 3), AttentionConfig(128, 64, 8, 3, 4)):
+        plan = plan_for(b, 4, 64, torch.bfloat16, "cpu", config=cfg)
+        cover = [torch.zeros(ql, kl, dtype=torch.int32) for ql, _, kl in b.seqs]
+        seen_rows = torch.zeros(b.q_indptr[-1], cfg.num_splits, dtype=torch.int32)
+        for seq, q0, q1, k0, k1, sp in plan.work.tolist():
+            assert q1 - q0 <= cfg.block_m and 0 <= k0 <= k1 <= plan.kv_lens[seq]
+            base = b.q_indptr[seq]
+            cover[seq][q0 - base:q1 - base, k0:k1] += 1
+            seen_rows[q0:q1, sp] += 1
+        assert all(bool((c == 1).all()) for c in cover)
+        assert (seen_rows == 1).all(), "every row must be written exactly once per split"
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_tma_plan_covers_every_key_once(num_splits):
+    """kv_load='tma': per q-row, whole in-page tiles + leftovers list every key of the sequence once."""
+    b = make_batch(VARLEN_21, page_size=21, num_pages=18)
+    cfg = AttentionConfig(16, 16, 4, 1, num_splits, kv_load="tma")
+    plan = plan_for(b, 2, 64, torch.bfloat16, "cpu", config=cfg)
+    tiles, left = plan.tile_rows.tolist(), plan.left_rows.tolist()
+    keys_of_row = {}
+    for seq, q0, q1, t0, t1, l0, l1, sp in plan.work.tolist():
+        rows = [r + i for r in tiles[t0:t1] for i in range(16)] + left[l0:l1]
+        assert all(r // 21 == tiles[t] // 21 for t in range(t0, t1) for r in (tiles[t], tiles[t] + 15)), "tile crosses a page"
+        for q in range(q0, q1):
+            keys_of_row.setdefault(q, []).extend(rows)
+    for s, (q_len, pages, kv_len) in enumerate(b.seqs):
+        expected = sorted(pages[j // 21] * 21 + j % 21 for j in range(kv_len))
+        for q in range(b.q_indptr[s], b.q_indptr[s] + q_len):
+            assert sorted(keys_of_row.get(q, [])) == expected
+
+
+def test_split_choice_by_shape():
+    # one Wan chunk, 12 heads, 132 SMs: short context stays unsplit, long context splits
+    assert _choose_splits([4680], [4680], 12, 128, 128, 64, 132, 1) == 1
+    assert _choose_splits([4680], [32760], 12, 128, 128, 64, 132, 1) >= 2
+    assert _choose_splits([4680] * 8, [18720] * 8, 12, 128, 128, 64, 132, 1) == 1
+    assert _choose_splits([0], [100], 12, 128, 128, 64, 132, 1) == 1
+
+
+def test_reference_backend_through_op():
+    b = make_batch(VARLEN, page_size=7, num_pages=18)
+    q, kp, vp = random_inputs(b, 2, 2, 64, torch.float32, "cpu")
+    o, lse = chunk_attention(q, kp, vp, plan_for(b, 2, 64, torch.float32, "cpu"), backend="reference")
+    check_against_fp64(o, lse, q, kp, vp, b, 1e-5, 1e-5)
+
+
+def test_plan_validation_errors():
+    b = make_batch(VARLEN, page_size=7, num_pages=18)
+    kw = dict(page_size=7, num_pages=18, num_qo_heads=4, head_dim=64, device="cpu")
+    with pytest.raises(ValueError, match="'kv_indices' entry 2 is page 18, out of range"):
+        plan_chunk_attention(b.q_indptr, b.kv_indptr, [12, 3, 18] + b.kv_indices[3:], b.last, **kw)
+    with pytest.raises(ValueError, match="'kv_indices'.*-1"):
+        plan_chunk_attention(b.q_indptr, b.kv_indptr, [-1] + b.kv_indices[1:], b.last, **kw)
+    with pytest.raises(ValueError, match="'kv_indptr' ends at"):
+        plan_chunk_attention(b.q_indptr, b.kv_indptr, b.kv_indices[:-1], b.last, **kw)
+    with pytest.raises(ValueError, match="'kv_indptr' must have 6 entries"):
+        plan_chunk_attention(b.q_indptr, b.kv_indptr[:-1], b.kv_indices, b.last, **kw)
+    with pytest.raises(ValueError, match="'q_indptr' must be non-decreasing"):
+        plan_chunk_attention([0, 5, 3, 9, 9, 12], b.kv_indptr, b.kv_indices, b.last, **kw)
+    with pytest.raises(ValueError, match="'q_indptr' must start at 0"):
+        plan_chunk_attention([1] + b.q_indptr[1:], b.kv_indptr, b.kv_indices, b.last, **kw)
+    with pytest.raises(ValueError, match="'kv_last_page_len' entry 0 is 8"):
+        plan_chunk_attention(b.q_indptr, b.kv_indptr, b.kv_indices, [8] + b.last[1:], **kw)
+    with pytest.raises(ValueError, match="'kv_last_page_len' entry 0 is 0"):
+        plan_chunk_attention(b.q_indptr, b.kv_indptr, b.kv_indices, [0] + b.last[1:], **kw)
+    with pytest.raises(ValueError, match="'kv_last_page_len' entry 2 is 3.*no pages"):
+        plan_chunk_attention(b.q_indptr, b.kv_indptr, b.kv_indices, b.last[:2] + [3] + b.last[3:], **kw)
+    with pytest.raises(ValueError, match="'head_dim' is 96"):
+        plan_chunk_attention(b.q_indptr, b.kv_indptr, b.kv_indices, b.last, **{**kw, "head_dim": 96})
+    with pytest.raises(ValueError, match="'num_kv_heads'"):
+        plan_chunk_attention(b.q_indptr, b.kv_indptr, b.kv_indices, b.last, num_kv_heads=3, **kw)
+    with pytest.raises(ValueError, match="'kv_indices' must be an integer tensor"):
+        plan_chunk_attention(b.q_indptr, b.kv_indptr, torch.tensor(b.kv_indices, dtype=torch.float32), b.last, **kw)
+    with pytest.raises(ValueError, match="'block_n'"):
+        AttentionConfig(block_n=48)
+
+
+def test_call_checks_against_plan():
+    b = make_batch(VARLEN, page_size=7, num_pages=18)
+    q, kp, vp = random_inputs(b, 4, 2, 64, torch.float32, "cpu")
+    plan = plan_for(b, 4, 64, torch.float32, "cpu", kv_heads=2)
+    with pytest.raises(ValueError, match="'q' must have shape"):
+        chunk_attention(q[:-1], kp, vp, plan, backend="reference")
+    with pytest.raises(ValueError, match="'q' must have dtype"):
+        chunk_attention(q.half(), kp, vp, plan, backend="reference")
+    with pytest.raises(ValueError, match="'k_pages' must have shape"):
+        chunk_attention(q, kp[:-1], vp, plan, backend="reference")
+    with pytest.raises(ValueError, match="'v_pages' must be contiguous"):
+        chunk_attention(q, kp, vp.transpose(2, 3).contiguous().transpose(2, 3), plan, backend="reference")
+    with pytest.raises(ValueError, match="'plan'"):
+        chunk_attention(q, kp, vp, None, backend="reference")
+    with pytest.raises(ValueError, match="'sm_scale'"):
+        chunk_attention(q, kp, vp, plan, sm_scale=-1.0, backend="reference")
+
+
+def test_custom_op_has_fake_kernel():
+    b = make_batch(VARLEN, page_size=7, num_pages=18)
+    q, kp, vp = random_inputs(b, 2, 2, 64, torch.float32, "cpu")
+    plan = plan_for(b, 2, 64, torch.float32, "cpu")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        args = [mode.from_tensor(t) for t in (q, kp, vp, plan.q_indptr, plan.kv_indptr, plan.kv_indices,
+                                               plan.kv_last_page_len, plan.work)]
+        o, lse = torch.ops.spiral_rt.chunk_attention(*args, 0.125, 1, 16, 16, 4, 1, True, False, None, None, "triton")
+        assert o.shape == q.shape and lse.shape == q.shape[:2] and lse.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------ GPU tests
+
+WAN_PAGE = 1560
+
+
+def _wan_batch(q_frames, ctx_frames, num_seqs=1, shared_ctx=False):
+    """Sequences of q_frames own frames after ctx_frames context frames, one page per frame,
+    page ids shuffled over the pool."""
+    pages_per_seq = ctx_frames + q_frames
+    total_pages = pages_per_seq * num_seqs if not shared_ctx else ctx_frames + q_frames * num_seqs
+    perm = torch.randperm(total_pages).tolist()
+    seqs = []
+    for s in range(num_seqs):
+        ctx = perm[:ctx_frames] if shared_ctx else perm[s * pages_per_seq:s * pages_per_seq + ctx_frames]
+        own_start = ctx_frames + s * q_frames if shared_ctx else s * pages_per_seq + ctx_frames
+        own = perm[own_start:own_start + q_frames]
+        seqs.append((q_frames * WAN_PAGE, ctx + own, pages_per_seq * WAN_PAGE))
+    return make_batch(seqs, WAN_PAGE, total_pages)
+
+
+def _dense(pages, b, s):
+    _, plist, kv_len = b.seqs[s]
+    return pages[torch.tensor(plist, device=pages.device)].flatten(0, 1)[:kv_len]
+
+
+def _sdpa_error_ratio(dtype, b, heads, d, config=None):
+    """max|ours - fp32 ref| / max|sdpa(dtype) - fp32 ref| over all sequences; also the LSE error."""
+    import torch.nn.functional as F
+
+    q, kp, vp = random_inputs(b, heads, heads, d, dtype, "cuda")
+    plan = plan_for(b, heads, d, dtype, "cuda", config=config)
+    o, lse = chunk_attention(q, kp, vp, plan)
+    err_ours = err_pt = lse_err = 0.0
+    for s, (q_len, _, kv_len) in enumerate(b.seqs):
+        q0 = b.q_indptr[s]
+        qs = q[q0:q0 + q_len].transpose(0, 1)[None]
+        ks, vs = _dense(kp, b, s).transpose(0, 1)[None], _dense(vp, b, s).transpose(0, 1)[None]
+        scores = (qs.float() @ ks.float().transpose(-1, -2)) / math.sqrt(d)  # fp32 math, TF32 off
+        ref = (torch.softmax(scores, -1) @ vs.float())[0].transpose(0, 1)
+        lse_ref = torch.logsumexp(scores, -1)[0].T
+        del scores
+        pt = F.scaled_dot_product_attention(qs, ks, vs)[0].transpose(0, 1)
+        err_ours = max(err_ours, (o[q0:q0 + q_len].float() - ref).abs().max().item())
+        err_pt = max(err_pt, (pt.float() - ref).abs().max().item())
+        lse_err = max(lse_err, (lse[q0:q0 + q_len] - lse_ref).abs().max().item())
+    return err_ours, err_pt, lse_err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ctx_frames", [0, 7])
+def test_gpu_wan_chunk_error_within_twice_sdpa(ctx_frames):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    b = _wan_batch(3, ctx_frames)
+    err_ours, err_pt, lse_err = _sdpa_error_ratio(torch.bfloat16, b, 12, 128)
+    assert err_ours <= 2 * err_pt + 1e-6, (err_ours, err_pt)
+    assert lse_err < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [1, 2, 3])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_varlen_shared_context_splits(num_splits, d):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    b = _wan_batch(1, 2, num_seqs=3, shared_ctx=True)
+    cfg = AttentionConfig(128, 64, 8 if d == 128 else 4, 3, num_splits)
+    err_ours, err_pt, lse_err = _sdpa_error_ratio(torch.float16, b, 4, d, cfg)
+    assert err_ours <= 2 * err_pt + 1e-6, (err_ours, err_pt)
+    assert lse_err < 2e-2
+
+
+BENCH_CONFIGS = [  # every variant bench/bench_attention.py may pick must be correct
+    AttentionConfig(128, 64, 8, 3, 1), AttentionConfig(128, 64, 8, 4, 1), AttentionConfig(128, 128, 8, 2, 1),
+    AttentionConfig(128, 128, 8, 3, 1), AttentionConfig(64, 64, 4, 3, 1), AttentionConfig(128, 64, 8, 3, 2),
+    AttentionConfig(128, 64, 8, 3, 1, hoist_pages=False), AttentionConfig(128, 64, 8, 3, 1, kv_load="tma"),
+    AttentionConfig(128, 128, 8, 2, 1, kv_load="tma"), AttentionConfig(128, 64, 8, 3, 2, kv_load="tma"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", BENCH_CONFIGS, ids=str)
+@pytest.mark.parametrize("layout", ["page7", "page200"])
+def test_gpu_bench_configs_correct(config, layout):
+    if layout == "page7":
+        b = make_batch(VARLEN, page_size=7, num_pages=18)
+    elif layout == "page21":
+        b = make_batch(VARLEN_21, page_size=21, num_pages=18)
+    else:  # page_size > block_n: the two-page lookup path with long tiles
+        b = make_batch([(300, [4, 0, 2], 2 * 200 + 77), (130, [1], 200), (5, [], 0)], page_size=200, num_pages=5)
+    q, kp, vp = random_inputs(b, 4, 2, 128, torch.bfloat16, "cuda")
+    try:
+        o, lse = chunk_attention(q, kp, vp, plan_for(b, 4, 128, torch.bfloat16, "cuda", kv_heads=2, config=config))
+    except Exception as err:  # a config over the shared-memory budget is skipped by the benchmark too
+        if "OutOfResources" in type(err).__name__ or "out of resource" in str(err):
+            pytest.skip(f"{config} exceeds this GPU's shared memory: {err}")
+        raise
+    check_against_fp64(o, lse, q, kp, vp, b, 1.6e-2, 2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_and_cuda_graph_replay():
+    b = make_batch(VARLEN, page_size=7, num_pages=18)
+    q, kp, vp = random_inputs(b, 4, 4, 64, torch.float32, "cuda")
+    plan = plan_for(b, 4, 64, torch.float32, "cuda")
+    o, lse = chunk_attention(q, kp, vp, plan)
+    check_against_fp64(o, lse, q, kp, vp, b, 1e-4, 1e-4)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        og, lg = chunk_attention(q, kp, vp, plan)
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    o2, l2 = chunk_attention(q, kp, vp, plan)
+    torch.testing.assert_close(og, o2, rtol=0, atol=0)
+    torch.testing.assert_close(lg, l2, rtol=0, atol=0)
