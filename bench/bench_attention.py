@@ -21,6 +21,7 @@ meaning, no result file): a check that the script itself works.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -144,13 +145,22 @@ def competitors(q, k, v):
         out["flex_compiled"] = lambda: flex(qt, kt, vt)
     except Exception as err:  # pragma: no cover - depends on the install
         print(f"flex_attention unavailable: {err}", file=sys.stderr)
-    try:
-        import flash_attn_interface
-
-        out["fa3"] = lambda: flash_attn_interface.flash_attn_func(q, k, v)
-    except Exception as err:
-        print(f"FA3 unavailable (flash_attn_interface): {err}", file=sys.stderr)
+    fa3 = _import_fa3()
+    if fa3 is not None:
+        out["fa3"] = lambda: fa3.flash_attn_func(q, k, v)
     return out
+
+
+def _import_fa3():
+    """FA3's forward: the `fa3-fwd` wheel (module fa3_fwd_interface) or a flash-attn hopper build."""
+    errors = []
+    for name in ("fa3_fwd_interface", "flash_attn_interface"):
+        try:
+            return importlib.import_module(name)
+        except Exception as err:  # noqa: BLE001 - any failure means "not available here"
+            errors.append(f"{name}: {err}")
+    print("FA3 unavailable (" + "; ".join(errors) + ")", file=sys.stderr)
+    return None
 
 
 def first_tensor(x):

@@ -99,9 +99,10 @@ def default_config(head_dim: int, dtype: torch.dtype, max_q_len: int, interpreti
         return AttentionConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
     if max_q_len <= 64:
         return AttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
-    if head_dim <= 64:
-        return AttentionConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
-    return AttentionConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    # H100, bf16, Lq = 4680, 12 x 128 heads (bench/results/attention.json): 128x64 tiles on four
+    # warps was the fastest pointer-load variant at every Lk (369-394 TFLOP/s, vs 262-307 with
+    # eight warps), within 5% of the TMA variant that led at long Lk.
+    return AttentionConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
 
 
 @dataclasses.dataclass
