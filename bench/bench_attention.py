@@ -39,6 +39,7 @@ if "--smoke" in sys.argv:
 
 from spiral_rt.ops.chunk_attention import (  # noqa: E402
     AttentionConfig,
+    default_config,
     chunk_attention,
     chunk_attention_shared_prefix,
     plan_chunk_attention,
@@ -50,7 +51,10 @@ HEADS, HEAD_DIM, DTYPE = 12, 128, torch.bfloat16
 LQ = 3 * PAGE
 LKS = [3 * PAGE, 10 * PAGE, 12 * PAGE, 21 * PAGE]
 SMOKE = False
-DEFAULT_VARIANT = "m128n64w8s3"  # what plan_chunk_attention picks for these shapes
+def _default_variant() -> str | None:
+    """The name of the variant plan_chunk_attention picks for these shapes (its default_config)."""
+    chosen = default_config(HEAD_DIM, DTYPE, LQ, SMOKE)
+    return next((name for name, cfg in VARIANTS.items() if cfg == chosen), None)
 
 VARIANTS = {  # name -> AttentionConfig (num_splits 0 = the plan's choice by shape)
     "m128n64w8s3": AttentionConfig(128, 64, 8, 3, 0),
@@ -221,7 +225,7 @@ def summarize(row: dict) -> None:
         best = max(variants, key=lambda n: variants[n]["tflops"])
         row["ours_tflops"], row["ours_variant"] = variants[best]["tflops"], best
         row["ours_split"] = variants[best]["num_splits"]
-        row["ours_default_tflops"] = variants.get(DEFAULT_VARIANT, {}).get("tflops")
+        row["ours_default_tflops"] = variants.get(_default_variant(), {}).get("tflops")
     comp = {n: row[f"{n}_tflops"] for n in ("cudnn", "fa3", "flash2_sdpa", "flex_compiled") if f"{n}_tflops" in row}
     target = {n: comp[n] for n in ("cudnn", "fa3") if n in comp} or comp
     if target and "ours_tflops" in row:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build the package, run the GPU tests, run benchmarks.
-#   bash bench/run_gpu.sh [pytest target ...] -- [benchmark script ...]
-# e.g. bash bench/run_gpu.sh tests/ops -- bench/bench_sampler_step.py
+#   bash bench/run_gpu.sh [pytest target ...] -- [benchmark ...]
+# A benchmark is a script path, with its arguments in the same quoted word:
+#   bash bench/run_gpu.sh tests/ops -- bench/bench_sampler_step.py "bench/bench_attention.py --no-ws"
 # Logs and result JSON go to $OUT (when set) so they come back from the device machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +28,8 @@ if [ ${#tests[@]} -gt 0 ]; then
 fi
 for b in "${benches[@]}"; do
   echo "== $b"
-  python3 "$b" 2>&1 | tee "$OUT/$(basename "$b" .py).log" | grep -v '^{' | tail -30
+  script=${b%% *}
+  python3 $b 2>&1 | tee "$OUT/$(basename "$script" .py).log" | grep -v '^{' | tail -30
 done
 echo "gpu tests exit status: $status; total $(( $(date +%s) - start )) s"
 exit $status
