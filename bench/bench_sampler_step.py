@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--backends", nargs="+", default=["cuda", "triton", "reference"])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--noise", default="philox", choices=["philox", "tensor", "none"],
+                        help="noise source: in-kernel Philox (default), a noise tensor (read as a third input), none")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     copy_gbs = copy_bandwidth_gbs()
@@ -60,14 +62,16 @@ def main() -> None:
         b = torch.rand(batch, device="cuda")
         c = torch.rand(batch, device="cuda")
         key = noise_key(1234, range(batch), 3, 1, device="cuda")
-        nbytes = 4 * sets[0][0].numel() * sets[0][0].element_size()
+        noise = {"philox": {"noise_key": key}, "none": {},
+                 "tensor": {"noise": torch.randn(shape, device="cuda").to(dtype)}}[args.noise]
+        nbytes = (4 + (args.noise == "tensor")) * sets[0][0].numel() * sets[0][0].element_size()
         copies = [(torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda").random_(),
                    torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")) for _ in range(CALLS_PER_GRAPH)]
         same_size_copy = _per_call([lambda s=s, d=d: d.copy_(s) for s, d in copies])["median_ms"]
         for backend in args.backends:
             if backend == "reference" and batch not in (1, 8):
                 continue  # eager PyTorch with emulated Philox: shown for scale only
-            calls = [lambda x=x, m=m: sampler_step(x, m, a, b, c, noise_key=key, backend=backend) for x, m in sets]
+            calls = [lambda x=x, m=m: sampler_step(x, m, a, b, c, backend=backend, **noise) for x, m in sets]
             t = _per_call(calls)
             single = time_ms(_graphed(calls[:1]))["median_ms"]
             eager = time_ms(calls[0])["median_ms"]
@@ -85,9 +89,9 @@ def main() -> None:
     print_table(rows, ["batch", "backend", "median_us", "p20_us", "p80_us", "MB", "GB/s", "frac_copy_bw",
                        "same_size_copy_us", "frac_same_size_copy", "single_replay_us", "eager_call_us"])
     write_result(
-        "sampler_step",
-        {"latent_per_sequence": list(LATENT), "dtype": args.dtype, "noise": "philox", "return_mu": True,
-         "bytes": "read x, m; write x_next, mu",
+        "sampler_step" if args.noise == "philox" else f"sampler_step_noise_{args.noise}",
+        {"latent_per_sequence": list(LATENT), "dtype": args.dtype, "noise": args.noise, "return_mu": True,
+         "bytes": "read x, m (and noise with --noise tensor); write x_next, mu",
          "timing": f"per call: triton.testing.do_bench median of a CUDA graph of {CALLS_PER_GRAPH} back-to-back "
                    f"calls on distinct buffers / {CALLS_PER_GRAPH}; single_replay_us: a graph of one call "
                    "(includes ~5 us graph-launch and event overhead); eager_call_us: the Python call"},
