@@ -384,7 +384,7 @@ def chunk_attention(
     cfg = plan.config
     if cfg.kv_load == "tma" and (k_pages.data_ptr() % 16 or v_pages.data_ptr() % 16):
         raise ValueError(f"{OP}: kv_load='tma' needs 16-byte aligned 'k_pages' and 'v_pages' (TMA descriptors)")
-    o, lse = torch.ops.spiral_rt.chunk_attention(
+    o, lse = dispatch.invoke(_chunk_attention_op, _chunk_attention_impl, 
         q, k_pages, v_pages, plan.q_indptr, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, plan.work,
         float(sm_scale), cfg.num_splits, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.hoist_pages,
         cfg.warp_specialize, plan.tile_rows, plan.left_rows, chosen)
@@ -418,8 +418,7 @@ def chunk_attention_shared_prefix(
 # ------------------------------------------------------------------ torch.library registration
 
 
-@torch.library.custom_op("spiral_rt::chunk_attention", mutates_args=())
-def _chunk_attention_op(
+def _chunk_attention_impl(
     q: torch.Tensor,
     k_pages: torch.Tensor,
     v_pages: torch.Tensor,
@@ -457,6 +456,9 @@ def _chunk_attention_op(
                            sm_scale, num_splits, block_m, block_n, num_warps, num_stages, hoist_pages,
                            warp_specialize, tile_rows, left_rows)
     return o, lse
+
+
+_chunk_attention_op = torch.library.custom_op("spiral_rt::chunk_attention", _chunk_attention_impl, mutates_args=())
 
 
 @_chunk_attention_op.register_fake

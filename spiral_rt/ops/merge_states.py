@@ -63,15 +63,14 @@ def merge_states(
     dispatch.check_tensor(OP, "o_b", o_b, shape=o_a.shape, dtypes=(o_a.dtype,), device=device)
     dispatch.check_tensor(OP, "lse_b", lse_b, shape=o_a.shape[:-1], dtypes=(torch.float32,), device=device)
     chosen = dispatch.select_backend(OP, device, IMPLEMENTED, backend)
-    o, lse = torch.ops.spiral_rt.merge_states(o_a, lse_a, o_b, lse_b, chosen)
+    o, lse = dispatch.invoke(_merge_states_op, _merge_states_impl, o_a, lse_a, o_b, lse_b, chosen)
     return AttentionState(o, lse)
 
 
 # ------------------------------------------------------------------ torch.library registration
 
 
-@torch.library.custom_op("spiral_rt::merge_states", mutates_args=())
-def _merge_states_op(
+def _merge_states_impl(
     o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "reference":
@@ -81,6 +80,9 @@ def _merge_states_op(
     if o.numel():
         _run_triton(o_a, lse_a, o_b, lse_b, o, lse)
     return o, lse
+
+
+_merge_states_op = torch.library.custom_op("spiral_rt::merge_states", _merge_states_impl, mutates_args=())
 
 
 @_merge_states_op.register_fake

@@ -82,15 +82,14 @@ def modulated_norm(
     if out_dtype not in FLOAT_DTYPES:
         raise ValueError(f"{OP}: argument 'out_dtype' must be one of bfloat16, float16, float32, got {out_dtype}")
     chosen = dispatch.select_backend(OP, device, IMPLEMENTED, backend)
-    y, x_new = torch.ops.spiral_rt.modulated_norm(x, shift, scale, gate, branch, float(eps), out_dtype, chosen)
+    y, x_new = dispatch.invoke(_modulated_norm_op, _modulated_norm_impl, x, shift, scale, gate, branch, float(eps), out_dtype, chosen)
     return ModulatedNormResult(y, x_new if gate is not None else None)
 
 
 # ------------------------------------------------------------------ torch.library registration
 
 
-@torch.library.custom_op("spiral_rt::modulated_norm", mutates_args=())
-def _modulated_norm_op(
+def _modulated_norm_impl(
     x: torch.Tensor,
     shift: torch.Tensor,
     scale: torch.Tensor,
@@ -110,6 +109,9 @@ def _modulated_norm_op(
 
         kernel.modulated_norm(x, shift, scale, gate, branch, y, x_new, shift.shape[1], eps)
     return y, (x_new if x_new is not None else x.new_empty(0))
+
+
+_modulated_norm_op = torch.library.custom_op("spiral_rt::modulated_norm", _modulated_norm_impl, mutates_args=())
 
 
 @_modulated_norm_op.register_fake

@@ -134,7 +134,7 @@ def qk_norm_rope_kv_write(
             raise ValueError(f"{OP}: argument 'slot_mapping' holds slot {hi}, but the pages have only {num_slots} slots "
                              f"({k_pages.shape[0]} pages x {k_pages.shape[1]})")
     chosen = dispatch.select_backend(OP, device, IMPLEMENTED, backend)
-    return torch.ops.spiral_rt.qk_norm_rope_kv_write(
+    return dispatch.invoke(_qk_norm_rope_kv_write_op, _qk_norm_rope_kv_write_impl, 
         q, k, v, q_norm_weight, k_norm_weight, k_pages, v_pages, slot_mapping, cu_seqlens, frame_offsets,
         frame_index, int(frame_offset), int(grid_hw[0]), int(grid_hw[1]), float(eps), chosen)
 
@@ -142,8 +142,7 @@ def qk_norm_rope_kv_write(
 # ------------------------------------------------------------------ torch.library registration
 
 
-@torch.library.custom_op("spiral_rt::qk_norm_rope_kv_write", mutates_args=("k_pages", "v_pages"))
-def _qk_norm_rope_kv_write_op(
+def _qk_norm_rope_kv_write_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -180,6 +179,9 @@ def _qk_norm_rope_kv_write_op(
                                      k_pages, v_pages, slot_mapping, cu_seqlens, frame_offsets, frame_offset,
                                      grid_h, grid_w, d_t // 2, d_h // 2, eps, frame_index=frame_index)
     return q_out
+
+
+_qk_norm_rope_kv_write_op = torch.library.custom_op("spiral_rt::qk_norm_rope_kv_write", _qk_norm_rope_kv_write_impl, mutates_args=("k_pages", "v_pages"))
 
 
 @_qk_norm_rope_kv_write_op.register_fake

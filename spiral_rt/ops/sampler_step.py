@@ -107,10 +107,8 @@ def sampler_step(
         dispatch.check_tensor(OP, "noise_key", noise_key, shape=(num_seqs, 4), dtypes=(torch.int64,), device=device)
     chosen = dispatch.select_backend(OP, device, IMPLEMENTED, backend)
     count = x[0].numel() if num_seqs else 0
-    # Eager calls skip the custom-op dispatcher (tens of microseconds a call); torch.compile
-    # traces the registered op.
-    run = torch.ops.spiral_rt.sampler_step if torch.compiler.is_compiling() else _sampler_step_impl
-    x_next, mu, sq_sum = run(x, m, a, b, c, noise, noise_key, return_mu, chosen)
+    x_next, mu, sq_sum = dispatch.invoke(_sampler_step_op, _sampler_step_impl, x, m, a, b, c, noise, noise_key,
+                                         return_mu, chosen)
     return SamplerStepResult(x_next, mu if return_mu else None, sq_sum, count)
 
 
