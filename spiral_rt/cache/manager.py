@@ -310,6 +310,10 @@ class PagedKVCache:
         """Committed frames of ``seq_id`` (frames of an open plan not included)."""
         return self._seq(seq_id, "num_frames").state.num_frames
 
+    def policy(self, seq_id: int) -> CachePolicy:
+        """The cache policy of ``seq_id`` (global, or sink + window)."""
+        return self._seq(seq_id, "policy").policy
+
     def page_table(self, seq_id: int) -> list[int]:
         """A copy of the sequence's page table (logical page -> page id, EVICTED where evicted)."""
         return list(self._seq(seq_id, "page_table").state.pages)

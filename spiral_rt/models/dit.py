@@ -143,8 +143,15 @@ class RotaryEmbedding3D:
         self.inv_freq = [
             (1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d)).float() for d in self.split
         ]
+        self._inv_freq_on: dict[torch.device, list[torch.Tensor]] = {}
         self.max_cached = max_cached
         self._cache: OrderedDict = OrderedDict()
+
+    def _inv_freq(self, device) -> list[torch.Tensor]:
+        device = torch.device(device)
+        if device not in self._inv_freq_on:
+            self._inv_freq_on[device] = [f.to(device) for f in self.inv_freq]
+        return self._inv_freq_on[device]
 
     def tables(self, frame_offset: int, frames: int, height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape (L, 1, head_dim / 2), L = frames * height * width (frame-major tokens)."""
@@ -153,22 +160,35 @@ class RotaryEmbedding3D:
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
-        inv_t, inv_h, inv_w = (f.to(device) for f in self.inv_freq)
         pos_t = torch.arange(frame_offset, frame_offset + frames, device=device, dtype=torch.float32)
-        ang_t = torch.outer(pos_t, inv_t)[:, None, None, :].expand(frames, height, width, -1)
-        ang_h = torch.outer(torch.arange(height, device=device, dtype=torch.float32), inv_h)[None, :, None, :]
-        ang_w = torch.outer(torch.arange(width, device=device, dtype=torch.float32), inv_w)[None, None, :, :]
-        ang = torch.cat([ang_t, ang_h.expand(frames, height, width, -1), ang_w.expand(frames, height, width, -1)], -1)
-        ang = ang.reshape(frames * height * width, 1, -1)
-        out = (ang.cos(), ang.sin())
+        out = self.tables_at(pos_t[None], height, width)
+        out = (out[0][0], out[1][0])
         self._cache[key] = out
         if len(self._cache) > self.max_cached:
             self._cache.popitem(last=False)
         return out
 
+    def tables_at(self, positions: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (B, L, 1, head_dim / 2) for per-sequence frame positions (B, F).
+
+        Not cached: the positions are a device tensor (e.g. a KV-cache plan's), so sessions at
+        different positions, or non-consecutive frames, share one forward without a host sync.
+        """
+        device = positions.device
+        inv_t, inv_h, inv_w = self._inv_freq(device)
+        B, frames = positions.shape
+        pos_t = positions.to(torch.float32)
+        ang_t = (pos_t[..., None] * inv_t)[:, :, None, None, :].expand(B, frames, height, width, -1)
+        ang_h = torch.outer(torch.arange(height, device=device, dtype=torch.float32), inv_h)[None, None, :, None, :]
+        ang_w = torch.outer(torch.arange(width, device=device, dtype=torch.float32), inv_w)[None, None, None, :, :]
+        ang = torch.cat([ang_t, ang_h.expand(B, frames, height, width, -1), ang_w.expand(B, frames, height, width, -1)], -1)
+        ang = ang.reshape(B, frames * height * width, 1, -1)
+        return ang.cos(), ang.sin()
+
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive channel pairs of x (B, L, H, D) by the angles of cos/sin (L, 1, D/2), in fp32."""
+    """Rotate consecutive channel pairs of x (B, L, H, D) by the angles of cos/sin, (L, 1, D/2) or
+    (B, L, 1, D/2), in fp32."""
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
@@ -280,8 +300,14 @@ class CausalWanDiT(nn.Module):
             raise ValueError(
                 f"CausalWanDiT: 'timesteps' must be (B, F) = ({B}, {frames}) (one t per latent frame) or ({B},), got {shape}"
             )
-        if isinstance(frame_offset, bool) or not isinstance(frame_offset, int) or frame_offset < 0:
-            raise ValueError(f"CausalWanDiT: 'frame_offset' must be a non-negative int, got {frame_offset!r}")
+        if isinstance(frame_offset, torch.Tensor):
+            if tuple(frame_offset.shape) != (B, frames) or frame_offset.is_floating_point() or frame_offset.device != x.device:
+                raise ValueError(
+                    f"CausalWanDiT: 'frame_offset' as a tensor must be integer (B, F) = ({B}, {frames}) frame positions "
+                    f"on {x.device}, got {frame_offset.dtype} {tuple(frame_offset.shape)} on {frame_offset.device}"
+                )
+        elif isinstance(frame_offset, bool) or not isinstance(frame_offset, int) or frame_offset < 0:
+            raise ValueError(f"CausalWanDiT: 'frame_offset' must be a non-negative int or a (B, F) tensor, got {frame_offset!r}")
         if not isinstance(text, TextConditioning):
             raise ValueError(
                 f"CausalWanDiT: 'text' must be a TextConditioning (from model.encode_text), got {type(text).__name__}"
@@ -297,7 +323,7 @@ class CausalWanDiT(nn.Module):
         self,
         x: torch.Tensor,
         timesteps: torch.Tensor,
-        frame_offset: int,
+        frame_offset: int | torch.Tensor,
         attention: AttentionContext | None,
         text: TextConditioning,
     ) -> torch.Tensor:
@@ -306,7 +332,9 @@ class CausalWanDiT(nn.Module):
         Args:
             x: (B, C, F, H, W) latents of this chunk.
             timesteps: (B, F) one t in [0, 1000] per latent frame (or (B,): the same t for every frame).
-            frame_offset: temporal RoPE position of the chunk's first frame (frames before it in the video).
+            frame_offset: temporal RoPE position of the chunk's first frame (frames before it in the video),
+                or a (B, F) integer tensor of each sequence's frame positions (sequences batched at
+                different positions; non-consecutive frames, e.g. a re-cache over sink + window).
             attention: the KV-cache view for this forward; None = attention over this chunk only.
             text: the prompt's ``TextConditioning`` (batch 1 broadcasts over B).
         Returns:
@@ -333,7 +361,10 @@ class CausalWanDiT(nn.Module):
         e = self.time_embedding(timestep_embedding(timesteps, cfg.freq_dim).to(t_dtype)).float()
         e0 = self.time_projection(e.to(t_dtype)).float().unflatten(-1, (6, cfg.dim))
 
-        cos, sin = self.rope.tables(frame_offset, frames, h, w, x.device)
+        if isinstance(frame_offset, torch.Tensor):
+            cos, sin = self.rope.tables_at(frame_offset, h, w)
+        else:
+            cos, sin = self.rope.tables(frame_offset, frames, h, w, x.device)
 
         for i, block in enumerate(self.blocks):
             tokens = self._block(i, block, tokens, e0, cos, sin, attention, text, frames, tokens_per_frame)

@@ -157,6 +157,35 @@ def test_scalar_timesteps_and_text_broadcast(tiny_cfg):
 
 
 @torch.no_grad()
+def test_frame_positions_tensor_equals_offsets_per_sequence(tiny_cfg):
+    """A (B, F) position tensor: consecutive positions equal the int offset; sequences at
+    different (and non-consecutive) positions equal separate calls."""
+    model = _model(tiny_cfg)
+    x = torch.randn(3, 4, 2, 4, 6)
+    t = torch.rand(3, 2) * 1000
+    text = _text(model, 3)
+    as_int = model(x, t, 7, None, text)
+    as_tensor = model(x, t, torch.tensor([[7, 8]] * 3), None, text)
+    assert rel_err(as_tensor, as_int) <= 1e-6
+    positions = torch.tensor([[0, 1], [5, 6], [2, 9]])
+    mixed = model(x, t, positions, None, text)
+    for b, (p0, p1) in enumerate(positions.tolist()):
+        one = _text(model, 1)
+        one.context, one.cross_k, one.cross_v = (text.context[b:b + 1], [k[b:b + 1] for k in text.cross_k],
+                                                 [v[b:b + 1] for v in text.cross_v])
+        if p1 == p0 + 1:
+            alone = model(x[b:b + 1], t[b:b + 1], p0, None, one)
+        else:
+            alone = model(x[b:b + 1], t[b:b + 1], positions[b:b + 1], None, one)
+            assert rel_err(alone, model(x[b:b + 1], t[b:b + 1], p0, None, one)) > 1e-4  # position 9 != 3
+        assert rel_err(mixed[b:b + 1], alone) <= 1e-6
+    with pytest.raises(ValueError, match="'frame_offset' as a tensor"):
+        model(x, t, torch.zeros(3, 3, dtype=torch.int64), None, text)
+    with pytest.raises(ValueError, match="'frame_offset' as a tensor"):
+        model(x, t, positions.float(), None, text)
+
+
+@torch.no_grad()
 def test_per_frame_timesteps_modulate_their_frame_only(tiny_cfg):
     """With block-causal attention of 1-frame blocks, changing frame 2's t leaves frames 0, 1 unchanged."""
     model = _model(tiny_cfg)

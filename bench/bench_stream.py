@@ -1,0 +1,279 @@
+"""Streaming benchmark of spiral_rt.engine (issue 5, DESIGN §4): Wan2.1-1.3B config, random weights,
+832x480 (latents 60x104), Self-Forcing's 4 steps + the clean pass, bf16, text embeddings precomputed.
+
+Parts (``--parts a,b,c``):
+  a  81 frames (21 latent frames, global cache): end-to-end FPS incl. streaming VAE decode, time to
+     the first decoded frames, DiT-only FPS (output="latents"), peak memory, per-stage breakdown,
+     fraction of the roofline (1.6 s for 81 frames, DESIGN §4);
+  b  LongLive: window 12 + sink 3, 477 frames (40 chunks), a prompt switch every 120 frames (10
+     chunks, with KV re-cache): FPS, stall per switch (switch chunk minus the median chunk), peak
+     memory after 81 frames vs after 477 frames;
+  c  1, 2, 4, 8 concurrent streams of 81 frames batched by Engine.step(): aggregate FPS and
+     per-stream chunk latency.
+
+Timing: CUDA events around each engine step (the decoded frames' stream dependency included), after
+warm-up videos (with --graphs the first video runs eagerly, the second captures, later ones replay);
+medians over --repeats videos. ``--smoke`` runs every part on the CPU with a tiny model so the script
+is known to run; it writes bench/results/stream_smoke.json instead of stream.json.
+``--profile PATH`` writes a torch.profiler trace of one part-(a) video.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table, write_result  # noqa: E402
+
+from spiral_rt.cache import GlobalPolicy, SinkWindowPolicy  # noqa: E402
+from spiral_rt.engine import Engine, EngineConfig, PromptSpan  # noqa: E402
+from spiral_rt.models.config import tiny_test, wan21_t2v_1_3b  # noqa: E402
+from spiral_rt.models.dit import build_dit  # noqa: E402
+from spiral_rt.models.vae import build_vae_decoder, tiny_vae, wan21_vae  # noqa: E402
+
+ROOFLINE_81_S = 1.6  # DESIGN §4: 81 frames end to end on the H100
+
+
+class Clock:
+    """CUDA events on the GPU (read after one sync), perf_counter on the CPU."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def ms(self, a, b) -> float:
+        if self.cuda:
+            b.synchronize()
+            return a.elapsed_time(b)
+        return (b - a) * 1e3
+
+
+def video_frames(latent_frames: int) -> int:
+    return 1 + 4 * (latent_frames - 1)
+
+
+def run_video(engine, clock, num_chunks, prompts, seed=0):
+    """One stream: returns per-chunk ms (chunk i = step i incl. its frames), total ms, and video frames."""
+    s = engine.open_session(prompts, seed=seed, max_chunks=num_chunks)
+    marks = [clock.mark()]
+    frames = 0
+    for _ in range(num_chunks):
+        out = engine.step([s])[s.session_id]
+        f = out.frames
+        frames += f.shape[0] if f is not None else 0
+        marks.append(clock.mark())
+    per = [clock.ms(marks[i], marks[i + 1]) for i in range(num_chunks)]
+    total = clock.ms(marks[0], marks[-1])
+    s.close()
+    return per, total, frames
+
+
+def run_streams(engine, clock, num_streams, num_chunks, prompts):
+    sessions = [engine.open_session(prompts, seed=i, max_chunks=num_chunks) for i in range(num_streams)]
+    marks = [clock.mark()]
+    for _ in range(num_chunks):
+        outs = engine.step(sessions)
+        for o in outs.values():
+            o.frames
+        marks.append(clock.mark())
+    per = [clock.ms(marks[i], marks[i + 1]) for i in range(num_chunks)]
+    total = clock.ms(marks[0], marks[-1])
+    for s in sessions:
+        s.close()
+    return per, total
+
+
+def make_engine(model, vae, args, *, policy, output="uint8", timing=False, kv_frames=None, recache=False):
+    cfg = EngineConfig(
+        latent_size=args.latent_hw, chunk_frames=3, policy=policy, output=output, timing=timing,
+        cuda_graphs=args.graphs, vae_side_stream=True, recache_on_switch=recache, latent_dtype=torch.float32,
+        kv_num_pages=kv_frames, device=args.device, max_batch_size=8,
+    )
+    return Engine(model, vae, cfg)
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def reset_peak():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def free(*objs):
+    for o in objs:
+        if o is not None:
+            o.close()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def part_a(model, vae, args, clock, prompt, rows, extra):
+    n = args.chunks_81
+    latent = n * 3
+    eng = make_engine(model, vae, args, policy=GlobalPolicy(), kv_frames=latent + 3)
+    for _ in range(args.warmup):
+        run_video(eng, clock, n, prompt)
+    reset_peak()
+    runs = [run_video(eng, clock, n, prompt) for _ in range(args.repeats)]
+    peak = peak_gib()
+    totals = sorted(r[1] for r in runs)
+    frames = runs[0][2]
+    med = statistics.median(totals)
+    ttff = statistics.median(r[0][0] for r in runs)
+    if args.profile:
+        with eng.profile(args.profile):
+            run_video(eng, clock, n, prompt)
+    free(eng)
+    timed = make_engine(model, vae, args, policy=GlobalPolicy(), kv_frames=latent + 3, timing=True)
+    for _ in range(args.warmup):
+        run_video(timed, clock, n, prompt)
+    timed.stage_times(reset=True)
+    run_video(timed, clock, n, prompt)
+    stages = timed.stage_times()
+    free(timed)
+    dit = make_engine(model, None, args, policy=GlobalPolicy(), output="latents", kv_frames=latent + 3)
+    for _ in range(args.warmup):
+        run_video(dit, clock, n, prompt)
+    dit_ms = statistics.median(run_video(dit, clock, n, prompt)[1] for _ in range(args.repeats))
+    free(dit)
+    row = {
+        "part": "a", "setting": f"{frames} frames, global cache", "fps": frames / (med / 1e3),
+        "fps_p20": frames / (totals[int(0.8 * (len(totals) - 1))] / 1e3), "fps_p80": frames / (totals[int(0.2 * (len(totals) - 1))] / 1e3),
+        "first_frames_ms": ttff, "dit_fps": frames / (dit_ms / 1e3), "peak_gib": peak,
+        "roofline_fraction": (ROOFLINE_81_S * 1e3 / med) if not args.smoke else float("nan"),
+    }
+    rows.append(row)
+    extra["stages_81"] = {k: {"count": v["count"], "total_ms": round(v["total_ms"], 3), "median_ms": round(v["median_ms"], 3)}
+                          for k, v in stages.items()}
+    print_table([{"stage": k, **{kk: (round(vv, 3) if isinstance(vv, float) else vv) for kk, vv in v.items()}}
+                 for k, v in extra["stages_81"].items()], ["stage", "count", "total_ms", "median_ms"])
+
+
+def part_b(model, vae, args, clock, prompts, rows, extra):
+    n, every = args.chunks_long, args.switch_every
+    sink, window = args.sink_window
+    spans = []
+    for i in range(0, n, every):
+        spans.append(PromptSpan(prompts[(i // every) % len(prompts)], min(every, n - i)))
+    pol = SinkWindowPolicy(sink_frames=sink, window_frames=window)
+    eng = make_engine(model, vae, args, policy=pol, kv_frames=sink + window + 6, recache=True)
+    warm = spans[:2] if len(spans) > 1 else spans
+    for _ in range(args.warmup):
+        run_video(eng, clock, min(n, 2 * every), warm)
+    reset_peak()
+    s = eng.open_session(spans, max_chunks=n)
+    marks = [clock.mark()]
+    frames, peak_81 = 0, None
+    for c in range(n):
+        out = eng.step([s])[s.session_id]
+        frames += out.frames.shape[0]
+        marks.append(clock.mark())
+        if c == args.chunks_81 - 1 and torch.cuda.is_available():
+            torch.cuda.synchronize()
+            peak_81 = peak_gib()
+    per = [clock.ms(marks[i], marks[i + 1]) for i in range(n)]
+    total = clock.ms(marks[0], marks[-1])
+    peak_end = peak_gib()
+    s.close()
+    free(eng)
+    switch_chunks = list(range(every, n, every))
+    steady = statistics.median(p for i, p in enumerate(per) if i not in switch_chunks and i > 0)
+    stalls = [per[i] - steady for i in switch_chunks]
+    rows.append({
+        "part": "b", "setting": f"{frames} frames, sink {sink} + window {window}, switch every {every} chunks",
+        "fps": frames / (total / 1e3), "chunk_ms": steady, "stall_ms": statistics.median(stalls) if stalls else float("nan"),
+        "stall_max_ms": max(stalls) if stalls else float("nan"),
+        "peak_gib_81": peak_81 if peak_81 is not None else float("nan"), "peak_gib": peak_end,
+    })
+    extra["long_chunk_ms"] = [round(p, 3) for p in per]
+
+
+def part_c(model, vae, args, clock, prompt, rows, extra):
+    n = args.chunks_81
+    for streams in args.streams:
+        eng = make_engine(model, vae, args, policy=GlobalPolicy(), kv_frames=streams * (n * 3 + 3))
+        for _ in range(args.warmup):
+            run_streams(eng, clock, streams, n, prompt)
+        runs = [run_streams(eng, clock, streams, n, prompt) for _ in range(args.repeats)]
+        free(eng)
+        total = statistics.median(r[1] for r in runs)
+        per_chunk = statistics.median(p for r in runs for p in r[0])
+        frames = video_frames(n * 3) * streams
+        rows.append({"part": "c", "setting": f"{streams} stream(s) x {video_frames(n * 3)} frames", "streams": streams,
+                     "fps": frames / (total / 1e3), "per_stream_fps": frames / streams / (total / 1e3),
+                     "chunk_latency_ms": per_chunk, "first_frames_ms": statistics.median(r[0][0] for r in runs)})
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks that the script runs)")
+    ap.add_argument("--parts", default="a,b,c", help="comma-separated parts to run (a, b, c)")
+    ap.add_argument("--no-graphs", dest="graphs", action="store_false", help="run eagerly (no CUDA graphs)")
+    ap.add_argument("--warmup", type=int, default=2, help="warm-up videos per configuration")
+    ap.add_argument("--repeats", type=int, default=3, help="timed videos per configuration")
+    ap.add_argument("--streams", default="1,2,4,8", help="stream counts of part c")
+    ap.add_argument("--name", default=None, help="result name (bench/results/<name>.json); default stream / stream_smoke")
+    ap.add_argument("--profile", default=None, help="write a torch.profiler trace of one part-a video here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    args.streams = [int(s) for s in args.streams.split(",")]
+    parts = set(args.parts.split(","))
+    if args.smoke:
+        args.device = "cpu"
+        args.latent_hw = (4, 6)
+        args.chunks_81, args.chunks_long, args.switch_every, args.sink_window = 3, 8, 3, (3, 6)
+        args.warmup, args.repeats = 1, 1
+        args.streams = [s for s in args.streams if s <= 2]
+        args.graphs = False
+        dcfg = tiny_test(num_layers=2, dim=128, num_heads=2, ffn_dim=256, text_dim=64, freq_dim=32, in_channels=16)
+        dtype, vcfg, text_len = torch.float32, tiny_vae(base_dim=8), 16
+        name = "stream_smoke"
+    else:
+        if not torch.cuda.is_available():
+            ap.error("needs a CUDA GPU (or --smoke)")
+        args.device = "cuda"
+        args.latent_hw = (60, 104)
+        args.chunks_81, args.chunks_long, args.switch_every, args.sink_window = 7, 40, 10, (3, 12)
+        dcfg, dtype, vcfg, text_len = wan21_t2v_1_3b(), torch.bfloat16, wan21_vae(), 512
+        name = "stream"
+    torch.manual_seed(0)
+    model = build_dit(dcfg, device=args.device, dtype=dtype)
+    vae = build_vae_decoder(vcfg, device=args.device, dtype=dtype)
+    prompts = [torch.randn(text_len, dcfg.text_dim, device=args.device, dtype=dtype) * 0.1 for _ in range(2)]
+    clock = Clock(args.device == "cuda")
+    rows, extra = [], {}
+    with torch.inference_mode():
+        if "a" in parts:
+            part_a(model, vae, args, clock, prompts[0], rows, extra)
+        if "b" in parts:
+            part_b(model, vae, args, clock, prompts, rows, extra)
+        if "c" in parts:
+            part_c(model, vae, args, clock, prompts[0], rows, extra)
+    print_table(rows, ["part", "setting", "fps", "first_frames_ms", "dit_fps", "chunk_ms", "stall_ms", "peak_gib_81",
+                       "peak_gib", "chunk_latency_ms", "per_stream_fps", "roofline_fraction"])
+    settings = {"model": dcfg.name, "latent_hw": list(args.latent_hw), "steps": 4, "clean_pass": True,
+                "dtype": str(dtype).replace("torch.", ""), "cuda_graphs": args.graphs, "warmup": args.warmup,
+                "repeats": args.repeats, "parts": sorted(parts), "smoke": args.smoke}
+    write_result(args.name or name, settings, rows, extra)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""The DiT's attention context over the paged KV cache: K/V writes and chunk attention per layer.
+
+Role: the glue between ``spiral_rt.models.attention.AttentionContext`` (what the DiT calls once per
+layer with q, k, v of shape (B, L, H, D), already qk-normed and rotated) and the paged cache
+(``spiral_rt.cache.PagedKVCache`` + one ``ChunkPlan``). Per layer it
+
+1. scatters this forward's k, v into the pool rows ``plan.device.write_slots`` (the chunk's own
+   reserved slots for an append plan, the rewritten frames' slots for a rewrite plan), then
+2. runs ``spiral_rt.ops.chunk_attention`` of the B sequences' queries over their page lists
+   (sink/window/history pages, then the chunk's own pages), varlen over sequences.
+
+Denoising steps write into the chunk's *reserved, uncommitted* slots only: they are scratch until
+the clean pass overwrites them and the engine commits the plan, so committed context is never
+changed by a denoising step (this is why a forward at any step can read its own chunk through the
+same page lists). A context built with ``write=False`` skips the scatter (the slots must then
+already hold this forward's K/V; only useful for tests and graph replays that rewrite elsewhere).
+
+Plan once, run many: ``build_attention_plan`` turns a ``ChunkPlan``'s host tables into the op's
+``ChunkAttentionPlan`` once per chunk; every layer, denoising step and the clean pass reuse it.
+It plans on the host and uploads all tables in one pinned, non-blocking copy (no host sync).
+
+RoPE positions: the DiT takes per-sequence frame positions as a (B, F) tensor, the plan's
+``q_frame_idx`` (``plan_positions``), so sequences at different positions share one DiT call and
+a rewrite plan's non-consecutive frames (sink + window) keep their absolute positions.
+
+Boundaries: no scheduling, sampling or decoding here (``spiral_rt.engine.engine``); no page
+bookkeeping (``spiral_rt.cache``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from spiral_rt.cache import ChunkPlan, PagedKVCache
+from spiral_rt.ops import AttentionConfig, ChunkAttentionPlan, chunk_attention, plan_chunk_attention
+
+logger = logging.getLogger(__name__)
+
+_NUM_SMS: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # what plan_chunk_attention assumes off the GPU
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _NUM_SMS:
+        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _NUM_SMS[index]
+
+
+def _upload_int32(tensors: dict[str, torch.Tensor | None], device: torch.device) -> dict[str, torch.Tensor | None]:
+    """Copy int32 host tensors to ``device`` in one pinned, non-blocking transfer (views of one buffer)."""
+    present = {k: t for k, t in tensors.items() if t is not None}
+    flat = torch.cat([t.reshape(-1) for t in present.values()])
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    out: dict[str, torch.Tensor | None] = dict.fromkeys(tensors)
+    offset = 0
+    for name, t in present.items():
+        out[name] = flat[offset: offset + t.numel()].view(t.shape)
+        offset += t.numel()
+    return out
+
+
+def build_attention_plan(
+    cache: PagedKVCache,
+    plan: ChunkPlan,
+    *,
+    dtype: torch.dtype | None = None,
+    config: AttentionConfig | None = None,
+) -> ChunkAttentionPlan:
+    """The ``chunk_attention`` plan of one cache plan, built on the host and uploaded without a sync.
+
+    Args:
+        cache: the cache whose pool the attention reads (page count, page size, heads, head dim).
+        plan: from ``cache.plan_chunk`` / ``cache.plan_rewrite``.
+        dtype: dtype of q and the pages; default the pool's.
+        config: kernel config (default: chosen by shape, see ``spiral_rt.ops.chunk_attention``).
+    """
+    if not isinstance(plan, ChunkPlan):
+        raise ValueError(f"build_attention_plan: 'plan' must be a ChunkPlan, got {type(plan).__name__}")
+    cfg = cache.config
+    dtype = dtype or cfg.dtype
+    host = plan.host
+    # Workaround: plan_chunk_attention(device=cuda) copies each table with a blocking .to(device)
+    # (a host sync per chunk); planning for the CPU and uploading here keeps the loop sync-free.
+    host_plan = plan_chunk_attention(
+        host.q_indptr, host.kv_indptr, host.kv_indices, host.kv_last_page_len,
+        page_size=cache.page_size, num_pages=cache.num_pages, num_qo_heads=cfg.num_heads, head_dim=cfg.head_dim,
+        num_kv_heads=cfg.num_heads, dtype=dtype, device="cpu", config=config, num_sms=_num_sms(cache.device),
+    )
+    if cache.device.type == "cpu":
+        return host_plan
+    names = ("q_indptr", "kv_indptr", "kv_indices", "kv_last_page_len", "work", "tile_rows", "left_rows")
+    uploaded = _upload_int32({n: getattr(host_plan, n) for n in names}, cache.device)
+    fields = {n: uploaded[n] for n in names}
+    return dataclasses.replace(host_plan, device=cache.device, **fields)
+
+
+class PagedAttentionContext:
+    """``AttentionContext`` over a ``PagedKVCache`` and one ``ChunkPlan`` (module docstring).
+
+    Args:
+        cache: the pool (``cache.kv`` of shape (num_layers, 2, num_pages, page_size, H, D)).
+        plan: the chunk's cache plan; its sequences' queries must have equal lengths (the DiT runs
+            them as one (B, L) batch) and appear in plan order.
+        attention_plan: from ``build_attention_plan(cache, plan)``; built here when None.
+        write: scatter each forward's k, v into ``plan.device.write_slots`` before attending.
+        backend: ``chunk_attention`` backend ("reference", "triton", or None/"auto").
+        sm_scale: softmax scale (default 1/sqrt(D), what the model's SDPA uses).
+    """
+
+    def __init__(self, cache: PagedKVCache, plan: ChunkPlan, attention_plan: ChunkAttentionPlan | None = None, *,
+                 write: bool = True, backend: str | None = None, sm_scale: float | None = None):
+        if not isinstance(cache, PagedKVCache):
+            raise ValueError(f"PagedAttentionContext: 'cache' must be a PagedKVCache, got {type(cache).__name__}")
+        if not isinstance(plan, ChunkPlan):
+            raise ValueError(f"PagedAttentionContext: 'plan' must be a ChunkPlan, got {type(plan).__name__}")
+        q_lens = {c * plan.tokens_per_frame for c in plan.num_q_frames}
+        if len(q_lens) != 1:
+            raise ValueError(f"PagedAttentionContext: 'plan' has sequences of {sorted(plan.num_q_frames)} query frames; "
+                             "one DiT call needs equal lengths (group sequences by chunk length)")
+        self.cache = cache
+        self.plan = plan
+        self.attention_plan = attention_plan if attention_plan is not None else build_attention_plan(cache, plan)
+        self.write = write
+        self.backend = backend
+        self.sm_scale = sm_scale
+        self.q_len = q_lens.pop()
+        self.write_slots = plan.device.write_slots
+
+    def self_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        B, L, H, D = q.shape
+        if B != self.plan.num_seqs or L != self.q_len:
+            raise ValueError(f"PagedAttentionContext: q is (B, L) = ({B}, {L}); the plan has {self.plan.num_seqs} "
+                             f"sequence(s) of {self.q_len} query tokens")
+        k_pages, v_pages = self.cache.layer(layer)
+        if q.dtype != k_pages.dtype:
+            raise ValueError(f"PagedAttentionContext: q is {q.dtype} but the KV pool is {k_pages.dtype}; "
+                             "build the cache with the model's dtype")
+        if self.write:
+            rows = k_pages.shape[0] * k_pages.shape[1]
+            k_pages.view(rows, H, D).index_copy_(0, self.write_slots, k.reshape(B * L, H, D))
+            v_pages.view(rows, H, D).index_copy_(0, self.write_slots, v.reshape(B * L, H, D))
+        state = chunk_attention(q.reshape(B * L, H, D), k_pages, v_pages, self.attention_plan,
+                                sm_scale=self.sm_scale, backend=self.backend)
+        return state.o.view(B, L, H, D)
+
+
+def plan_positions(frame_idx: torch.Tensor, batch: int) -> torch.Tensor:
+    """A plan's query frame positions (B * F,) as the (B, F) ``frame_offset`` tensor of the DiT."""
+    if frame_idx.dim() != 1 or frame_idx.numel() % batch:
+        raise ValueError(f"plan_positions: 'frame_idx' must be 1-D with a multiple of batch={batch} entries, "
+                         f"got shape {tuple(frame_idx.shape)}")
+    return frame_idx.view(batch, -1)
