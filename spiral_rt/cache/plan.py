@@ -29,6 +29,8 @@ from typing import Literal
 
 import torch
 
+from spiral_rt.transfer import upload_tensors
+
 PlanKind = Literal["append", "rewrite"]
 
 _TABLE_DTYPES = {
@@ -149,43 +151,13 @@ def build_tables(
     )
 
 
-def pack_tables(host: PlanTables, pin_memory: bool = False) -> tuple[torch.Tensor, list[tuple[str, int, int]]]:
-    """Pack the tables into one uint8 buffer, each in an 8-byte aligned section.
-
-    Returns the buffer and its layout [(name, byte offset, element count)] for ``unpack_tables``.
-    """
-    layout, total = [], 0
+def upload(host: PlanTables, device: torch.device, pin_memory: bool) -> PlanTables:
+    """Move all tables to ``device`` in one non-blocking transfer (``spiral_rt.transfer``); on the
+    CPU the host tables are used as they are."""
     for f in fields(host):
         src = getattr(host, f.name)
         if src.dtype != _TABLE_DTYPES[f.name]:
-            raise ValueError(f"pack_tables: {f.name} must be {_TABLE_DTYPES[f.name]}, got {src.dtype}")
-        layout.append((f.name, total, src.numel()))
-        total += (src.numel() * src.element_size() + 7) // 8 * 8
-    buffer = torch.empty(max(total, 8), dtype=torch.uint8, pin_memory=pin_memory)
-    for name, offset, count in layout:
-        dtype = _TABLE_DTYPES[name]
-        buffer[offset : offset + count * dtype.itemsize].view(dtype).copy_(getattr(host, name).reshape(-1))
-    return buffer, layout
-
-
-def unpack_tables(buffer: torch.Tensor, layout: list[tuple[str, int, int]]) -> PlanTables:
-    """Typed views into a packed buffer (on any device), the inverse of ``pack_tables``."""
-    views = {}
-    for name, offset, count in layout:
-        dtype = _TABLE_DTYPES[name]
-        views[name] = buffer[offset : offset + count * dtype.itemsize].view(dtype)
-    return PlanTables(**views)
-
-
-def upload(host: PlanTables, device: torch.device, pin_memory: bool) -> PlanTables:
-    """Move all tables to ``device`` in one transfer.
-
-    Off the CPU the tables are packed into one staging buffer (pinned on CUDA when ``pin_memory``)
-    and copied with one ``non_blocking`` transfer; the device tables are typed views into that one
-    device buffer. The caching host allocator keeps a pinned staging buffer alive until its copy
-    has run, so nothing here waits on the device. On the CPU the host tables are used as they are.
-    """
+            raise ValueError(f"upload: plan table '{f.name}' must be {_TABLE_DTYPES[f.name]}, got {src.dtype}")
     if device.type == "cpu":
         return host
-    buffer, layout = pack_tables(host, pin_memory=pin_memory and device.type == "cuda")
-    return unpack_tables(buffer.to(device, non_blocking=True), layout)
+    return PlanTables(**upload_tensors({f.name: getattr(host, f.name) for f in fields(host)}, device, pin_memory))

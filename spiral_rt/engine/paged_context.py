@@ -17,7 +17,7 @@ already hold this forward's K/V; only useful for tests and graph replays that re
 
 Plan once, run many: ``build_attention_plan`` turns a ``ChunkPlan``'s host tables into the op's
 ``ChunkAttentionPlan`` once per chunk; every layer, denoising step and the clean pass reuse it.
-It plans on the host and uploads all tables in one pinned, non-blocking copy (no host sync).
+The op plans on the host and uploads all tables in one pinned, non-blocking copy (no host sync).
 
 RoPE positions: the DiT takes per-sequence frame positions as a (B, F) tensor, the plan's
 ``q_frame_idx`` (``plan_positions``), so sequences at different positions share one DiT call and
@@ -29,7 +29,6 @@ bookkeeping (``spiral_rt.cache``).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import torch
@@ -49,20 +48,6 @@ def _num_sms(device: torch.device) -> int:
     if index not in _NUM_SMS:
         _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _NUM_SMS[index]
-
-
-def _upload_int32(tensors: dict[str, torch.Tensor | None], device: torch.device) -> dict[str, torch.Tensor | None]:
-    """Copy int32 host tensors to ``device`` in one pinned, non-blocking transfer (views of one buffer)."""
-    present = {k: t for k, t in tensors.items() if t is not None}
-    flat = torch.cat([t.reshape(-1) for t in present.values()])
-    if device.type == "cuda":
-        flat = flat.pin_memory().to(device, non_blocking=True)
-    out: dict[str, torch.Tensor | None] = dict.fromkeys(tensors)
-    offset = 0
-    for name, t in present.items():
-        out[name] = flat[offset: offset + t.numel()].view(t.shape)
-        offset += t.numel()
-    return out
 
 
 def build_attention_plan(
@@ -85,19 +70,11 @@ def build_attention_plan(
     cfg = cache.config
     dtype = dtype or cfg.dtype
     host = plan.host
-    # Workaround: plan_chunk_attention(device=cuda) copies each table with a blocking .to(device)
-    # (a host sync per chunk); planning for the CPU and uploading here keeps the loop sync-free.
-    host_plan = plan_chunk_attention(
+    return plan_chunk_attention(
         host.q_indptr, host.kv_indptr, host.kv_indices, host.kv_last_page_len,
         page_size=cache.page_size, num_pages=cache.num_pages, num_qo_heads=cfg.num_heads, head_dim=cfg.head_dim,
-        num_kv_heads=cfg.num_heads, dtype=dtype, device="cpu", config=config, num_sms=_num_sms(cache.device),
+        num_kv_heads=cfg.num_heads, dtype=dtype, device=cache.device, config=config, num_sms=_num_sms(cache.device),
     )
-    if cache.device.type == "cpu":
-        return host_plan
-    names = ("q_indptr", "kv_indptr", "kv_indices", "kv_last_page_len", "work", "tile_rows", "left_rows")
-    uploaded = _upload_int32({n: getattr(host_plan, n) for n in names}, cache.device)
-    fields = {n: uploaded[n] for n in names}
-    return dataclasses.replace(host_plan, device=cache.device, **fields)
 
 
 class PagedAttentionContext:

@@ -35,6 +35,8 @@ from typing import Optional
 import torch
 
 from ..reference import chunk_attention as _reference
+from spiral_rt.transfer import upload_tensors
+
 from . import dispatch
 from .merge_states import AttentionState, merge_states
 
@@ -330,18 +332,21 @@ def plan_chunk_attention(
                     work.append((s, q0, q1, t0, t1, l0, l1, sp))
         fields = WORK_FIELDS_TMA
 
-    def dev(values):
-        return torch.tensor(values, dtype=torch.int32).to(device)
+    def table(values):
+        return torch.tensor(values, dtype=torch.int32)
 
-    work_t = torch.tensor(work, dtype=torch.int32).reshape(-1, fields).to(device)
     tma = config.kv_load == "tma"
+    # One pinned, non-blocking upload of every table: no host sync per chunk.
+    tables = upload_tensors({
+        "q_indptr": table(q_ptr), "kv_indptr": table(kv_ptr), "kv_indices": table(pages or [0]),
+        "kv_last_page_len": table(last), "work": table(work).reshape(-1, fields),
+        "tile_rows": table(tile_rows or [0]) if tma else None, "left_rows": table(left_rows or [0]) if tma else None,
+    }, device)
     return ChunkAttentionPlan(
         num_seqs=num_seqs, total_q=q_ptr[-1], num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
         head_dim=head_dim, page_size=page_size, num_pages=num_pages, dtype=dtype, device=device, config=config,
-        q_indptr=dev(q_ptr), kv_indptr=dev(kv_ptr), kv_indices=dev(pages or [0]), kv_last_page_len=dev(last),
-        work=work_t, kv_lens=tuple(kv_lens),
-        tile_rows=dev(tile_rows or [0]) if tma else None, left_rows=dev(left_rows or [0]) if tma else None,
-        flops=sum(4 * ql * kl * num_qo_heads * head_dim for ql, kl in zip(q_lens, kv_lens)),
+        kv_lens=tuple(kv_lens), flops=sum(4 * ql * kl * num_qo_heads * head_dim for ql, kl in zip(q_lens, kv_lens)),
+        **tables,
     )
 
 

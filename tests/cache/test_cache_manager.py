@@ -22,7 +22,7 @@ from spiral_rt.cache import (
     SinkWindowPolicy,
     visible_context_frames,
 )
-from spiral_rt.cache.plan import pack_tables, unpack_tables
+from spiral_rt.transfer import pack, unpack
 
 L, H, D, TPF = 2, 2, 3, 5  # layers, heads, head_dim, tokens per frame (odd on purpose)
 
@@ -452,10 +452,11 @@ def test_plan_tables_for_a_mixed_batch():
     assert t.kv_indptr.dtype == t.kv_indices.dtype == t.q_indptr.dtype == torch.int32
     assert t.write_slots.dtype == torch.int64
     assert plan.device is plan.host  # CPU pool: no transfer
-    buffer, layout = pack_tables(t)
-    again = unpack_tables(buffer.clone(), layout)
-    for name in ("kv_indptr", "kv_indices", "kv_last_page_len", "kv_len", "kv_context_len", "q_indptr", "q_frame_idx", "write_slots"):
-        assert torch.equal(getattr(again, name), getattr(t, name)) and getattr(again, name).dtype == getattr(t, name).dtype
+    names = ("kv_indptr", "kv_indices", "kv_last_page_len", "kv_len", "kv_context_len", "q_indptr", "q_frame_idx", "write_slots")
+    buffer, layout = pack({n: getattr(t, n) for n in names})
+    again = unpack(buffer.clone(), layout)
+    for name in names:
+        assert torch.equal(again[name], getattr(t, name)) and again[name].dtype == getattr(t, name).dtype
     cache.commit(plan)
 
 

@@ -7,7 +7,6 @@ from different backends agrees to abs 2e-5 (same Philox bits; log/sin/cos differ
 """
 
 import math
-import os
 
 import pytest
 import torch
