@@ -60,7 +60,7 @@ setup(
     # Every subpackage of spiral_rt/ plus kernels/ mapped to spiral_rt.kernels.
     packages=["spiral_rt", *[f"spiral_rt.{p}" for p in find_packages("spiral_rt")], "spiral_rt.kernels"],
     package_dir={"spiral_rt": "spiral_rt", "spiral_rt.kernels": "kernels"},
-    package_data={"spiral_rt.world": ["goals.json"]},
+    package_data={"spiral_rt.world": ["goals.json"], "spiral_rt.world.model": ["weights/*.safetensors"]},
     ext_modules=[CMakeExtension("spiral_rt._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,
