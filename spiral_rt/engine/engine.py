@@ -404,11 +404,15 @@ class Engine:
     def _explicit_noise(self, batch, given, keys) -> torch.Tensor:
         """(B, num_steps + 1, C, F, h, w): given noise, or the session's Philox noise where none is given."""
         shape = self._latent_shape(1)[1:]
-        steps = len(self._transitions) + 1
+        num_steps = len(self._transitions)
+        steps = num_steps + 1
+        # explicit slot k is Philox step k, except the last slot (the clean pass's context noise),
+        # which the Philox path draws as step num_steps + 1 (see chunk_sequence)
+        philox_step = [*range(num_steps), num_steps + 1]
         per = []
         for i, g in enumerate(given):
             if g is None:
-                g = torch.stack([self._philox((1, *shape), keys[k, i:i + 1])[0] for k in range(steps)])
+                g = torch.stack([self._philox((1, *shape), keys[philox_step[k], i:i + 1])[0] for k in range(steps)])
             elif tuple(g.shape) != (steps, *shape):
                 raise ValueError(f"step: 'noise' for session {batch[i].session_id} must be (num_steps + 1, C, F, h, w) = "
                                  f"{(steps, *shape)}, got {tuple(g.shape)}")

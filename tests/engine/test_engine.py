@@ -103,6 +103,25 @@ def test_same_seed_identical_other_seed_different_explicit_equals_philox():
         assert torch.equal(s.next_chunk(noise=noise), runs[0][c])
 
 
+def test_philox_session_batched_with_an_explicit_noise_session_matches_it_alone():
+    """A session without given noise draws the same Philox noise (context noise too) whether or not
+    it shares the chunk with a session that brings explicit noise."""
+    torch.manual_seed(17)
+    model = tiny_model()
+    pa, pb = prompt(model), prompt(model, 5)
+    steps = make_engine(model).config.schedule.num_steps
+    alone = make_engine(model, context_noise=0.1)
+    b_alone = alone.open_session(pb, seed=9, noise_id=2)
+    expected = [b_alone.next_chunk() for _ in range(2)]
+    mixed = make_engine(model, context_noise=0.1)
+    a = mixed.open_session(pa, seed=1, noise_id=1)
+    b = mixed.open_session(pb, seed=9, noise_id=2)
+    for c in range(2):  # chunk 1 reads the K/V written with chunk 0's context noise
+        given = {a.session_id: torch.randn(steps + 1, model.config.in_channels, F, *LATENT_HW)}
+        out = mixed.step(noise=given)
+        assert rel_err(out[b.session_id].latents, expected[c]) < 1e-5, c
+
+
 def test_batch_composition_does_not_change_latents():
     """A session's latents alone equal those batched with another session at another position."""
     torch.manual_seed(13)

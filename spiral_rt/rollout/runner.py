@@ -1,0 +1,499 @@
+"""RolloutRunner: executes a RolloutSpec on an Engine and returns a scored RolloutBatch.
+
+Per execution group (one plan of one goal), with the default "batched" schedule::
+
+    parent = open_session(plan prompts, noise id = the group's shared id)
+    chunks [0, fork):   engine.step([parent])                 the prefix, once (batch 1)
+    children = parent.fork(G); parent.close()                 G sequences share the prefix pages (refcounts)
+    chunks [fork, n):   engine.step(children, noise=...)      one DiT call per denoising step for all G
+                        (slices of max_batch_size)            trained steps recorded in the same pass
+    decode: the engine's streaming VAE, per member, every chunk (prefix decoded once, shared)
+    critic: the group's frames go to a thread pool while the next group generates
+    advantages: spiral_rt.rl.hierarchical_advantages over (K plans, G members) per goal
+
+The baselines of the benchmark run the same code with another order: "prefix_once" generates the
+prefix once and then each member alone on a fork of it (TempAct's schedule: a cache copy per member,
+members one at a time), "naive" generates each member from scratch, alone. All three give the same
+latents (same noise keys; the engine's batch composition does not change a session's result).
+
+Noise: prefix chunks use the engine's own Philox path (the parent's noise id); every chunk after the
+fork gets explicit noise drawn here with the same Philox op, one key per noise slot from
+``RolloutSpec.slot_noise_ids``, which is how members mix shared and private draws inside one chunk.
+
+Recording: the rollout's step policy is wrapped in a ``RecordingStepPolicy`` and installed as the
+engine's step policy for the duration of ``run`` (restored afterwards, also on errors); the
+recorder is armed only for trained chunks. Nothing in the chunk loop reads device values on the
+host: records stay on the device until the group is finished, then move to the host once per group
+(together with the frames the critic needs).
+
+Boundaries: uses the engine's public API (sessions, ``step``, ``fork``, ``config``) and the agents'
+CriticAgent protocol; it changes no engine code. One thread drives the engine; the critic runs on
+worker threads and never touches the engine. Sessions it opens are closed before ``run`` returns
+or raises, so the cache has no pages of the rollout left.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from spiral_rt.agents.types import Plan, Verdict, WorldMemory
+from spiral_rt.engine import Engine, PromptSpan, StreamSession
+from spiral_rt.ops import sampler_step
+from spiral_rt.rl import hierarchical_advantages, write_planner_jsonl
+
+from .batch import RolloutBatch
+from .recorder import RecordingStepPolicy, TransitionRecorder
+from .spec import RolloutSpec
+
+logger = logging.getLogger(__name__)
+
+SCHEDULES = ("batched", "prefix_once", "naive")
+
+
+@dataclass
+class _Group:
+    """Host bookkeeping of one execution group while it runs."""
+
+    index: int
+    goal: int
+    plan_in_goal: int
+    plan: Plan
+    chunk_prompts: list[str]
+    chunk_steps: list[int]
+    size: int
+    latents: list[dict[int, torch.Tensor]] = field(default_factory=list)
+    frames: list[dict[int, torch.Tensor]] = field(default_factory=list)
+    records: list[dict[tuple[int, int], tuple]] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.latents = [dict() for _ in range(self.size)]
+        self.frames = [dict() for _ in range(self.size)]
+        self.records = [dict() for _ in range(self.size)]
+
+
+@dataclass
+class _GroupResult:
+    """One finished group, on the host."""
+
+    x: torch.Tensor
+    x_next: torch.Tensor
+    mu: torch.Tensor | None
+    log_prob: torch.Tensor
+    abc: torch.Tensor
+    latents: torch.Tensor
+    frames: torch.Tensor | None
+    frame_ranges: list[tuple[int, int]]
+
+
+class RolloutRunner:
+    """Runs GRPO rollouts on ``engine`` (module docstring).
+
+    Args:
+        engine: the streaming engine (its config's schedule, latent size, dtype and backends are used;
+            its step policy is replaced by the spec's while a rollout runs). Chunks after the fork use
+            explicit noise, so CUDA graphs, if enabled, only serve the prefix.
+        critic: any ``CriticAgent`` (``judge(frames, step, memory) -> Verdict``); if it also has
+            ``judge_batch(frames_list, steps, memories) -> list[Verdict]``, a group's members are judged
+            in one call per plan step. None: no rewards.
+        prompt_embeddings: precomputed text embeddings per prompt string ((Lt, text_dim) tensors); None:
+            the engine's text encoder encodes the prompts.
+    """
+
+    def __init__(self, engine: Engine, critic=None, *, prompt_embeddings: Mapping[str, torch.Tensor] | None = None):
+        if not isinstance(engine, Engine):
+            raise ValueError(f"RolloutRunner: argument 'engine' must be an Engine, got {type(engine).__name__}")
+        if critic is not None and not callable(getattr(critic, "judge", None)):
+            raise ValueError(f"RolloutRunner: argument 'critic' must implement CriticAgent.judge, got {type(critic).__name__}")
+        if prompt_embeddings is not None and not isinstance(prompt_embeddings, Mapping):
+            raise ValueError(f"RolloutRunner: argument 'prompt_embeddings' must be a mapping str -> tensor, "
+                             f"got {type(prompt_embeddings).__name__}")
+        self.engine = engine
+        self.critic = critic
+        self.prompt_embeddings = prompt_embeddings
+        self._open: list[StreamSession] = []
+
+    # ------------------------------------------------------------------ public
+
+    def run(self, spec: RolloutSpec, *, schedule: str = "batched", score: bool = True) -> RolloutBatch:
+        """Generate, record, decode, score and normalise one rollout.
+
+        Args:
+            spec: the rollout (validated here).
+            schedule: "batched" (default), or the benchmark baselines "prefix_once" and "naive".
+            score: run the critic (when the runner has one) and compute rewards and advantages.
+        """
+        if not isinstance(spec, RolloutSpec):
+            raise ValueError(f"RolloutRunner.run: argument 'spec' must be a RolloutSpec, got {type(spec).__name__}")
+        spec.validate()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"RolloutRunner.run: argument 'schedule' must be one of {SCHEDULES}, got {schedule!r}")
+        engine, cfg = self.engine, self.engine.config
+        scoring = score and self.critic is not None
+        if scoring and cfg.output != "uint8":
+            raise ValueError(f"RolloutRunner.run: the critic needs uint8 frames; the engine's config.output is {cfg.output!r}")
+        if self.prompt_embeddings is None and engine.text_encoder is None:
+            raise ValueError("RolloutRunner: the engine has no text_encoder; pass 'prompt_embeddings' (prompt -> embeddings)")
+        num_steps = len(cfg.schedule.transitions())
+        train_steps = spec.trained_steps(cfg.schedule)
+        train_chunks = spec.trained_chunks()
+        plans = spec.resolved_plans()
+        spec_dict = spec.to_dict(plans)
+        prompt_table: dict[str, int] = {}
+        groups: list[_Group] = []
+        for g, per_goal in enumerate(plans):
+            for k, plan in enumerate(per_goal):
+                prompts, steps = spec.chunk_prompts(plan)
+                for p in prompts:
+                    prompt_table.setdefault(p, len(prompt_table))
+                    self._resolve(p)
+                groups.append(_Group(len(groups), g, k, plan, prompts, steps, spec.group_size))
+
+        policy = RecordingStepPolicy(spec.step_policy)
+        saved_policy = cfg.step_policy
+        per_group = spec.fork_chunk + (spec.num_chunks - spec.fork_chunk) * (1 if schedule == "batched" else spec.group_size)
+        if schedule == "naive":
+            per_group = spec.num_chunks * spec.group_size
+        bar = tqdm(total=len(groups) * per_group, desc=f"rollout ({schedule})", unit="chunk step", disable=not spec.progress)
+        pool = ThreadPoolExecutor(max_workers=spec.critic_workers, thread_name_prefix="rollout-critic") if scoring else None
+        futures: list[list[Future]] = []
+        results: list[_GroupResult] = []
+        self._peak_pages = 0
+        self._engine_steps = 0
+        failed = True
+        t0 = time.perf_counter()
+        cfg.step_policy = policy
+        try:
+            for grp in groups:
+                ctx = dict(spec=spec, grp=grp, policy=policy, train_chunks=frozenset(train_chunks),
+                           train_steps=train_steps, num_steps=num_steps, bar=bar)
+                getattr(self, f"_group_{schedule}")(**ctx)
+                res = self._finish_group(grp, spec, train_chunks, train_steps)
+                results.append(res)
+                if scoring:
+                    futures.append(self._submit_judging(pool, grp, res, spec))
+            failed = False
+        finally:
+            cfg.step_policy = saved_policy
+            bar.close()
+            for s in list(self._open):
+                self._close(s)
+            if pool is not None and failed:
+                pool.shutdown(wait=True, cancel_futures=True)
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize(engine.device)
+        gen_seconds = time.perf_counter() - t0
+
+        verdicts: list[list[dict]] = [[] for _ in range(spec.num_members)]
+        rewards = None
+        if scoring:
+            rewards = torch.zeros(spec.num_members, dtype=torch.float64)
+            judged = tqdm(total=spec.num_members, desc="critic", unit="video", disable=not spec.progress)
+            try:
+                for grp, group_futures in zip(groups, futures):
+                    base = grp.index * spec.group_size
+                    member_verdicts = _collect(group_futures, spec.group_size)
+                    for m, vs in enumerate(member_verdicts):
+                        verdicts[base + m] = [v.to_dict() for v in vs]
+                        rewards[base + m] = _reduce([v.score for v in vs], spec.reward_reduce)
+                        judged.update(1)
+            finally:
+                judged.close()
+                pool.shutdown(wait=True)
+        seconds = time.perf_counter() - t0
+        batch = self._assemble(spec, spec_dict, groups, results, prompt_table, train_chunks, train_steps, num_steps,
+                               rewards, verdicts)
+        page_bytes = engine.cache.config.page_bytes
+        batch.stats = {
+            "schedule": schedule, "videos": spec.num_members, "seconds": seconds, "generate_seconds": gen_seconds,
+            "videos_per_s": spec.num_members / seconds if seconds > 0 else float("inf"),
+            "engine_steps": self._engine_steps, "peak_kv_pages": self._peak_pages, "page_bytes": page_bytes,
+            "peak_kv_bytes": self._peak_pages * page_bytes, "scored": scoring,
+        }
+        logger.info("rollout (%s): %d videos in %.2f s, peak KV %d pages", schedule, spec.num_members, seconds,
+                    self._peak_pages)
+        return batch
+
+    def replay(self, batch: RolloutBatch, *, schedule: str = "batched", score: bool = False,
+               progress: bool = False) -> RolloutBatch:
+        """Regenerate ``batch`` from its stored spec, plans and seed (same latents on the same engine setup)."""
+        if not isinstance(batch, RolloutBatch):
+            raise ValueError(f"RolloutRunner.replay: argument 'batch' must be a RolloutBatch, got {type(batch).__name__}")
+        return self.run(RolloutSpec.from_dict(batch.spec, progress=progress), schedule=schedule, score=score)
+
+    @staticmethod
+    def write_planner_jsonl(batch: RolloutBatch, path) -> "object":
+        """Plan-level rewards and advantages of ``batch`` as JSONL for LLM RL trainers (TRL, verl)."""
+        return write_planner_jsonl(batch.planner_records(), path)
+
+    # ------------------------------------------------------------------ schedules
+
+    def _group_batched(self, *, spec, grp, bar, **ctx):
+        parent = self._prefix(spec, grp, bar, ctx)
+        children = parent.fork(spec.group_size)
+        self._open.extend(children)
+        for m, child in enumerate(children):
+            child.noise_id = spec.member_noise_id(grp.index, m)
+        self._close(parent)
+        size = self.engine.config.max_batch_size
+        for c in range(spec.fork_chunk, spec.num_chunks):
+            for lo in range(0, spec.group_size, size):
+                members = list(range(lo, min(lo + size, spec.group_size)))
+                self._chunk(spec, grp, [children[m] for m in members], [[m] for m in members], c, ctx)
+                bar.update(1 if lo == 0 else 0)
+        for child in children:
+            self._close(child)
+
+    def _group_prefix_once(self, *, spec, grp, bar, **ctx):
+        parent = self._prefix(spec, grp, bar, ctx)
+        for m in range(spec.group_size):
+            child = parent.fork(1)[0]
+            self._open.append(child)
+            child.noise_id = spec.member_noise_id(grp.index, m)
+            for c in range(spec.fork_chunk, spec.num_chunks):
+                self._chunk(spec, grp, [child], [[m]], c, ctx)
+                bar.update(1)
+            self._close(child)
+        self._close(parent)
+
+    def _group_naive(self, *, spec, grp, bar, **ctx):
+        for m in range(spec.group_size):
+            s = self._open_session(spec, grp)
+            for c in range(spec.num_chunks):
+                self._chunk(spec, grp, [s], [[m]], c, ctx)
+                bar.update(1)
+            self._close(s)
+
+    def _prefix(self, spec, grp, bar, ctx) -> StreamSession:
+        parent = self._open_session(spec, grp)
+        everyone = list(range(spec.group_size))
+        for c in range(spec.fork_chunk):
+            self._chunk(spec, grp, [parent], [everyone], c, ctx)
+            bar.update(1)
+        return parent
+
+    # ------------------------------------------------------------------ one chunk step
+
+    def _chunk(self, spec: RolloutSpec, grp: _Group, sessions: list[StreamSession], rows: list[list[int]], chunk: int,
+               ctx: dict) -> None:
+        """One engine step of ``sessions`` (row i stands for members ``rows[i]``) at chunk ``chunk``."""
+        engine = self.engine
+        num_steps = ctx["num_steps"]
+        noise = None
+        if chunk >= spec.fork_chunk:
+            noise = self._noise(spec, grp.index, sessions, [r[0] for r in rows], chunk, num_steps)
+        recorder = None
+        if chunk in ctx["train_chunks"]:
+            recorder = TransitionRecorder(ctx["train_steps"], num_steps, spec.record_mu)
+        policy: RecordingStepPolicy = ctx["policy"]
+        policy.recorder = recorder
+        try:
+            outs = engine.step(sessions, noise=noise)
+        finally:
+            policy.recorder = None
+        self._engine_steps += 1
+        missing = [s.session_id for s in sessions if s.session_id not in outs]
+        if missing:
+            raise RuntimeError(f"RolloutRunner: sessions {missing} were not run (the KV pool is full and the engine's "
+                               "on_cache_full is 'wait'); give the engine more KV pages or reduce group_size")
+        used = engine.cache.num_pages - engine.cache.num_free_pages
+        self._peak_pages = max(self._peak_pages, used)
+        records = recorder.finish() if recorder is not None else []
+        for i, (s, members) in enumerate(zip(sessions, rows)):
+            out = outs[s.session_id]
+            frames = out.frames
+            row_records = {}
+            for r in records:
+                row_records[(chunk, r.step)] = (r.x[i], r.x_next[i], r.mu[i] if r.mu is not None else None,
+                                                r.log_prob[i], (r.a, r.b, r.c))
+            for m in members:
+                grp.latents[m][chunk] = out.latents
+                if frames is not None:
+                    grp.frames[m][chunk] = frames
+                grp.records[m].update(row_records)
+
+    def _noise(self, spec: RolloutSpec, group: int, sessions: list[StreamSession], members: list[int], chunk: int,
+               num_steps: int) -> dict[int, torch.Tensor]:
+        """Explicit (num_steps + 1, C, F, h, w) noise per session from the members' slot noise ids."""
+        engine, cfg = self.engine, self.engine.config
+        seed = spec.seed - 2**64 if spec.seed >= 2**63 else spec.seed
+        ids = [spec.slot_noise_ids(group, m, chunk, num_steps) for m in members]
+        rows = [(seed, ids[i][j], chunk, j if j < num_steps else num_steps + 1)
+                for j in range(num_steps + 1) for i in range(len(members))]
+        keys = torch.tensor(rows, dtype=torch.int64).view(num_steps + 1, len(members), 4)
+        if engine.device.type == "cuda":
+            keys = keys.pin_memory().to(engine.device, non_blocking=True)
+        h, w = cfg.latent_size
+        zeros = torch.zeros((len(members), engine.model.config.in_channels, cfg.chunk_frames, h, w),
+                            dtype=cfg.latent_dtype, device=engine.device)
+        draws = torch.stack([sampler_step(zeros, zeros, 0.0, 0.0, 1.0, noise_key=keys[j], return_mu=False,
+                                          backend=cfg.sampler_backend).x_next for j in range(num_steps + 1)], dim=1)
+        return {s.session_id: draws[i] for i, s in enumerate(sessions)}
+
+    # ------------------------------------------------------------------ sessions and prompts
+
+    def _resolve(self, prompt: str):
+        if self.prompt_embeddings is None:
+            return prompt
+        emb = self.prompt_embeddings.get(prompt)
+        if emb is None:
+            raise ValueError(f"RolloutRunner: argument 'prompt_embeddings' has no entry for prompt {prompt[:60]!r}")
+        return emb
+
+    def _open_session(self, spec: RolloutSpec, grp: _Group) -> StreamSession:
+        spans: list[PromptSpan] = []
+        run_start = 0
+        prompts = grp.chunk_prompts
+        for c in range(1, len(prompts) + 1):
+            if c == len(prompts) or prompts[c] != prompts[run_start]:
+                spans.append(PromptSpan(self._resolve(prompts[run_start]), c - run_start))
+                run_start = c
+        s = self.engine.open_session(spans, seed=spec.seed, max_chunks=spec.num_chunks,
+                                     noise_id=spec.group_noise_id(grp.index))
+        self._open.append(s)
+        return s
+
+    def _close(self, s: StreamSession) -> None:
+        s.close()
+        if s in self._open:
+            self._open.remove(s)
+
+    # ------------------------------------------------------------------ results
+
+    def _finish_group(self, grp: _Group, spec: RolloutSpec, train_chunks, train_steps) -> _GroupResult:
+        """Stack the group's per-member records, latents and frames and bring them to the host (one sync)."""
+        keys = [(c, k) for c in train_chunks for k in train_steps]
+        with torch.no_grad():
+            def stack(i):
+                return torch.stack([torch.stack([grp.records[m][key][i] for key in keys]) for m in range(grp.size)]).cpu()
+
+            x, x_next, log_prob = stack(0), stack(1), stack(3).double()
+            mu = stack(2) if spec.record_mu else None
+            abc = torch.tensor([[grp.records[m][key][4] for key in keys] for m in range(grp.size)], dtype=torch.float64)
+            latents = torch.stack([torch.cat([grp.latents[m][c] for c in range(spec.num_chunks)], dim=1)
+                                   for m in range(grp.size)]).cpu()
+            frames, ranges = None, []
+            if grp.frames[0]:
+                start = 0
+                for c in range(spec.num_chunks):
+                    n = grp.frames[0][c].shape[0]
+                    ranges.append((start, start + n))
+                    start += n
+                frames = torch.stack([torch.cat([grp.frames[m][c] for c in range(spec.num_chunks)])
+                                      for m in range(grp.size)]).cpu()
+        grp.latents = grp.frames = grp.records = []  # release the device tensors
+        return _GroupResult(x, x_next, mu, log_prob, abc, latents, frames, ranges)
+
+    def _submit_judging(self, pool: ThreadPoolExecutor, grp: _Group, res: _GroupResult, spec: RolloutSpec) -> list[Future]:
+        """Queue the group's judging on the pool (frames on the host); futures return per-member verdict lists."""
+        frames = res.frames.numpy()
+        segments = []  # (plan step index, frame start, frame end) of the plan steps after the fork
+        for j in sorted({grp.chunk_steps[c] for c in range(spec.fork_chunk, spec.num_chunks)}):
+            chunks = [c for c in range(spec.fork_chunk, spec.num_chunks) if grp.chunk_steps[c] == j]
+            segments.append((j, res.frame_ranges[chunks[0]][0], res.frame_ranges[chunks[-1]][1]))
+        batch_judge = getattr(self.critic, "judge_batch", None)
+        if callable(batch_judge):
+            return [pool.submit(_judge_group, batch_judge, frames, grp.plan, segments)]
+        return [pool.submit(lambda m=m: [_judge_member(self.critic, frames[m], grp.plan, segments)])
+                for m in range(grp.size)]
+
+    def _assemble(self, spec, spec_dict, groups, results, prompt_table, train_chunks, train_steps, num_steps,
+                  rewards, verdicts) -> RolloutBatch:
+        cfg = self.engine.config
+        members = [(grp, m) for grp in groups for m in range(spec.group_size)]
+        transitions = cfg.schedule.transitions()
+        keys = [(c, k) for c in train_chunks for k in train_steps]
+        abc = torch.cat([r.abc for r in results])
+        batch = RolloutBatch(
+            spec=spec_dict,
+            goal_index=torch.tensor([g.goal for g, _ in members], dtype=torch.int64),
+            plan_index=torch.tensor([g.plan_in_goal for g, _ in members], dtype=torch.int64),
+            member_index=torch.tensor([m for _, m in members], dtype=torch.int64),
+            group_index=torch.tensor([g.index for g, _ in members], dtype=torch.int64),
+            noise_ids=torch.tensor([[spec.slot_noise_ids(g.index, m, c, num_steps) for c in range(spec.num_chunks)]
+                                    for g, m in members], dtype=torch.int64),
+            prompts=list(prompt_table),
+            prompt_ids=torch.tensor([[prompt_table[p] for p in g.chunk_prompts] for g, _ in members], dtype=torch.int64),
+            chunk=torch.tensor([c for c, _ in keys], dtype=torch.int64),
+            step=torch.tensor([k for _, k in keys], dtype=torch.int64),
+            sigma=torch.tensor([transitions[k][0] for _, k in keys], dtype=torch.float64),
+            sigma_next=torch.tensor([transitions[k][1] for _, k in keys], dtype=torch.float64),
+            timestep=torch.tensor([cfg.schedule.model_timesteps[k] for _, k in keys], dtype=torch.float64),
+            x=torch.cat([r.x for r in results]), x_next=torch.cat([r.x_next for r in results]),
+            mu=torch.cat([r.mu for r in results]) if spec.record_mu else None,
+            a=abc[..., 0].contiguous(), b=abc[..., 1].contiguous(), c=abc[..., 2].contiguous(),
+            log_prob=torch.cat([r.log_prob for r in results]),
+            count=int(results[0].x[0, 0].numel()),
+            latents=torch.cat([r.latents for r in results]),
+            frames=torch.cat([r.frames for r in results]) if spec.keep_frames and results[0].frames is not None else None,
+            verdicts=verdicts,
+        )
+        if rewards is not None:
+            per_goal = rewards.view(len(spec.goals), spec.num_plans, spec.group_size)
+            execution, plan_rewards, plan_adv = [], [], []
+            for g in range(len(spec.goals)):
+                h = hierarchical_advantages(per_goal[g], spec.advantage)
+                execution.append(h.execution.reshape(-1))
+                plan_rewards.append(h.plan_rewards)
+                plan_adv.append(h.plan)
+            batch.rewards = rewards
+            batch.advantages = torch.cat(execution).double()
+            batch.plan_rewards = torch.cat(plan_rewards).double()
+            batch.plan_advantages = torch.cat(plan_adv).double()
+        return batch
+
+
+# ---------------------------------------------------------------------- critic tasks (worker threads)
+
+
+def _judge_member(critic, frames: np.ndarray, plan: Plan, segments) -> list[Verdict]:
+    memory = WorldMemory()
+    verdicts = []
+    for j, lo, hi in segments:
+        seg = np.ascontiguousarray(frames[lo:hi])
+        v = critic.judge(seg, plan.steps[j], memory)
+        if not isinstance(v, Verdict):
+            raise ValueError(f"RolloutRunner: the critic's judge returned {type(v).__name__}, not a Verdict")
+        memory.record(plan.steps[j], v, seg[-1])
+        verdicts.append(v)
+    return verdicts
+
+
+def _judge_group(judge_batch, frames: np.ndarray, plan: Plan, segments) -> list[list[Verdict]]:
+    size = frames.shape[0]
+    memories = [WorldMemory() for _ in range(size)]
+    out: list[list[Verdict]] = [[] for _ in range(size)]
+    for j, lo, hi in segments:
+        segs = [np.ascontiguousarray(frames[m, lo:hi]) for m in range(size)]
+        vs = list(judge_batch(segs, [plan.steps[j]] * size, memories))
+        if len(vs) != size or not all(isinstance(v, Verdict) for v in vs):
+            raise ValueError(f"RolloutRunner: the critic's judge_batch must return {size} Verdicts, got {vs!r}")
+        for m, v in enumerate(vs):
+            memories[m].record(plan.steps[j], v, segs[m][-1])
+            out[m].append(v)
+    return out
+
+
+def _collect(futures: list[Future], size: int) -> list[list[Verdict]]:
+    """Every future returns a list of per-member verdict lists (a whole group, or one member)."""
+    out = [per_member for f in futures for per_member in f.result()]
+    if len(out) != size:
+        raise RuntimeError(f"RolloutRunner: judged {len(out)} members, expected {size}")
+    return out
+
+
+def _reduce(scores: list[float], how: str) -> float:
+    if not scores:
+        return 0.0
+    if how == "min":
+        return min(scores)
+    if how == "last":
+        return scores[-1]
+    return sum(scores) / len(scores)
