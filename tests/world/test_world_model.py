@@ -255,7 +255,8 @@ def test_engine_runs_the_world_model_with_codec_and_minilm(minilm):
     torch.manual_seed(0)
     dit = build_world_dit(world_dit_config("tiny"))
     wm = WorldModel(dit=dit, codec=PixelCodec(), text_encoder=CachedTextEncoder(minilm))
-    engine = Engine(wm.dit, wm.codec, wm.engine_config(kv_memory_bytes=8 * 2**20), text_encoder=wm.text_encoder)
+    engine = wm.engine(kv_memory_bytes=8 * 2**20)
+    assert isinstance(engine, Engine) and engine.text_encoder is wm.text_encoder
     session = engine.open_session(["a medium red circle at the center", "move the red circle left"], max_chunks=2)
     outs = [o[session.session_id] for o in engine.run()]
     assert len(outs) == 2 and session.status == "finished"

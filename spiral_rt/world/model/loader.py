@@ -106,6 +106,12 @@ class WorldModel:
         kw.update(overrides)
         return EngineConfig(**kw)
 
+    def engine(self, **overrides):
+        """A ready ``Engine`` over this model: the DiT, the codec as its decoder, the text encoder."""
+        from spiral_rt.engine import Engine
+
+        return Engine(self.dit, self.codec, self.engine_config(**overrides), text_encoder=self.text_encoder)
+
 
 def _json_meta(obj) -> str:
     return json.dumps(obj, sort_keys=True)
