@@ -146,38 +146,17 @@ class GenerateSettings:
     """Request timeout of LLM/VLM agents (one try)."""
 
 
-def _positive_int(name: str):
-    def parse(text: str) -> int:
+def _number(name: str, kind: type = int, minimum: float = 1, strict: bool = False):
+    """An argparse type: ``kind`` (int or float) >= ``minimum`` (> when ``strict``), errors naming ``name``."""
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
-        return value
-    return parse
-
-
-def _non_negative_int(name: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {value}")
-        return value
-    return parse
-
-
-def _positive_float(name: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {value}")
+            raise argparse.ArgumentTypeError(f"{name} must be {noun}, got {text!r}") from None
+        if value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"{name} must be {'>' if strict else '>='} {minimum:g}, got {value}")
         return value
     return parse
 
@@ -529,29 +508,29 @@ def _add_generate(sub) -> None:
     m.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs")
     m.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="DiT dtype (default: bfloat16 on cuda, float32 on cpu)")
-    m.add_argument("--latent-size", type=_positive_int("--latent-size"), nargs=2, metavar=("H", "W"), default=None,
+    m.add_argument("--latent-size", type=_number("--latent-size"), nargs=2, metavar=("H", "W"), default=None,
                    help="latent frame size (default: 60 104 for the Wan presets, 4 4 with --random-weights, else 8 8)")
-    m.add_argument("--kv-memory-mb", type=_positive_int("--kv-memory-mb"), default=None,
+    m.add_argument("--kv-memory-mb", type=_number("--kv-memory-mb"), default=None,
                    help="KV cache pool size (default: 40%% of free GPU memory, 256 MiB on cpu)")
     m.add_argument("--recache", action="store_true", help="LongLive re-cache of the context at each step's prompt switch")
     a = p.add_argument_group("agents and loop")
     a.add_argument("--planner", type=_agent_spec("--planner"), default="world", help=AGENT_SPEC_HELP)
     a.add_argument("--critic", type=_agent_spec("--critic"), default="world", help=AGENT_SPEC_HELP)
     a.add_argument("--seed", type=_seed, default=0, help="base seed (each step and attempt derives its own)")
-    a.add_argument("--max-retries", type=_non_negative_int("--max-retries"), default=2,
+    a.add_argument("--max-retries", type=_number("--max-retries", minimum=0), default=2,
                    help="regenerations of a rejected step before replanning")
-    a.add_argument("--max-replans", type=_non_negative_int("--max-replans"), default=2, help="replans per run")
-    a.add_argument("--max-span-chunks", type=_positive_int("--max-span-chunks"), default=None,
+    a.add_argument("--max-replans", type=_number("--max-replans", minimum=0), default=2, help="replans per run")
+    a.add_argument("--max-span-chunks", type=_number("--max-span-chunks"), default=None,
                    help="clamp each planned step to this many chunks")
     a.add_argument("--no-speculate", action="store_true",
                    help="do not generate the next step while the critic judges the current one")
-    a.add_argument("--critic-timeout", type=_positive_float("--critic-timeout"), default=120.0,
+    a.add_argument("--critic-timeout", type=_number("--critic-timeout", float, 0, strict=True), default=120.0,
                    help="longest wait in seconds for a verdict or a plan before falling back")
-    a.add_argument("--agent-timeout", type=_positive_float("--agent-timeout"), default=60.0,
+    a.add_argument("--agent-timeout", type=_number("--agent-timeout", float, 0, strict=True), default=60.0,
                    help="request timeout in seconds of LLM/VLM agents")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="output directory (default: spiral_out/<goal>-<time>)")
-    o.add_argument("--fps", type=_positive_int("--fps"), default=16, help="frame rate of the mp4")
+    o.add_argument("--fps", type=_number("--fps"), default=16, help="frame rate of the mp4")
     o.add_argument("--no-warmup", action="store_true", help="skip the warm-up chunk that overlaps the first plan")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     o.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")

@@ -99,13 +99,20 @@ class UMT5TextEncoder:
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> TextEmbeddings:
         prompts = _check_prompts("UMT5TextEncoder.encode", prompts)
-        tok = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
-                             add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
-        ids = tok["input_ids"].to(self.device)
-        mask = tok["attention_mask"].to(self.device)
-        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        mask = mask.bool()
-        return TextEmbeddings(hidden * mask[..., None].to(hidden.dtype), mask)
+        return encode_padded(self.tokenizer, self.model, prompts, self.max_length, self.device)
+
+
+@torch.no_grad()
+def encode_padded(tokenizer, model, prompts: Sequence[str], max_length: int, device) -> TextEmbeddings:
+    """Token states of a transformers encoder for ``prompts``, padded to ``max_length`` with the
+    padding positions zeroed: (B, max_length, dim) and the (B, max_length) bool mask."""
+    tok = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
+                    add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    ids = tok["input_ids"].to(device)
+    mask = tok["attention_mask"].to(device)
+    hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    mask = mask.bool()
+    return TextEmbeddings(hidden * mask[..., None].to(hidden.dtype), mask)
 
 
 class CachedTextEncoder:

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from spiral_rt.models.text import TextEmbeddings, _check_prompts
+from spiral_rt.models.text import TextEmbeddings, _check_prompts, encode_padded
 
 logger = logging.getLogger(__name__)
 
@@ -107,10 +107,4 @@ class MiniLMTextEncoder:
     def encode(self, prompts: Sequence[str]) -> TextEmbeddings:
         """(B, max_length, dim) token states with padding positions zero, and the (B, max_length) bool mask."""
         prompts = _check_prompts("MiniLMTextEncoder.encode", prompts)
-        tok = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
-                             add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
-        ids = tok["input_ids"].to(self.device)
-        mask = tok["attention_mask"].to(self.device)
-        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        mask = mask.bool()
-        return TextEmbeddings(hidden * mask[..., None].to(hidden.dtype), mask)
+        return encode_padded(self.tokenizer, self.model, prompts, self.max_length, self.device)
