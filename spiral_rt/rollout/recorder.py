@@ -89,6 +89,9 @@ class RecordingStepPolicy(StepPolicy):
         self.prediction = inner.prediction
         self.recorder: TransitionRecorder | None = None
 
+    def _native(self, s, sn):
+        return self.inner._native(s, sn)
+
     def coefficients(self, sigma, sigma_next):
         return self.inner.coefficients(sigma, sigma_next)
 

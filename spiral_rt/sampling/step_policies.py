@@ -31,6 +31,7 @@ so nothing waits on the device.
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal, NamedTuple
@@ -111,7 +112,7 @@ def _op_scalar(t: torch.Tensor, device: torch.device):
     return t.to(device=device, dtype=torch.float32, non_blocking=True)
 
 
-class StepPolicy:
+class StepPolicy(abc.ABC):
     """Base of the step policies: subclasses give ``_native(sigma, sigma_next) -> (A, B, C)``."""
 
     name: ClassVar[str]
@@ -119,8 +120,9 @@ class StepPolicy:
     requires_decrease: ClassVar[bool] = False
     prediction: Prediction
 
+    @abc.abstractmethod
     def _native(self, s: torch.Tensor, sn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """(A, B, C) of the step for the policy's native prediction (float64 tensors)."""
 
     def _check_prediction(self) -> None:
         if self.prediction not in PREDICTIONS:
