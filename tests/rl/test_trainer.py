@@ -1,0 +1,358 @@
+"""GRPOTrainer on the CPU (tiny DiT with random weights, reference ops, fp32, rollouts from the runner).
+
+- before any update the recomputed log-probs equal the recorded ones (context K/V rebuilt from the
+  members' clean latents with the engine's context noise; per-chunk prompts), and a wrong context
+  noise does not;
+- loss and gradients of one step equal an independent hand-written loop (one block-causal dense
+  forward over [clean context, x] per transition, float64 GRPO formula, Gaussian KL to the initial
+  weights), with gradient checkpointing and uneven micro-batches;
+- a few steps with a positive advantage on one member raise its log-probs;
+- LoRA leaves the base weights unchanged, the reference is the base model, merge / unmerge are exact;
+- save -> load gives identical parameters, optimizer state and continuation;
+- a two-process gloo run completes a step with identical parameters on both ranks;
+- configuration and batch errors name the argument.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from spiral_rt.models.attention import DenseAttention
+from spiral_rt.rl import GRPOLossConfig
+from spiral_rt.rl.trainer import GRPOTrainer, GRPOTrainerConfig, LoRALinear, lora_disabled, merge_lora, unmerge_lora
+from spiral_rt.rollout import RolloutBatch, RolloutRunner, RolloutSpec
+from spiral_rt.sampling import FlowGRPOStep
+from tests.rollout.rollout_helpers import embeddings, make_engine, tiny_model
+
+F = 3
+PROMPTS = ["a fox in snow", "the fox runs", "the fox jumps", "a cat on a wall", "fox"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def rollout(model, *, plans, context_noise=0.0, group_size=3, num_chunks=3, fork_chunk=1, train_steps=(0, 1)):
+    engine = make_engine(model, context_noise=context_noise)
+    emb = embeddings(model, PROMPTS)
+    spec = RolloutSpec(goals=["fox"], plans=plans, num_plans=len(plans[0]), group_size=group_size,
+                       num_chunks=num_chunks, fork_chunk=fork_chunk, train_steps=train_steps,
+                       step_policy=FlowGRPOStep(noise_level=0.7), progress=False)
+    with torch.no_grad():
+        batch = RolloutRunner(engine, prompt_embeddings=emb).run(spec)
+    return batch, engine.config, emb
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# ----------------------------------------------------------------------------- log-prob reconstruction
+
+
+def test_recomputed_log_probs_equal_recorded():
+    model = tiny_model(seed=3)
+    plans = [[["a fox in snow", "the fox runs", "the fox jumps"]]]  # a new prompt every chunk
+    batch, ecfg, emb = rollout(model, plans=plans, context_noise=0.05, num_chunks=4, fork_chunk=2)
+    assert batch.chunk.tolist() == [2, 2, 3, 3]
+    trainer = GRPOTrainer(model, GRPOTrainerConfig(lora_rank=None, micro_batch_size=2), emb, engine_config=ecfg)
+    lp = trainer.log_probs(batch)
+    torch.testing.assert_close(lp, batch.log_prob, rtol=0, atol=1e-3)
+    torch.testing.assert_close(trainer.log_probs(batch, "mean"), batch.log_probs("mean"), rtol=0, atol=1e-6)
+    # the first step's ratio is 1 (same weights); with advantages of both signs the loss is ~0 on average
+    batch.advantages = torch.tensor([1.0, -0.5, -0.5], dtype=torch.float64)
+    stats = trainer.compute_gradients(batch)
+    assert abs(stats["ratio_mean"] - 1) < 1e-6 and stats["clipfrac"] == 0
+    normed = GRPOTrainer(model, GRPOTrainerConfig(lora_rank=None, loss=GRPOLossConfig(ratio_norm=True)), emb,
+                         engine_config=ecfg)  # TempAct's normalised ratio (m_old from the recorded mu) is 1 too
+    assert abs(normed.compute_gradients(batch)["ratio_mean"] - 1) < 1e-4
+    # the reconstruction is what makes them equal: another context noise gives other log-probs
+    wrong = GRPOTrainer(model, GRPOTrainerConfig(lora_rank=None), emb,
+                        engine_config=dataclasses.replace(ecfg, context_noise=0.0))
+    assert (wrong.log_probs(batch) - batch.log_prob).abs().max() > 1e-2
+
+
+# ----------------------------------------------------------------------------- loss and gradient vs a hand loop
+
+
+class DetachedContext(DenseAttention):
+    """Block-causal dense attention whose context keys / values (every token before the last
+    ``own`` ones) carry no gradient: the trainer's "context K/V without gradients"."""
+
+    def __init__(self, own: int, **kw):
+        super().__init__(**kw)
+        self.own = own
+
+    def self_attention(self, layer, q, k, v):
+        n = k.shape[1] - self.own
+        k = torch.cat([k[:, :n].detach(), k[:, n:]], dim=1)
+        v = torch.cat([v[:, :n].detach(), v[:, n:]], dim=1)
+        return super().self_attention(layer, q, k, v)
+
+
+def hand_loss(model, ref_model, batch, emb, loss_cfg: GRPOLossConfig, context_t: float) -> torch.Tensor:
+    """Independent GRPO loss: per (member, transition) one dense block-causal forward over
+    [clean chunks 0..c-1 at the context timestep, x at the transition's timestep] (one prompt),
+    context K/V detached."""
+    tpf = (batch.x.shape[4] // 2) * (batch.x.shape[5] // 2)
+    text = emb[batch.prompts[0]][None]
+    surrogate, kls = [], []
+    for m in range(batch.num_members):
+        for t in range(batch.num_transitions):
+            c = int(batch.chunk[t])
+            x = batch.x[m:m + 1, t]
+            seq = torch.cat([batch.latents[m:m + 1, :, :c * F], x], dim=2)
+            ts = torch.cat([torch.full((c * F,), context_t), torch.full((F,), float(batch.timestep[t]))])[None]
+            attn = DetachedContext(F * tpf, block_frames=F, tokens_per_frame=tpf)
+
+            def velocity(net):
+                return net(seq, ts, 0, attn, net.encode_text(text))[:, :, -F:].double()
+
+            a, b, std = batch.a[m, t], batch.b[m, t], batch.c[m, t]
+            mu = a * x.double() + b * velocity(model)
+            n = x.numel()
+            logp = (-((batch.x_next[m:m + 1, t].double() - mu) ** 2).sum() / (2 * std**2)
+                    - n * (math.log(std) + 0.5 * math.log(2 * math.pi))) / n
+            ratio = torch.exp(logp - batch.log_prob[m, t] / n)
+            adv = batch.advantages[m]
+            clipped = ratio.clamp(1 - loss_cfg.clip_range, 1 + loss_cfg.clip_range)
+            surrogate.append(torch.maximum(-adv * ratio, -adv * clipped))
+            with torch.no_grad():
+                mu_ref = a * x.double() + b * velocity(ref_model)
+            kls.append(((mu - mu_ref) ** 2 / (2 * std**2)).mean())
+    return torch.stack(surrogate).mean() + loss_cfg.kl_coef * torch.stack(kls).mean()
+
+
+def test_loss_and_gradient_match_hand_reference():
+    model = tiny_model(seed=5)
+    batch, ecfg, emb = rollout(model, plans=[[["a fox in snow"]]], group_size=3, num_chunks=3, fork_chunk=1)
+    batch.advantages = torch.tensor([1.3, -0.4, -0.9], dtype=torch.float64)
+    loss_cfg = GRPOLossConfig(clip_range=0.0004, kl_coef=0.3, kl="gaussian", convention="mean")
+    reference = copy.deepcopy(model)
+    trainer = GRPOTrainer(model, GRPOTrainerConfig(lora_rank=None, micro_batch_size=2, gradient_checkpointing=True,
+                                                   loss=loss_cfg), emb, engine_config=ecfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # move the policy away from the rollout's (and the reference's) weights
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    stats = trainer.compute_gradients(batch)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    hand_model = copy.deepcopy(model)  # plain module: no patched block, no grads
+    hand_model.__dict__.pop("_block", None)
+    hand_model.zero_grad(set_to_none=True)
+    expected = hand_loss(hand_model, reference, batch, emb, loss_cfg, context_t=0.0)
+    expected.backward()
+    assert stats["kl"] > 0 and 0 < stats["clipfrac"] < 1  # both terms and both clip branches take part
+    assert stats["loss"] == pytest.approx(expected.item(), rel=1e-4, abs=1e-7)
+    for n, p in hand_model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad.float(), rtol=2e-3, atol=1e-6, msg=lambda s: f"{n}: {s}")
+
+
+# ----------------------------------------------------------------------------- learning signal
+
+
+def test_positive_advantage_raises_that_members_log_prob():
+    model = tiny_model(seed=7)
+    batch, ecfg, emb = rollout(model, plans=[[["a fox in snow", "the fox runs"]]], context_noise=0.05)
+    batch.advantages = torch.tensor([1.0, -0.5, -0.5], dtype=torch.float64)
+    trainer = GRPOTrainer(model, GRPOTrainerConfig(lora_rank=4, lora_alpha=8.0, lr=3e-3, micro_batch_size=3,
+                                                   loss=GRPOLossConfig(convention="mean", clip_range=0.2)),
+                          emb, engine_config=ecfg)
+    before = trainer.log_probs(batch, "mean")
+    for _ in range(4):
+        stats = trainer.train_step(batch)
+        assert math.isfinite(stats["loss"]) and stats["grad_norm"] > 0
+    after = trainer.log_probs(batch, "mean")
+    gain = (after - before).mean(dim=1)
+    assert gain[0] > 0, gain
+    assert gain[0] > gain[1] and gain[0] > gain[2], gain
+    assert trainer.step == 4
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+def test_lora_keeps_base_weights_and_reference_is_base():
+    model = tiny_model(seed=9)
+    base = copy.deepcopy(model)
+    batch, ecfg, emb = rollout(model, plans=[[["a fox in snow"]]], group_size=2, train_steps=(1,))
+    batch.advantages = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    cfg = GRPOTrainerConfig(lora_rank=4, lr=1e-2, loss=GRPOLossConfig(kl_coef=0.1, kl="velocity_mse"))
+    trainer = GRPOTrainer(model, cfg, emb, engine_config=ecfg)
+    assert trainer.reference_kind == "lora_disabled" and trainer.reference_model is None
+    adapted = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    assert len(adapted) == 2 * 8 and all(n.endswith(cfg.lora_targets) for n in adapted)
+    assert set(trainer.trainable) == {f"{n}.{w}" for n in adapted for w in ("lora_A", "lora_B")}
+    for _ in range(2):
+        stats = trainer.train_step(batch)
+    assert stats["kl"] > 0
+    now = dict(model.named_parameters())
+    for n, p in base.named_parameters():  # same names, unchanged values
+        assert torch.equal(now[n], p), n
+    assert any(now[f"{n}.lora_B"].abs().max() > 0 for n in adapted)
+
+    x = batch.x[:, 0]
+    ts = torch.full((2, F), 500.0)
+    text = model.encode_text(emb["a fox in snow"][None])
+    with torch.no_grad():
+        with lora_disabled(model):
+            ref_out = model(x, ts, 0, None, text)
+        torch.testing.assert_close(ref_out, base(x, ts, 0, None, base.encode_text(emb["a fox in snow"][None])))
+        lora_out = model(x, ts, 0, None, text)
+        assert (lora_out - ref_out).abs().max() > 1e-5
+        merge_lora(model)
+        torch.testing.assert_close(model(x, ts, 0, None, text), lora_out, rtol=1e-4, atol=1e-5)
+        with lora_disabled(model):  # disabled while merged still computes the base
+            torch.testing.assert_close(model(x, ts, 0, None, text), ref_out, rtol=1e-4, atol=1e-5)
+        unmerge_lora(model)
+    for n, p in base.named_parameters():
+        torch.testing.assert_close(now[n], p, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_save_resume_gives_identical_state(tmp_path):
+    model = tiny_model(seed=11)
+    batch, ecfg, emb = rollout(model, plans=[[["a fox in snow"]]], group_size=2)
+    batch.advantages = torch.tensor([0.7, -0.7], dtype=torch.float64)
+    initial = copy.deepcopy(model)
+    cfg = GRPOTrainerConfig(lora_rank=None, lr=1e-3, weight_decay=0.01, checkpoint_dir=str(tmp_path / "ckpt"),
+                            checkpoint_interval=2, loss=GRPOLossConfig(kl_coef=0.05))
+    a = GRPOTrainer(model, cfg, emb, engine_config=ecfg)
+    a.train_step(batch)
+    a.train_step(batch)
+    saved = tmp_path / "ckpt" / "step-00000002"
+    assert (saved / "weights.safetensors").is_file() and (saved / "optimizer.pt").is_file()
+
+    b = GRPOTrainer(initial, dataclasses.replace(cfg, checkpoint_dir=None, checkpoint_interval=0), emb,
+                    engine_config=ecfg)
+    b.load(saved)
+    assert b.step == 2
+    for n, p in model.named_parameters():
+        assert torch.equal(p, dict(initial.named_parameters())[n]), n
+    sa, sb = a.optimizer.state_dict(), b.optimizer.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    for k in sa["state"]:
+        for name, v in sa["state"][k].items():
+            assert torch.equal(v, sb["state"][k][name]), (k, name)
+    a.train_step(batch)
+    b.train_step(batch)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, dict(initial.named_parameters())[n], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="'path'"):
+        b.load(tmp_path / "nothing")
+
+
+# ----------------------------------------------------------------------------- two processes (gloo)
+
+
+def select(batch: RolloutBatch, rows: list[int]) -> RolloutBatch:
+    """The members ``rows`` of ``batch`` (per-member tensors indexed, per-transition ones kept)."""
+    kw = {}
+    for f in dataclasses.fields(batch):
+        v = getattr(batch, f.name)
+        per_member = isinstance(v, torch.Tensor) and f.name not in ("chunk", "step", "sigma", "sigma_next", "timestep",
+                                                                      "plan_rewards", "plan_advantages")
+        kw[f.name] = v[rows] if per_member else v
+    return RolloutBatch(**kw)
+
+
+def _gloo_worker(rank: int, world: int, port: int, data_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=__import__("datetime").timedelta(seconds=60))
+    try:
+        data = Path(data_dir)
+        batch = RolloutBatch.load(data / "batch")
+        ecfg, emb = torch.load(data / "setup.pt", weights_only=False)
+        model = tiny_model(seed=13)
+        torch.manual_seed(1000 + rank)  # different adapter inits per rank: DDP must broadcast rank 0's
+        own = select(batch, [i for i in range(batch.num_members) if int(batch.group_index[i]) == rank])
+        cfg = GRPOTrainerConfig(lora_rank=4, lr=1e-2, recompute_advantages=True, micro_batch_size=1)
+        trainer = GRPOTrainer(model, cfg, emb, engine_config=ecfg)
+        assert trainer.distributed and trainer.world_size == world
+        stats = trainer.train_step(own)
+        torch.save({"params": {n: p.detach() for n, p in trainer.trainable.items()}, "stats": stats},
+                   data / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_step(tmp_path):
+    model = tiny_model(seed=13)
+    batch, ecfg, emb = rollout(model, plans=[[["a fox in snow"], ["a cat on a wall"]]], group_size=2, num_chunks=2,
+                               train_steps=(0,))
+    batch.rewards = torch.tensor([0.9, 0.1, 0.2, 0.6], dtype=torch.float64)
+    batch.save(tmp_path / "batch")
+    torch.save((ecfg, emb), tmp_path / "setup.pt")
+    ctx = mp.start_processes(_gloo_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    import time
+
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the gloo run did not finish in 120 s")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["params"].keys() == r1["params"].keys() and r0["params"]
+    for n in r0["params"]:
+        assert torch.equal(r0["params"][n], r1["params"][n]), n
+    assert any(r0["params"][n].abs().max() > 0 for n in r0["params"] if n.endswith("lora_B"))
+    # each rank saw different members (its own group), yet the update is the same: gradients were averaged
+    assert r0["stats"]["logp_new"] != r1["stats"]["logp_new"]
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(lr=-1.0), "'lr'"), (dict(micro_batch_size=0), "'micro_batch_size'"), (dict(lora_rank=0), "'lora_rank'"),
+    (dict(reference="lora_disabled", lora_rank=None), "'reference'"), (dict(checkpoint_interval=3), "'checkpoint_interval'"),
+    (dict(grad_clip=0.0), "'grad_clip'"), (dict(lora_targets=()), "'lora_targets'"),
+])
+def test_config_errors_name_the_field(kw, name):
+    with pytest.raises(ValueError, match=name):
+        GRPOTrainerConfig(**kw).validate()
+
+
+def test_argument_errors_name_the_argument():
+    model = tiny_model(seed=1)
+    ecfg = make_engine(model).config
+    emb = embeddings(model, PROMPTS)
+    with pytest.raises(ValueError, match="'model'"):
+        GRPOTrainer(torch.nn.Linear(2, 2), GRPOTrainerConfig(), emb, engine_config=ecfg)
+    with pytest.raises(ValueError, match="'text'"):
+        GRPOTrainer(model, GRPOTrainerConfig(), 3, engine_config=ecfg)
+    with pytest.raises(ValueError, match="'engine_config'"):
+        GRPOTrainer(model, GRPOTrainerConfig(), emb, engine_config=dataclasses.replace(ecfg, recache_on_switch=True))
+    with pytest.raises(ValueError, match="'targets'"):
+        GRPOTrainer(tiny_model(seed=1), GRPOTrainerConfig(lora_targets=("nope",)), emb, engine_config=ecfg)
+    trainer = GRPOTrainer(tiny_model(seed=1), GRPOTrainerConfig(), emb, engine_config=ecfg)
+    with pytest.raises(ValueError, match="'batch'"):
+        trainer.train_step("not a batch")
