@@ -58,7 +58,6 @@ import torch
 
 from spiral_rt.models.config import WanDiTConfig
 from spiral_rt.models.text import TextEncoder
-from spiral_rt.sampling import shift_sigma
 from spiral_rt.world.dataset import chunk_prompts, read_manifest, read_video
 from spiral_rt.world.goals import random_goal
 from spiral_rt.world.language import canonical_prompt, goal_to_steps
