@@ -1,19 +1,34 @@
 """The ``spiral-rt`` command.
 
 Subcommands:
-  info      what this installation can run: versions, devices, the native build, and which
-            backend each op would use on each device.
-  generate  SPIRAL's closed loop on one goal: plan, generate each step's segment with the streaming
-            engine, judge it, regenerate or replan; writes video.mp4, trace.json and
-            contact_sheet.png and prints where they are.
+  info        what this installation can run: versions, devices, the native build, and which
+              backend each op would use on each device.
+  generate    SPIRAL's closed loop on one goal: plan, generate each step's segment with the streaming
+              engine, judge it, regenerate or replan; writes video.mp4, trace.json and
+              contact_sheet.png and prints where they are.
+  rollout     GRPO rollouts (``spiral_rt.rollout``): per goal K plans x G videos from a shared prefix,
+              scored by the critic; writes into --out the RolloutBatch (batch.json,
+              tensors.safetensors, frames.safetensors), planner.jsonl (plan-level rewards and
+              advantages for LLM trainers) and summary.json (per-group reward mean/std, advantages,
+              timings, videos/s, peak KV pages), and prints a table of the groups.
+  train-grpo  GRPO updates (``spiral_rt.rl.GRPOTrainer``) from rollout directories, one optimizer step
+              per batch in turn: step-N/ checkpoints and log.jsonl (per-step statistics) in --out;
+              --resume continues from the latest checkpoint there (step counter, adapters, optimizer).
 
 Boundaries: argument parsing, assembly of the pieces from their config dataclasses (``EngineConfig``,
-``LoopConfig``, ``EngineGeneratorConfig``), a progress bar, and printing. Generation is the engine's
-(``spiral_rt.engine``), the loop and its outputs are ``spiral_rt.agents``'. Exit codes: 0 done,
-1 the run stopped on a generator error (what was kept is still written), 2 bad arguments or a model
-that cannot be loaded.
+``LoopConfig``, ``EngineGeneratorConfig``, ``RolloutSpec``, ``GRPOTrainerConfig``), progress bars, and
+printing. Generation is the engine's (``spiral_rt.engine``), the loop and its outputs are
+``spiral_rt.agents``', rollouts ``spiral_rt.rollout``'s, training ``spiral_rt.rl``'s. Exit codes: 0 done,
+1 the run stopped on a generator, rollout or training error (generate keeps what was made, rollout
+writes nothing, train-grpo keeps the checkpoints already written), 2 bad arguments or a model that
+cannot be loaded (one line naming the argument).
 
-Models for ``generate``:
+A rollout directory records the model that generated it (``stats["model"]`` in batch.json);
+train-grpo refuses batches of another model (source, preset, checkpoint, dtype, latent size, and
+the weights seed of --random-weights, which it takes from the batches unless --seed is given), since
+the trainer must recompute the recorded log-probs with the same weights.
+
+Models for ``generate``, ``rollout`` and ``train-grpo`` (the same options):
   --model world                 the bundled world's trained tiny model (the default; needs its
                                 weights file, see ``spiral_rt.world.model.load_world_model``)
   --model PATH --config PRESET  a DiT checkpoint (file or shard directory) of a preset of
@@ -184,12 +199,11 @@ def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].rstrip("-") or "goal"
 
 
-def _resolve(args: argparse.Namespace) -> GenerateSettings:
-    """Check the arguments against each other and build the settings; UsageError names the argument."""
+def _resolve_model(args: argparse.Namespace) -> ModelSpec:
+    """The model the options name (--model, --config, --vae, --text-encoder, --random-weights, --device,
+    --dtype, --latent-size), checked against each other; UsageError names the argument."""
     from spiral_rt.models.config import PRESETS
 
-    if not args.goal.strip():
-        raise UsageError("argument GOAL is empty")
     if args.config is not None and args.config not in PRESETS:
         raise UsageError(f"argument --config: {args.config!r} is not a preset; choose one of {sorted(PRESETS)}")
     device = args.device
@@ -231,6 +245,14 @@ def _resolve(args: argparse.Namespace) -> GenerateSettings:
                           text_encoder=args.text_encoder, device=device, dtype=dtype, latent_size=latent)
     if model.vae is not None and not Path(model.vae).exists():
         raise UsageError(f"argument --vae: {model.vae!r} does not exist")
+    return model
+
+
+def _resolve(args: argparse.Namespace) -> GenerateSettings:
+    """Check the arguments against each other and build the settings; UsageError names the argument."""
+    if not args.goal.strip():
+        raise UsageError("argument GOAL is empty")
+    model = _resolve_model(args)
     out = Path(args.out) if args.out else Path("spiral_out") / f"{_slug(args.goal)}-{time.strftime('%Y%m%d-%H%M%S')}"
     if out.exists() and not out.is_dir():
         raise UsageError(f"argument --out: {str(out)!r} exists and is not a directory")
@@ -247,11 +269,18 @@ def _engine_config(args: argparse.Namespace, model_cfg, spec: ModelSpec):
     ph, pw = model_cfg.patch_size[1], model_cfg.patch_size[2]
     if latent[0] % ph or latent[1] % pw:
         raise UsageError(f"argument --latent-size: {latent[0]} {latent[1]} must be multiples of the patch ({ph}, {pw})")
-    kw = {}
-    if args.kv_memory_mb is not None:
-        kw["kv_memory_bytes"] = args.kv_memory_mb * 2**20
     return EngineConfig(latent_size=latent, seed=args.seed, device=spec.device, recache_on_switch=False,
-                        cuda_graphs=False, **kw)
+                        cuda_graphs=False, **_kv_pool(args))
+
+
+def _kv_pool(args: argparse.Namespace) -> dict:
+    """EngineConfig fields of the KV pool: --kv-memory-mb, or train-grpo's small fixed pool (the trainer keeps
+    its own K/V; the engine only supplies the model, its config and the text encoder)."""
+    if getattr(args, "kv_num_pages", None) is not None:
+        return {"kv_num_pages": args.kv_num_pages}
+    if getattr(args, "kv_memory_mb", None) is not None:
+        return {"kv_memory_bytes": args.kv_memory_mb * 2**20}
+    return {}
 
 
 def _build_engine(args: argparse.Namespace, spec: ModelSpec):
@@ -269,7 +298,7 @@ def _build_engine(args: argparse.Namespace, spec: ModelSpec):
         except FileNotFoundError as exc:
             raise UsageError(f"the bundled world model's weights are not installed in this package yet ({exc}); use "
                              "--model PATH --config PRESET --vae PATH --text-encoder PATH, or --random-weights for a smoke run") from None
-        return world.engine()
+        return world.engine(**_kv_pool(args))
 
     from spiral_rt.ops.chunk_attention import SUPPORTED_HEAD_DIMS
 
@@ -341,16 +370,18 @@ def _randomize_(module: torch.nn.Module, std: float, gen: torch.Generator) -> to
     return module
 
 
-def _build_agents(settings: GenerateSettings):
+def _build_agents(planner_spec: str, critic_spec: str, timeout_s: float):
+    """(planner, critic) from their specs; planner "none" (rollout only) gives no planner."""
     from spiral_rt.agents.factory import agents_from_specs, backend_from_spec
     from spiral_rt.agents.llm import ChatCriticAgent, ChatPlanAgent
     from spiral_rt.world import WorldCritic, WorldPlanner
 
-    p, c, t = settings.planner, settings.critic, settings.agent_timeout_s
+    p, c, t = planner_spec, critic_spec, timeout_s
     try:
-        if p != "world" and c != "world":
+        if p not in ("world", "none") and c != "world":
             return agents_from_specs(p, c, timeout_s=t)
-        planner = WorldPlanner() if p == "world" else ChatPlanAgent(backend_from_spec(p, timeout_s=t))
+        planner = (None if p == "none" else WorldPlanner() if p == "world"
+                   else ChatPlanAgent(backend_from_spec(p, timeout_s=t)))
         critic = WorldCritic() if c == "world" else ChatCriticAgent(backend_from_spec(c, timeout_s=t))
     except (ValueError, ImportError) as exc:
         raise UsageError(f"arguments --planner/--critic: {exc}") from None
@@ -424,7 +455,7 @@ def _generate(args: argparse.Namespace) -> int:
         engine = _build_engine(args, spec)
         spec.latent_size = tuple(engine.config.latent_size)
         spec.parameters = sum(p.numel() for p in engine.model.parameters())
-        planner, critic = _build_agents(settings)
+        planner, critic = _build_agents(settings.planner, settings.critic, settings.agent_timeout_s)
         from spiral_rt.agents.loop import ClosedLoop, LoopConfig
         from spiral_rt.engine.generator import EngineGenerator, EngineGeneratorConfig
 
@@ -489,13 +520,8 @@ class _HelpFormatter(argparse.HelpFormatter):
         return text
 
 
-def _add_generate(sub) -> None:
-    p = sub.add_parser(
-        "generate", help="run the closed loop on a goal and write video, trace and contact sheet",
-        description="Plan the goal, generate each step with the streaming engine, judge it, regenerate or replan; "
-                    "write video.mp4, trace.json and contact_sheet.png.",
-        formatter_class=_HelpFormatter)
-    p.add_argument("goal", metavar="GOAL", help='the goal, e.g. "move the red circle left, then make it blue"')
+def _add_model_options(p: argparse.ArgumentParser, *, kv_pool: bool = True):
+    """The model options of generate, rollout and train-grpo (resolved by ``_resolve_model``); returns the group."""
     m = p.add_argument_group("model")
     m.add_argument("--model", default="world",
                    help="'world' (the bundled world's trained tiny model) or a DiT checkpoint file/directory")
@@ -510,8 +536,20 @@ def _add_generate(sub) -> None:
                    help="DiT dtype (default: bfloat16 on cuda, float32 on cpu)")
     m.add_argument("--latent-size", type=_number("--latent-size"), nargs=2, metavar=("H", "W"), default=None,
                    help="latent frame size (default: 60 104 for the Wan presets, 4 4 with --random-weights, else 8 8)")
-    m.add_argument("--kv-memory-mb", type=_number("--kv-memory-mb"), default=None,
-                   help="KV cache pool size (default: 40%% of free GPU memory, 256 MiB on cpu)")
+    if kv_pool:
+        m.add_argument("--kv-memory-mb", type=_number("--kv-memory-mb"), default=None,
+                       help="KV cache pool size (default: 40%% of free GPU memory, 256 MiB on cpu)")
+    return m
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="run the closed loop on a goal and write video, trace and contact sheet",
+        description="Plan the goal, generate each step with the streaming engine, judge it, regenerate or replan; "
+                    "write video.mp4, trace.json and contact_sheet.png.",
+        formatter_class=_HelpFormatter)
+    p.add_argument("goal", metavar="GOAL", help='the goal, e.g. "move the red circle left, then make it blue"')
+    m = _add_model_options(p)
     m.add_argument("--recache", action="store_true", help="LongLive re-cache of the context at each step's prompt switch")
     a = p.add_argument_group("agents and loop")
     a.add_argument("--planner", type=_agent_spec("--planner"), default="world", help=AGENT_SPEC_HELP)
@@ -537,11 +575,402 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=_generate)
 
 
+# ------------------------------------------------------------------------------------------ rollout
+
+ROLLOUT_FIELD_FLAGS = {"goals": "GOAL", "num_plans": "--plans", "group_size": "--group-size", "num_chunks": "--chunks",
+                       "fork_chunk": "--fork-chunk", "train_chunks": "--train-chunks", "train_steps": "--train-steps",
+                       "noise": "--noise", "seed": "--seed"}
+"""RolloutSpec field -> the rollout option that sets it (for error messages)."""
+
+
+def _spec_error(exc: ValueError) -> UsageError:
+    """A RolloutSpec ValueError as a UsageError naming the option of the field it names."""
+    text = str(exc)
+    for name, flag in ROLLOUT_FIELD_FLAGS.items():
+        if f"'{name}" in text:
+            return UsageError(f"argument {flag}: {text.removeprefix('RolloutSpec: ')}")
+    return UsageError(text)
+
+
+def _rollout_goals(args: argparse.Namespace) -> list[str]:
+    if args.goals_file is not None and args.goal:
+        raise UsageError("argument --goals: give goals as GOAL arguments or in --goals FILE, not both")
+    if args.goals_file is None:
+        if not args.goal:
+            raise UsageError("argument GOAL: no goals; give GOAL [GOAL ...] or --goals FILE")
+        for i, g in enumerate(args.goal):
+            if not g.strip():
+                raise UsageError(f"argument GOAL: goal {i + 1} is empty")
+        return [g.strip() for g in args.goal]
+    try:
+        lines = Path(args.goals_file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"argument --goals: cannot read {args.goals_file!r}: {exc}") from None
+    goals = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not goals:
+        raise UsageError(f"argument --goals: {args.goals_file!r} holds no goals (one per line; '#' starts a comment)")
+    return goals
+
+
+def _rollout_out(args: argparse.Namespace) -> Path:
+    out = Path(args.out) if args.out else Path("spiral_out") / f"rollout-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"argument --out: {str(out)!r} exists and is not a directory")
+    if (out / "batch.json").exists():
+        raise UsageError(f"argument --out: {str(out)!r} already holds a rollout (batch.json); choose a new directory")
+    return out
+
+
+def _model_record(spec: ModelSpec, weights_seed: int) -> dict:
+    """What a batch records about the model that generated it (train-grpo checks it)."""
+    d = spec.describe()
+    if spec.random_weights:
+        d["weights_seed"] = weights_seed
+    return d
+
+
+def _rollout_summary(batch, spec, out: Path, model: dict, files: dict) -> dict:
+    """summary.json: per-group rewards, advantages, timings, throughput, peak KV memory."""
+    st = batch.stats
+    rewards = batch.rewards
+    groups = []
+    for grp, plan in enumerate(batch.plans()):
+        sel = batch.group_index == grp
+        r = rewards[sel]
+        groups.append({
+            "group": grp, "goal_index": grp // spec.num_plans, "goal": plan.goal.text, "plan_index": grp % spec.num_plans,
+            "plan": [s.prompt for s in plan.steps], "rewards": r.tolist(),
+            "reward_mean": float(r.mean()), "reward_std": float(r.std(unbiased=False)),
+            "reward_min": float(r.min()), "reward_max": float(r.max()),
+            "advantages": batch.advantages[sel].tolist(),
+            "plan_reward": float(batch.plan_rewards[grp]), "plan_advantage": float(batch.plan_advantages[grp]),
+        })
+    return {
+        "out": str(out), "files": files, "model": model,
+        "rollout": {"goals": [g if isinstance(g, str) else g.text for g in spec.goals], "num_plans": spec.num_plans,
+                    "group_size": spec.group_size, "num_chunks": spec.num_chunks, "fork_chunk": spec.fork_chunk,
+                    "trained_chunks": batch.chunk.unique().tolist(), "trained_steps": batch.step.unique().tolist(),
+                    "noise": spec.noise, "seed": spec.seed, "schedule": st["schedule"]},
+        "videos": batch.num_members, "transitions_per_video": batch.num_transitions,
+        "frames_per_video": int(batch.frames.shape[1]) if batch.frames is not None else None,
+        "rewards": {"mean": float(rewards.mean()), "std": float(rewards.std(unbiased=False)),
+                    "min": float(rewards.min()), "max": float(rewards.max())},
+        "advantages": batch.advantages.tolist(),
+        "groups": groups,
+        "timings": {"seconds": st["seconds"], "generate_seconds": st["generate_seconds"],
+                    "critic_wait_seconds": st["seconds"] - st["generate_seconds"]},
+        "videos_per_s": st["videos_per_s"], "engine_steps": st["engine_steps"],
+        "peak_kv_pages": st["peak_kv_pages"], "peak_kv_bytes": st["peak_kv_bytes"], "page_bytes": st["page_bytes"],
+    }
+
+
+def _print_rollout_table(summary: dict) -> None:
+    rows = [("group", "goal", "plan", "reward", "std", "min", "max", "plan adv")]
+    for g in summary["groups"]:
+        goal = g["goal"] if len(g["goal"]) <= 36 else g["goal"][:35] + "~"
+        rows.append((str(g["group"]), goal, str(g["plan_index"]), f"{g['reward_mean']:.3f}", f"{g['reward_std']:.3f}",
+                     f"{g['reward_min']:.3f}", f"{g['reward_max']:.3f}", f"{g['plan_advantage']:+.3f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+    t = summary["timings"]
+    print(f"{summary['videos']} videos ({summary['transitions_per_video']} trained transitions each) in "
+          f"{t['seconds']:.2f} s ({t['generate_seconds']:.2f} s generating): {summary['videos_per_s']:.3f} videos/s; "
+          f"reward {summary['rewards']['mean']:.3f} +- {summary['rewards']['std']:.3f}; peak KV "
+          f"{summary['peak_kv_pages']} pages ({summary['peak_kv_bytes'] / 2**20:.2f} MiB)")
+
+
+def _rollout(args: argparse.Namespace) -> int:
+    from spiral_rt.rollout import RolloutRunner, RolloutSpec
+
+    prog = "spiral-rt rollout"
+    try:
+        goals = _rollout_goals(args)
+        out = _rollout_out(args)
+        model = _resolve_model(args)
+        spec = RolloutSpec(goals=goals, num_plans=args.plans, group_size=args.group_size, num_chunks=args.chunks,
+                           fork_chunk=args.fork_chunk, train_chunks=tuple(args.train_chunks) if args.train_chunks else None,
+                           train_steps=tuple(args.train_steps) if args.train_steps else None, noise=args.noise,
+                           seed=args.seed, keep_frames=not args.no_frames, progress=not args.no_progress)
+        try:
+            spec.validate()
+        except ValueError as exc:
+            raise _spec_error(exc) from None
+        if model.random_weights:
+            print(f"{prog}: {RANDOM_WEIGHTS_LABEL} (preset {model.preset})", flush=True)
+        engine = _build_engine(args, model)
+        model.latent_size = tuple(engine.config.latent_size)
+        model.parameters = sum(p.numel() for p in engine.model.parameters())
+        try:
+            spec.trained_steps(engine.config.schedule)
+        except ValueError as exc:
+            raise _spec_error(exc) from None
+        planner, critic = _build_agents(args.planner, args.critic, args.agent_timeout)
+        spec.planner = planner
+        try:
+            spec.plans = spec.resolved_plans()  # planned once here, so a goal the planner cannot read is a usage error
+        except ValueError as exc:
+            raise UsageError(f"argument GOAL: the planner cannot plan it: {exc} (--planner none uses each goal as "
+                             "its own prompt)") from None
+        spec.planner = None
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+    try:
+        batch = RolloutRunner(engine, critic).run(spec, schedule=args.schedule)
+    except Exception as exc:  # generation or critic failure: nothing is written
+        print(f"{prog}: the rollout failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    record = _model_record(model, args.seed)
+    batch.stats["model"] = record
+    batch.save(out)
+    jsonl = RolloutRunner.write_planner_jsonl(batch, out / "planner.jsonl")
+    files = {"batch": str(out), "planner_jsonl": str(jsonl), "summary": str(out / "summary.json")}
+    summary = _rollout_summary(batch, spec, out, record, files)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    _print_rollout_table(summary)
+    print(f"batch:   {out}" + (" [random weights]" if model.random_weights else ""))
+    print(f"planner: {jsonl}")
+    print(f"summary: {out / 'summary.json'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ train-grpo
+
+MODEL_RECORD_KEYS = ("source", "preset", "checkpoint", "dtype", "latent_size", "weights_seed")
+"""What must agree between the model that generated a batch and the one train-grpo trains."""
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    """``step-NNNNNNNN`` checkpoint directories of ``out`` (with trainer.json), oldest first."""
+    if not out.is_dir():
+        return []
+    found = [d for d in out.iterdir() if d.is_dir() and re.fullmatch(r"step-\d+", d.name) and (d / "trainer.json").is_file()]
+    return sorted(found, key=lambda d: int(d.name.split("-")[1]))
+
+
+def _load_batches(args: argparse.Namespace) -> list:
+    from spiral_rt.rollout import RolloutBatch
+
+    batches = []
+    for d in args.batches:
+        if not (Path(d) / "batch.json").is_file():
+            raise UsageError(f"argument --batches: {d!r} holds no rollout (batch.json); write one with spiral-rt rollout")
+        try:
+            b = RolloutBatch.load(d)
+        except Exception as exc:  # format version, missing or corrupt tensor files
+            raise UsageError(f"argument --batches: cannot load {d!r}: {exc}") from None
+        if b.advantages is None:
+            raise UsageError(f"argument --batches: {d!r} has no rewards or advantages (the rollout ran without a critic)")
+        batches.append(b)
+    return batches
+
+
+def _check_batch_model(args: argparse.Namespace, batches: list, model: ModelSpec) -> None:
+    """Random weights take the batches' weight seed unless --seed is given; every batch must come from the model."""
+    recorded = [b.stats.get("model") for b in batches]
+    if model.random_weights and args.seed is None:
+        seeds = {r.get("weights_seed") for r in recorded if r}
+        args.seed = seeds.pop() if len(seeds) == 1 and None not in seeds else 0
+    if args.seed is None:
+        args.seed = 0
+    mine = _model_record(model, args.seed)
+    for d, r in zip(args.batches, recorded):
+        if not r:
+            continue  # written without the CLI: nothing to check against
+        diff = [k for k in MODEL_RECORD_KEYS if k in r and k in mine and r[k] is not None and mine[k] is not None
+                and (list(r[k]) if isinstance(r[k], (list, tuple)) else r[k])
+                != (list(mine[k]) if isinstance(mine[k], (list, tuple)) else mine[k])]
+        if diff:
+            have = ", ".join(f"{k}={mine[k]!r}" for k in diff)
+            want = ", ".join(f"{k}={r[k]!r}" for k in diff)
+            raise UsageError(f"argument --batches: {d!r} was generated with {want}; these options give {have} "
+                             "(pass the rollout's model options)")
+
+
+def _train_grpo(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from spiral_rt.rl import GRPOLossConfig, GRPOTrainer, GRPOTrainerConfig
+
+    prog = "spiral-rt train-grpo"
+    out = Path(args.out)
+    try:
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"argument --out: {str(out)!r} exists and is not a directory")
+        existing = _checkpoints(out)
+        if args.resume and not existing:
+            raise UsageError(f"argument --resume: no checkpoint (step-N/trainer.json) in --out {str(out)!r}")
+        if existing and not args.resume:
+            raise UsageError(f"argument --out: {str(out)!r} already holds checkpoints (latest {existing[-1].name}); "
+                             "pass --resume to continue from it or choose another directory")
+        batches = _load_batches(args)
+        model = _resolve_model(args)
+        _check_batch_model(args, batches, model)
+        if model.random_weights:
+            print(f"{prog}: {RANDOM_WEIGHTS_LABEL} (preset {model.preset}, weights seed {args.seed})", flush=True)
+        args.kv_num_pages = 4  # the engine supplies model, config and text encoder; training keeps its own K/V
+        engine = _build_engine(args, model)
+        config = GRPOTrainerConfig(
+            lr=args.lr, lora_rank=args.lora_rank or None, lora_alpha=args.lora_alpha or float(args.lora_rank or 16),
+            micro_batch_size=args.micro_batch_size, gradient_checkpointing=args.gradient_checkpointing,
+            loss=GRPOLossConfig(clip_range=args.clip_range, kl_coef=args.kl_coef, kl=args.kl,
+                                convention=args.convention, ratio_norm=args.ratio_norm))
+        try:
+            trainer = GRPOTrainer(engine.model, config, engine.text_encoder, engine_config=engine.config)
+        except ValueError as exc:
+            raise UsageError(f"the trainer cannot train this model: {exc}") from None
+        if args.resume:
+            try:
+                trainer.load(existing[-1])
+            except ValueError as exc:
+                raise UsageError(f"argument --resume: {exc}") from None
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # a config dataclass refused a value
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+    log_path = out / "log.jsonl"
+    first = trainer.step
+    steps = args.steps if args.steps is not None else len(batches)
+    bar = tqdm(total=steps, unit="step", desc="train-grpo", disable=args.no_progress, dynamic_ncols=True, file=sys.stderr)
+    t0 = time.perf_counter()
+    last_saved, stats = None, {}
+    try:
+        for _ in range(steps):
+            i = trainer.step % len(batches)  # batches in turn, continued across --resume
+            ts = time.perf_counter()
+            try:
+                stats = trainer.train_step(batches[i])
+            except ValueError as exc:  # the batch does not fit the model or the loss options
+                if trainer.step == first:  # nothing written yet: a usage error
+                    print(f"{prog}: error: argument --batches: {args.batches[i]!r}: {exc}", file=sys.stderr)
+                    return 2
+                raise
+            stats.update(batch=args.batches[i], seconds=time.perf_counter() - ts)
+            out.mkdir(parents=True, exist_ok=True)
+            with log_path.open("a", encoding="utf-8") as log:
+                log.write(json.dumps(stats) + "\n")
+            bar.update(1)
+            bar.set_postfix_str(f"step {trainer.step} loss {stats['loss']:.4g} ratio {stats['ratio_mean']:.4f} "
+                                f"kl {stats['kl']:.3g}")
+            if args.save_every and trainer.step % args.save_every == 0:
+                last_saved = trainer.save(out / f"step-{trainer.step:08d}")
+    except Exception as exc:  # a failed step: the checkpoints and log lines already written stay
+        print(f"{prog}: training stopped at step {trainer.step}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        bar.close()
+    if last_saved is None or last_saved.name != f"step-{trainer.step:08d}":
+        last_saved = trainer.save(out / f"step-{trainer.step:08d}")
+    print(f"trained steps {first + 1}..{trainer.step} on {len(batches)} batch(es) in {time.perf_counter() - t0:.1f} s"
+          + (f": loss {stats['loss']:.4g}, ratio {stats['ratio_mean']:.4f}, kl {stats['kl']:.3g}, grad norm "
+             f"{stats['grad_norm']:.3g}" if stats else "")
+          + (" [random weights]" if model.random_weights else ""))
+    print(f"checkpoint: {last_saved}")
+    print(f"log:        {log_path}")
+    return 0
+
+
+def _add_rollout(sub) -> None:
+    from spiral_rt.rollout import NOISE_POLICIES, SCHEDULES
+
+    p = sub.add_parser(
+        "rollout", help="GRPO rollouts: K plans x G videos per goal, scored; writes a RolloutBatch and a summary",
+        description="Generate hierarchical GRPO groups (K plans per goal, G continuations per plan from a shared "
+                    "prefix), record the trained transitions, score every video with the critic, and write the "
+                    "RolloutBatch, planner.jsonl (plan-level rewards for LLM trainers) and summary.json into --out.",
+        formatter_class=_HelpFormatter)
+    p.add_argument("goal", metavar="GOAL", nargs="*", help="goals (or --goals FILE)")
+    p.add_argument("--goals", dest="goals_file", metavar="FILE", default=None,
+                   help="a file of goals, one per line ('#' starts a comment line)")
+    _add_model_options(p)
+    r = p.add_argument_group("rollout")
+    r.add_argument("--plans", type=_number("--plans"), default=1, metavar="K", help="plans per goal")
+    r.add_argument("--group-size", type=_number("--group-size"), default=4, metavar="G", help="videos per plan")
+    r.add_argument("--chunks", type=_number("--chunks"), default=7, metavar="N", help="chunks per video")
+    r.add_argument("--fork-chunk", type=_number("--fork-chunk", minimum=0), default=2, metavar="F",
+                   help="chunks of the shared prefix before the G-way fork")
+    r.add_argument("--train-chunks", type=_number("--train-chunks", minimum=0), nargs="+", default=None, metavar="C",
+                   help="trained chunks counted from the fork (default: every chunk after the fork)")
+    r.add_argument("--train-steps", type=_number("--train-steps", minimum=0), nargs="+", default=None, metavar="S",
+                   help="trained denoising steps (default: every stochastic step)")
+    r.add_argument("--noise", choices=NOISE_POLICIES, default="independent", help="noise sharing within a group")
+    r.add_argument("--seed", type=_seed, default=0, help="Philox seed of the rollout (and of --random-weights)")
+    r.add_argument("--schedule", choices=SCHEDULES, default="batched",
+                   help="batched (members in one batch), or the baselines prefix_once and naive")
+    a = p.add_argument_group("agents")
+    a.add_argument("--planner", type=_planner_spec, default="world",
+                   help=AGENT_SPEC_HELP + ", or none (each goal is the prompt of every chunk)")
+    a.add_argument("--critic", type=_agent_spec("--critic"), default="world", help=AGENT_SPEC_HELP)
+    a.add_argument("--agent-timeout", type=_number("--agent-timeout", float, 0, strict=True), default=60.0,
+                   help="request timeout in seconds of LLM/VLM agents")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default=None, help="output directory (default: spiral_out/rollout-<time>)")
+    o.add_argument("--no-frames", action="store_true", help="do not store the decoded frames in the batch")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    o.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    p.set_defaults(func=_rollout)
+
+
+def _clip_range(text: str) -> float:
+    value = _number("--clip-range", float, 0, strict=True)(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"--clip-range must be < 1, got {value}")
+    return value
+
+
+def _planner_spec(text: str) -> str:
+    return text if text == "none" else _agent_spec("--planner")(text)
+
+
+def _add_train_grpo(sub) -> None:
+    p = sub.add_parser(
+        "train-grpo", help="GRPO updates of the DiT from rollout batches; checkpoints and a JSONL log",
+        description="Train the model on RolloutBatch directories written by spiral-rt rollout (batches in turn, one "
+                    "optimizer step each), writing step-N checkpoints and log.jsonl (per-step statistics) into --out.",
+        formatter_class=_HelpFormatter)
+    p.add_argument("--batches", nargs="+", required=True, metavar="DIR", help="rollout directories (spiral-rt rollout --out)")
+    p.add_argument("--out", required=True, metavar="CKPT_DIR", help="checkpoint directory (step-N/ and log.jsonl)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    _add_model_options(p, kv_pool=False)
+    p.add_argument("--seed", type=_seed, default=None,
+                   help="seed of --random-weights (default: the one recorded in the batches)")
+    t = p.add_argument_group("training")
+    t.add_argument("--steps", type=_number("--steps"), default=None, metavar="N",
+                   help="optimizer steps to run now (default: one per batch)")
+    t.add_argument("--lr", type=_number("--lr", float, 0, strict=True), default=1e-5, help="AdamW learning rate")
+    t.add_argument("--lora-rank", type=_number("--lora-rank", minimum=0), default=16, metavar="R",
+                   help="LoRA rank; 0: full fine-tuning")
+    t.add_argument("--lora-alpha", type=_number("--lora-alpha", float, 0, strict=True), default=None,
+                   help="LoRA alpha (default: the rank, i.e. scale 1)")
+    t.add_argument("--kl-coef", type=_number("--kl-coef", float, 0), default=0.0, help="weight of the KL to the reference")
+    t.add_argument("--kl", choices=("gaussian", "velocity_mse"), default="gaussian",
+                   help="KL estimate: the step policy's Gaussian KL or TempAct's velocity MSE")
+    t.add_argument("--clip-range", type=_clip_range, default=0.2, help="PPO ratio clip, in (0, 1)")
+    t.add_argument("--convention", choices=("sum", "mean"), default="mean",
+                   help="log-probs summed over a transition's elements or averaged per element")
+    t.add_argument("--ratio-norm", action="store_true", help="TempAct's ratio normalisation")
+    t.add_argument("--micro-batch-size", type=_number("--micro-batch-size"), default=4,
+                   help="members per forward / backward")
+    t.add_argument("--gradient-checkpointing", action="store_true", help="recompute each DiT block in the backward")
+    t.add_argument("--save-every", type=_number("--save-every", minimum=0), default=0, metavar="N",
+                   help="also checkpoint every N steps (0: at the end only)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    p.set_defaults(func=_train_grpo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spiral-rt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices, native build and op backends").set_defaults(func=_info)
     _add_generate(sub)
+    _add_rollout(sub)
+    _add_train_grpo(sub)
     return parser
 
 
