@@ -464,10 +464,7 @@ def _generate(args: argparse.Namespace) -> int:
                               critic_timeout_s=args.critic_timeout, planner_timeout_s=args.critic_timeout)
         loop_cfg.validate()
         generator = EngineGenerator(engine, EngineGeneratorConfig(recache=bool(args.recache)))
-    except UsageError as exc:
-        print(f"spiral-rt generate: error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # a config dataclass refused a value
+    except (UsageError, ValueError) as exc:  # ValueError: a config dataclass refused a value
         print(f"spiral-rt generate: error: {exc}", file=sys.stderr)
         return 2
 
@@ -826,10 +823,7 @@ def _train_grpo(args: argparse.Namespace) -> int:
                 trainer.load(existing[-1])
             except ValueError as exc:
                 raise UsageError(f"argument --resume: {exc}") from None
-    except UsageError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # a config dataclass refused a value
+    except (UsageError, ValueError) as exc:  # ValueError: a config dataclass refused a value
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
 
