@@ -11,11 +11,13 @@
 from .advantages import AdvantageConfig, HierarchicalAdvantages, group_advantages, hierarchical_advantages, zero_std_fraction
 from .export import PlanRecord, plan_record_line, write_planner_jsonl
 from .loss import GRPOLossConfig, GRPOLossOutput, gaussian_kl, grpo_loss, normalized_log_ratio, velocity_mse
-from .trainer import GRPOTrainer, GRPOTrainerConfig, LoRALinear, inject_lora, lora_disabled, merge_lora, unmerge_lora
+from .trainer import (GRPOTrainer, GRPOTrainerConfig, LoRALinear, inject_lora, lora_disabled, lora_merged_state_dict,
+                      merge_lora, unmerge_lora)
 
 __all__ = [
     "AdvantageConfig", "HierarchicalAdvantages", "group_advantages", "hierarchical_advantages", "zero_std_fraction",
     "PlanRecord", "plan_record_line", "write_planner_jsonl",
     "GRPOLossConfig", "GRPOLossOutput", "gaussian_kl", "grpo_loss", "normalized_log_ratio", "velocity_mse",
-    "GRPOTrainer", "GRPOTrainerConfig", "LoRALinear", "inject_lora", "lora_disabled", "merge_lora", "unmerge_lora",
+    "GRPOTrainer", "GRPOTrainerConfig", "LoRALinear", "inject_lora", "lora_disabled", "lora_merged_state_dict",
+    "merge_lora", "unmerge_lora",
 ]

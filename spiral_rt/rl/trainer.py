@@ -277,6 +277,18 @@ def unmerge_lora(model: nn.Module) -> None:
             m.unmerge()
 
 
+@torch.no_grad()
+def lora_merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every enabled adapter folded into its base weight and the
+    adapter tensors left out: the plain model's key names (for exporting), ``model`` unchanged."""
+    sd = {k: v for k, v in model.state_dict().items() if not k.endswith((".lora_A", ".lora_B"))}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear) and m.enabled and not m.merged:
+            key = f"{name}.weight" if name else "weight"
+            sd[key] = (m.weight.float() + m.delta_weight()).to(m.weight.dtype)
+    return sd
+
+
 # ----------------------------------------------------------------------------- helpers
 
 

@@ -239,6 +239,32 @@ def test_loader_round_trip_and_clear_errors(tmp_path):
         read_world_weights(tmp_path / "foreign.safetensors")
 
 
+def test_save_after_lora_training_folds_the_adapters(tmp_path):
+    """A post-trained (LoRA) world DiT saved with WorldModel.save loads back as a plain model that
+    computes the adapted function; the settings of the original file are kept."""
+    from spiral_rt.rl import inject_lora, lora_merged_state_dict
+
+    torch.manual_seed(0)
+    base = build_world_dit(world_dit_config("tiny"))
+    path = save_world_weights(tmp_path / "base.safetensors", base, PixelCodecConfig(),
+                              sampling=SamplingConfig(context_noise=0.03), dtype=torch.float32)
+    wm = load_world_model(path, text_encoder=False)
+    names = inject_lora(wm.dit, ["q", "ffn.0"], rank=2, alpha=4.0)
+    for n in names:  # a non-trivial adapter, as after training
+        torch.nn.init.normal_(wm.dit.get_submodule(n).lora_B, std=0.05)
+    merged = lora_merged_state_dict(wm.dit)
+    assert not any(k.endswith((".lora_A", ".lora_B")) for k in merged)
+    out = wm.save(tmp_path / "post.safetensors", train_info={"grpo_steps": 3}, dtype=torch.float32)
+    again = load_world_model(out, text_encoder=False)
+    assert again.sampling.context_noise == 0.03 and again.metadata["train"] == {"grpo_steps": 3}
+    x = torch.randn(1, again.dit.config.in_channels, 3, 4, 4)
+    t = torch.full((1, 3), 500.0)
+    text = again.dit.encode_text(torch.randn(1, again.dit.config.text_len, again.dit.config.text_dim))
+    with torch.no_grad():
+        torch.testing.assert_close(again.dit(x, t, 0, None, text), wm.dit(x, t, 0, None, text), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(again.dit(x, t, 0, None, text), base(x, t, 0, None, text), atol=1e-3)
+
+
 def test_shipped_config_fits_the_weights_budget(tmp_path):
     cfg = world_dit_config("world")
     assert cfg.num_parameters() == 12_051_072 and cfg.head_dim == 64

@@ -106,6 +106,19 @@ class WorldModel:
         kw.update(overrides)
         return EngineConfig(**kw)
 
+    def save(self, path: str | os.PathLike, *, dit: torch.nn.Module | None = None, train_info: Mapping | None = None,
+             dtype: torch.dtype = torch.float16) -> Path:
+        """Write this model as a world weights file (e.g. after GRPO post-training, for
+        ``load_world_model(path)`` and ``bench_world.py --grpo-weights``): the codec, sampling and
+        text-encoder settings are this model's; ``dit`` (default ``self.dit``) may carry LoRA
+        adapters, which are folded into the weights."""
+        from spiral_rt.rl.trainer import lora_merged_state_dict
+
+        dit = dit if dit is not None else self.dit
+        max_length = int(self.metadata.get("text_encoder", {}).get("max_length", 64))
+        return save_world_weights(path, dit, self.codec.config, sampling=self.sampling, text_max_length=max_length,
+                                  train_info=train_info, dtype=dtype, state_dict=lora_merged_state_dict(dit))
+
     def engine(self, **overrides):
         """A ready ``Engine`` over this model: the DiT, the codec as its decoder, the text encoder."""
         from spiral_rt.engine import Engine
