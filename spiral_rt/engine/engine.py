@@ -48,6 +48,7 @@ from spiral_rt.models.dit import CausalWanDiT, TextConditioning
 from spiral_rt.models.text import TextEmbeddings, TextEncoder
 from spiral_rt.models.vae import DecoderState, WanVAEDecoder
 from spiral_rt.ops import sampler_step
+from spiral_rt.sampling import StepPolicy
 
 from .config import EngineConfig, Prompt, as_schedule
 from .paged_context import PagedAttentionContext, build_attention_plan, plan_positions
@@ -277,13 +278,15 @@ class Engine:
     # ------------------------------------------------------------------ the step
 
     def step(self, sessions: Iterable[StreamSession] | None = None,
-             noise: dict[int, torch.Tensor] | None = None) -> dict[int, ChunkOutput]:
+             noise: dict[int, torch.Tensor] | None = None, step_policy: StepPolicy | None = None) -> dict[int, ChunkOutput]:
         """Generate the next chunk of every ready session (or of ``sessions``); returns outputs by session id.
 
         Args:
             sessions: restrict the step to these sessions (default: all open ones); not-ready ones are skipped.
             noise: explicit noise per session id, (num_steps + 1, C, F, h, w) (see ``StreamSession.next_chunk``);
                 sessions without an entry use Philox noise.
+            step_policy: the step policy of this step instead of ``config.step_policy`` (e.g. a GRPO
+                rollout's policy, wrapped to record transitions); such a step runs eagerly (no CUDA graph).
         """
         candidates = list(self._sessions.values()) if sessions is None else list(sessions)
         for s in candidates:
@@ -298,7 +301,7 @@ class Engine:
         size = self.config.max_batch_size
         with torch.inference_mode():
             for i in range(0, len(ready), size):
-                outputs.update(self._step_batch(ready[i:i + size], noise))
+                outputs.update(self._step_batch(ready[i:i + size], noise, step_policy))
         return outputs
 
     def run(self, max_steps: int | None = None) -> Iterator[dict[int, ChunkOutput]]:
@@ -308,7 +311,8 @@ class Engine:
             yield self.step()
             n += 1
 
-    def _step_batch(self, batch: list[StreamSession], noise: dict[int, torch.Tensor]) -> dict[int, ChunkOutput]:
+    def _step_batch(self, batch: list[StreamSession], noise: dict[int, torch.Tensor],
+                    step_policy: StepPolicy | None = None) -> dict[int, ChunkOutput]:
         cfg = self.config
         # schedule: prompts, re-cache at switches, page reservation
         prompts = [s.prompt_for_chunk() for s in batch]
@@ -326,7 +330,7 @@ class Engine:
         batch, keys, conds, prompts = batch[:n], keys[:n], conds[:n], prompts[:n]
         text = self._batched_text(keys, conds)
         given = [noise.get(s.session_id) for s in batch]
-        x = self._generate(plan, batch, text, given)
+        x = self._generate(plan, batch, text, given, step_policy)
         self.cache.commit(plan)
         # update
         outputs = {}
@@ -377,7 +381,7 @@ class Engine:
             keys = keys.pin_memory().to(self.device, non_blocking=True)
         return keys
 
-    def _generate(self, plan, batch, text, given) -> torch.Tensor:
+    def _generate(self, plan, batch, text, given, step_policy: StepPolicy | None = None) -> torch.Tensor:
         """The chunk's denoising forwards and clean pass for the batch; returns (B, C, F, h, w) latents."""
         cfg = self.config
         attn_plan = build_attention_plan(self.cache, plan)
@@ -385,12 +389,12 @@ class Engine:
         explicit = None
         if any(g is not None for g in given):
             explicit = self._explicit_noise(batch, given, keys)
-        if self._graphs is not None and explicit is None:
+        if self._graphs is not None and explicit is None and step_policy is None:
             x = self._graphs.run(plan, attn_plan, text, keys)
             if x is not None:
                 return x
         ctx = PagedAttentionContext(self.cache, plan, attn_plan, backend=cfg.attention_backend)
-        return self.chunk_sequence(ctx, text, keys, explicit, plan.device.q_frame_idx, len(batch))
+        return self.chunk_sequence(ctx, text, keys, explicit, plan.device.q_frame_idx, len(batch), step_policy)
 
     def _latent_shape(self, batch_size: int) -> tuple[int, ...]:
         h, w = self.config.latent_size
@@ -420,7 +424,7 @@ class Engine:
         return torch.stack(per)
 
     def chunk_sequence(self, ctx, text: TextConditioning, keys: torch.Tensor, explicit: torch.Tensor | None,
-                       frame_idx: torch.Tensor, batch_size: int) -> torch.Tensor:
+                       frame_idx: torch.Tensor, batch_size: int, step_policy: StepPolicy | None = None) -> torch.Tensor:
         """The fixed per-chunk forward sequence (also what a CUDA graph captures).
 
         Args:
@@ -430,13 +434,14 @@ class Engine:
                 num_steps + 1 = the clean pass's context noise.
             explicit: (B, num_steps + 1, C, F, h, w) explicit noise, or None for Philox.
             frame_idx: (B * F,) int32 absolute frame of each query frame (RoPE).
+            step_policy: the policy of the denoising steps (default ``config.step_policy``).
         Returns:
             (B, C, F, h, w) clean latents in ``config.latent_dtype``.
         """
         cfg, model = self.config, self.model
         B, F = batch_size, cfg.chunk_frames
         shape = self._latent_shape(B)
-        policy, backend = cfg.step_policy, cfg.sampler_backend
+        policy, backend = step_policy or cfg.step_policy, cfg.sampler_backend
         num_steps = len(self._transitions)
         positions = plan_positions(frame_idx, B)
         x = explicit[:, 0].contiguous() if explicit is not None else self._philox(shape, keys[0])

@@ -1,7 +1,8 @@
 """Recording the sampler's transitions inside the engine's chunk loop, in the same pass.
 
-The engine's chunk loop (``Engine.chunk_sequence``) calls ``config.step_policy.step(x, v, sigma,
-sigma_next, ...)`` once per denoising step for the whole batch. ``RecordingStepPolicy`` wraps the
+The engine's chunk loop (``Engine.chunk_sequence``) calls its step policy's ``step(x, v, sigma,
+sigma_next, ...)`` once per denoising step for the whole batch; the runner passes a
+``RecordingStepPolicy`` to every ``Engine.step`` of a rollout (``step_policy=``). It wraps the
 rollout's step policy and, while a ``TransitionRecorder`` is armed, asks the fused sampler step for
 mu as well on the trained steps and keeps (x, x', mu, sq_sum, count, (A, B, C)) of the batch, so the
 log-probs come from the very op that produced x' (no second pass, no host sync: tensors stay on
@@ -9,7 +10,8 @@ the device and the Gaussian log-density is formed on the device with the host-si
 
 Boundaries: used by the runner only; it relies on the public contract that the chunk loop calls the
 policy exactly ``num_steps`` times per chunk in step order (``finish`` checks the count, which
-catches a CUDA-graph replay, where the Python policy is not called).
+would catch a CUDA-graph replay, where the Python policy is not called; the engine runs steps with
+an explicit policy eagerly).
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ Noise: prefix chunks use the engine's own Philox path (the parent's noise id); e
 fork gets explicit noise drawn here with the same Philox op, one key per noise slot from
 ``RolloutSpec.slot_noise_ids``, which is how members mix shared and private draws inside one chunk.
 
-Recording: the rollout's step policy is wrapped in a ``RecordingStepPolicy`` and installed as the
-engine's step policy for the duration of ``run`` (restored afterwards, also on errors); the
+Recording: the rollout's step policy is wrapped in a ``RecordingStepPolicy`` and passed to every
+``Engine.step`` of the run (``step_policy=``; the engine's own configuration is never changed); the
 recorder is armed only for trained chunks. Nothing in the chunk loop reads device values on the
 host: records stay on the device until the group is finished, then move to the host once per group
 (together with the frames the critic needs).
@@ -156,8 +156,7 @@ class RolloutRunner:
                     self._resolve(p)
                 groups.append(_Group(len(groups), g, k, plan, prompts, steps, spec.group_size))
 
-        policy = RecordingStepPolicy(spec.step_policy)
-        saved_policy = cfg.step_policy
+        policy = RecordingStepPolicy(spec.step_policy)  # passed to every engine step of the run
         per_group = spec.fork_chunk + (spec.num_chunks - spec.fork_chunk) * (1 if schedule == "batched" else spec.group_size)
         if schedule == "naive":
             per_group = spec.num_chunks * spec.group_size
@@ -169,7 +168,6 @@ class RolloutRunner:
         self._engine_steps = 0
         failed = True
         t0 = time.perf_counter()
-        cfg.step_policy = policy
         try:
             for grp in groups:
                 ctx = dict(spec=spec, grp=grp, policy=policy, train_chunks=frozenset(train_chunks),
@@ -181,7 +179,6 @@ class RolloutRunner:
                     futures.append(self._submit_judging(pool, grp, res, spec))
             failed = False
         finally:
-            cfg.step_policy = saved_policy
             bar.close()
             for s in list(self._open):
                 self._close(s)
@@ -295,7 +292,7 @@ class RolloutRunner:
         policy: RecordingStepPolicy = ctx["policy"]
         policy.recorder = recorder
         try:
-            outs = engine.step(sessions, noise=noise)
+            outs = engine.step(sessions, noise=noise, step_policy=policy)
         finally:
             policy.recorder = None
         self._engine_steps += 1

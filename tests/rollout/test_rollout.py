@@ -12,7 +12,7 @@
   with the same noise ids;
 - rewards come from the critic on worker threads (or judge_batch), advantages are normalised per group,
   plan-level records go to JSONL;
-- pages are all freed at the end and after an error; the engine's step policy is restored;
+- pages are all freed at the end and after an error; the engine's step policy is never changed;
 - spec errors name the field.
 """
 
@@ -154,11 +154,11 @@ def test_prefix_once_per_plan_shared_pages_and_memory(model):
     seen = []
     step = engine.step
 
-    def spy(sessions=None, noise=None):
+    def spy(sessions=None, noise=None, step_policy=None):
         if noise is not None and not seen:  # the first step after the fork: the group's pages as forked
             tables = [engine.cache.page_table(s.seq_id) for s in sessions]
             seen.append((len(sessions), tables, [engine.cache.refcount(p) for p in tables[0]]))
-        return step(sessions, noise)
+        return step(sessions, noise, step_policy)
 
     engine.step = spy
     calls = DiTCalls(model)
@@ -331,7 +331,7 @@ def test_plans_from_a_plan_agent(model):
 # ----------------------------------------------------------------------------- cleanup and errors
 
 
-def test_pages_freed_and_policy_restored_after_error(model):
+def test_pages_freed_and_policy_unchanged_after_error(model):
     engine = make_engine(model, kv_num_pages=10)  # a prefix of 6 frames + 3 x 3 frames does not fit
     before = engine.config.step_policy
     with pytest.raises(KVCacheExhausted):
