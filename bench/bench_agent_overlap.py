@@ -11,11 +11,15 @@ latency at the very end (the last segment's verdict must be in before the video 
 more whenever a critic call outlasts the next segment's generation.
 
 The generator is ``FakeGenerator`` sleeping ``--fake-generator-ms`` per chunk (default 360 ms: a
-12-frame chunk at 33 FPS, the engine's target on the H100) unless ``--generator MODULE:CALLABLE``
-names a factory returning a ``spiral_rt.agents.protocols.Generator`` (the engine, on the H100). Each
-configuration runs ``--repeats`` times; the table shows medians, the JSON has median, p20 and p80.
+12-frame chunk at 33 FPS, the engine's target on the H100) unless ``--engine`` names a real engine
+(``wan-1.3b``: Wan2.1-1.3B config, random weights, 832x480, bf16, CUDA graphs, the full VAE, hashed
+prompts; ``tiny``: a CPU-sized one) driven through ``EngineGenerator``, or ``--generator
+MODULE:CALLABLE`` names a factory returning a ``spiral_rt.agents.protocols.Generator``. The engine is
+built once; every run opens a fresh session on it. Each configuration runs ``--repeats`` times; the
+table shows medians, the JSON has median, p20 and p80.
 
     python bench/bench_agent_overlap.py [--fake-generator-ms 360] [--critic-ms 200 1000] [--steps 10]
+    python bench/bench_agent_overlap.py --engine wan-1.3b --critic-ms 1000        # the H100 claim
 """
 
 from __future__ import annotations
@@ -33,7 +37,45 @@ from spiral_rt.agents.testing import FakeGenerator, FixedLatencyCritic, Scripted
 from spiral_rt.agents.types import Goal, Step
 
 
+_ENGINE = None
+
+
+def _engine(name: str):
+    """The engine named by ``--engine``, built on first use (random weights)."""
+    global _ENGINE
+    if _ENGINE is None:
+        import torch
+
+        from spiral_rt.cache import GlobalPolicy
+        from spiral_rt.engine import Engine, EngineConfig
+        from spiral_rt.engine.generator import HashTextEncoder
+        from spiral_rt.models.config import tiny_test, wan21_t2v_1_3b
+        from spiral_rt.models.dit import build_dit
+        from spiral_rt.models.vae import build_vae_decoder, tiny_vae, wan21_vae
+
+        torch.manual_seed(0)
+        if name == "wan-1.3b":
+            if not torch.cuda.is_available():
+                raise SystemExit("--engine wan-1.3b needs a CUDA GPU")
+            dcfg, vcfg, device, dtype, hw, graphs = wan21_t2v_1_3b(), wan21_vae(), "cuda", torch.bfloat16, (60, 104), True
+        else:
+            dcfg = tiny_test(num_layers=2, dim=128, num_heads=2, ffn_dim=256, text_dim=64, freq_dim=32, in_channels=16)
+            vcfg, device, dtype, hw, graphs = tiny_vae(base_dim=8), "cpu", torch.float32, (4, 6), False
+        model = build_dit(dcfg, device=device, dtype=dtype).eval()
+        vae = build_vae_decoder(vcfg, device=device, dtype=dtype).eval()
+        cfg = EngineConfig(latent_size=hw, chunk_frames=3, policy=GlobalPolicy(), output="uint8", cuda_graphs=graphs,
+                           vae_side_stream=True, latent_dtype=torch.float32, device=device, max_batch_size=1)
+        _ENGINE = Engine(model, vae, cfg, text_encoder=HashTextEncoder(dcfg.text_dim, dcfg.text_len))
+    return _ENGINE
+
+
 def _make_generator(args):
+    if args.engine:
+        from spiral_rt.engine.generator import EngineGenerator
+
+        for s in list(_engine(args.engine).sessions):  # the previous run's session
+            s.close()
+        return EngineGenerator(_engine(args.engine), seed=0)
     if args.generator:
         module, _, name = args.generator.partition(":")
         if not name:
@@ -81,7 +123,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=1, help="runs of each configuration")
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--generator", default=None, help="MODULE:CALLABLE returning a Generator (replaces the fake one)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--engine", choices=["wan-1.3b", "tiny"], default=None,
+                        help="a real engine with random weights (wan-1.3b: the H100 setting; tiny: CPU)")
+    source.add_argument("--generator", default=None, help="MODULE:CALLABLE returning a Generator (replaces the fake one)")
     parser.add_argument("--no-serial", action="store_true", help="skip the closed loop without speculation")
     args = parser.parse_args()
     for name in ("steps", "span_chunks", "repeats"):
@@ -110,10 +155,12 @@ def main():
         rows.append(row)
     print_table(rows, ["critic_ms", "open_s", "closed_s", "ratio", "overhead_s", "critic_wait_s", "hidden_frac",
                        *(["serial_s", "serial_ratio"] if not args.no_serial else [])])
-    settings = {"generator": args.generator or "FakeGenerator", "fake_generator_ms": None if args.generator else args.fake_generator_ms,
+    real = args.engine or args.generator
+    settings = {"generator": (f"EngineGenerator({args.engine})" if args.engine else args.generator) or "FakeGenerator",
+                "fake_generator_ms": None if real else args.fake_generator_ms,
                 "steps": args.steps, "span_chunks": args.span_chunks, "chunks": args.steps * args.span_chunks,
-                "repeats": args.repeats, "frame_size": [args.height, args.width]}
-    segment_s = args.span_chunks * args.fake_generator_ms / 1e3 if not args.generator else None
+                "repeats": args.repeats, "frame_size": None if real else [args.height, args.width]}
+    segment_s = args.span_chunks * args.fake_generator_ms / 1e3 if not real else None
     write_result("agent_overlap", settings, rows, extra={
         "notes": "ratio = closed-loop wall / open-loop wall for the same chunks with an always-accepting critic; "
                  "the floor is open + one critic latency (the last verdict). A critic slower than one segment's "

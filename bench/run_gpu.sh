@@ -9,8 +9,22 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/spiral_rt_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if [ -d .whl ]; then  # wheels the machine lacks (diffusers, nvtx, av, fa3-fwd), carried along
+if compgen -G ".whl/*.whl" > /dev/null; then  # wheels the machine lacks (diffusers, nvtx, av, fa3-fwd), carried along
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+if [ -d .whl/site_fp16 ]; then
+  # Installed packages whose fp32 safetensors were carried at fp16 (MiniLM's 91 MB is over the carry limit):
+  # copied into the import path and widened back to fp32 (embeddings then differ from fp32 by ~1e-3 relative).
+  mkdir -p /tmp/site && cp -r .whl/site_fp16/. /tmp/site/ && export PYTHONPATH=/tmp/site
+  python3 - <<'PY'
+import glob, torch
+from safetensors.torch import load_file, save_file
+for f in glob.glob("/tmp/site/**/*.safetensors", recursive=True):
+    sd = load_file(f)
+    if any(v.dtype == torch.float16 for v in sd.values()):
+        save_file({k: v.float() if v.dtype == torch.float16 else v for k, v in sd.items()}, f, metadata={"format": "pt"})
+        print("widened to fp32:", f)
+PY
 fi
 tests=(); benches=(); seen_sep=0
 for a in "$@"; do

@@ -134,13 +134,14 @@ class TrainConfig:
     save_dtype: str = "float16"
     """dtype of the shipped weights: float16, bfloat16 or float32."""
     smoke: bool = False
-    """Tiny everything (CPU seconds): size tiny, 4 videos, batch 2, 2 chunks, 1 eval goal."""
+    """Tiny everything (CPU seconds): size tiny, at most 3 steps, 4 videos, batch 2, 2 chunks, 1 eval goal."""
     progress: bool = True
     """Show a tqdm progress bar."""
 
     def __post_init__(self):
         if self.smoke:
             self.size, self.videos, self.batch, self.chunks = "tiny", min(self.videos, 4), min(self.batch, 2), 2
+            self.steps = min(self.steps, 3)
             self.eval_goals, self.warmup, self.workers = min(self.eval_goals, 1), min(self.warmup, 1), 1
             self.log_every, self.ckpt_every = 1, max(1, min(self.ckpt_every, 2))
         for name in ("steps", "batch", "chunks", "videos", "min_steps", "max_steps", "workers", "log_every", "ckpt_every"):
@@ -511,6 +512,8 @@ def train(cfg: TrainConfig, text_encoder: TextEncoder | None = None) -> dict:
         meta = load_state(out, model, ema, opt)
         start = int(meta["step"])
         logger.info("resumed from %s at step %d", out, start)
+    ema_keys = list(ema)
+    ema_values = [ema[k] for k in ema_keys]
     log_path = out / "log.jsonl"
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model %s: %d parameters; training steps %d..%d, batch %d x %d chunks on %s", dit_cfg.name, n_params,
@@ -534,8 +537,8 @@ def train(cfg: TrainConfig, text_encoder: TextEncoder | None = None) -> dict:
         opt.step()
         with torch.no_grad():
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            for k, v in model.state_dict().items():
-                ema[k].lerp_(v.float(), 1 - decay)
+            state = model.state_dict()
+            torch._foreach_lerp_(ema_values, [state[k].float() for k in ema_keys], 1 - decay)
         n_log += cfg.batch
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             last_loss = loss.item()
