@@ -117,9 +117,11 @@ def reset_peak():
 
 
 def free(*objs):
+    """Close engines and return their GPU memory (the caller must drop its own references: ``del``)."""
     for o in objs:
         if o is not None:
             o.close()
+    objs = o = None
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -142,6 +144,7 @@ def part_a(model, vae, args, clock, prompt, rows, extra):
         with eng.profile(args.profile):
             run_video(eng, clock, n, prompt)
     free(eng)
+    del eng
     timed = make_engine(model, vae, args, policy=GlobalPolicy(), kv_frames=latent + 3, timing=True)
     for _ in range(args.warmup):
         run_video(timed, clock, n, prompt)
@@ -149,11 +152,13 @@ def part_a(model, vae, args, clock, prompt, rows, extra):
     run_video(timed, clock, n, prompt)
     stages = timed.stage_times()
     free(timed)
+    del timed
     dit = make_engine(model, None, args, policy=GlobalPolicy(), output="latents", kv_frames=latent + 3)
     for _ in range(args.warmup):
         run_video(dit, clock, n, prompt)
     dit_ms = statistics.median(run_video(dit, clock, n, prompt)[1] for _ in range(args.repeats))
     free(dit)
+    del dit
     row = {
         "part": "a", "setting": f"{frames} frames, global cache", "fps": frames / (med / 1e3),
         "fps_p20": frames / (totals[int(0.8 * (len(totals) - 1))] / 1e3), "fps_p80": frames / (totals[int(0.2 * (len(totals) - 1))] / 1e3),
@@ -194,6 +199,7 @@ def part_b(model, vae, args, clock, prompts, rows, extra):
     peak_end = peak_gib()
     s.close()
     free(eng)
+    del eng, s
     switch_chunks = list(range(every, n, every))
     steady = statistics.median(p for i, p in enumerate(per) if i not in switch_chunks and i > 0)
     stalls = [per[i] - steady for i in switch_chunks]
@@ -214,6 +220,7 @@ def part_c(model, vae, args, clock, prompt, rows, extra):
             run_streams(eng, clock, streams, n, prompt)
         runs = [run_streams(eng, clock, streams, n, prompt) for _ in range(args.repeats)]
         free(eng)
+        del eng
         total = statistics.median(r[1] for r in runs)
         per_chunk = statistics.median(p for r in runs for p in r[0])
         frames = video_frames(n * 3) * streams
@@ -260,19 +267,28 @@ def main(argv=None):
     prompts = [torch.randn(text_len, dcfg.text_dim, device=args.device, dtype=dtype) * 0.1 for _ in range(2)]
     clock = Clock(args.device == "cuda")
     rows, extra = [], {}
-    with torch.inference_mode():
-        if "a" in parts:
-            part_a(model, vae, args, clock, prompts[0], rows, extra)
-        if "b" in parts:
-            part_b(model, vae, args, clock, prompts, rows, extra)
-        if "c" in parts:
-            part_c(model, vae, args, clock, prompts[0], rows, extra)
-    print_table(rows, ["part", "setting", "fps", "first_frames_ms", "dit_fps", "chunk_ms", "stall_ms", "peak_gib_81",
-                       "peak_gib", "chunk_latency_ms", "per_stream_fps", "roofline_fraction"])
     settings = {"model": dcfg.name, "latent_hw": list(args.latent_hw), "steps": 4, "clean_pass": True,
                 "dtype": str(dtype).replace("torch.", ""), "cuda_graphs": args.graphs, "warmup": args.warmup,
                 "repeats": args.repeats, "parts": sorted(parts), "smoke": args.smoke}
-    write_result(args.name or name, settings, rows, extra)
+    columns = ["part", "setting", "fps", "first_frames_ms", "dit_fps", "chunk_ms", "stall_ms", "peak_gib_81",
+               "peak_gib", "chunk_latency_ms", "per_stream_fps", "roofline_fraction"]
+    runners = {"a": lambda: part_a(model, vae, args, clock, prompts[0], rows, extra),
+               "b": lambda: part_b(model, vae, args, clock, prompts, rows, extra),
+               "c": lambda: part_c(model, vae, args, clock, prompts[0], rows, extra)}
+    failed = []
+    with torch.inference_mode():
+        for part in sorted(parts):
+            try:
+                runners[part]()
+            except Exception as exc:  # one part's failure (e.g. out of memory) must not lose the others' numbers
+                logging.exception("part %s failed", part)
+                failed.append(part)
+                extra.setdefault("errors", {})[part] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                free()
+            print_table(rows, columns)
+            write_result(args.name or name, settings, rows, extra)  # after every part: partial runs keep their rows
+    if failed:
+        raise SystemExit(f"parts failed: {failed}")
 
 
 if __name__ == "__main__":
