@@ -1,0 +1,87 @@
+"""Kernel-level breakdown of one streamed video: where the GPU time of a chunk goes.
+
+Builds the bench_stream part-(a) setting (Wan2.1-1.3B config, random weights, 832x480, 4 steps + the
+clean pass, bf16, global cache), runs --warmup videos, then profiles one video with torch.profiler
+and prints the CUDA kernels grouped by name, sorted by total GPU time, with their share of the
+video's kernel time (what to optimise first). Eager by default (graphs hide the kernel names from
+the profiler's CPU side, not from its GPU side; --graphs profiles the replayed path).
+``--trace PATH`` also writes the Chrome trace (large: keep it off the device's return limit).
+
+    python bench/profile_stream.py [--frames 81] [--no-vae] [--top 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_result  # noqa: E402
+
+from spiral_rt.cache import GlobalPolicy  # noqa: E402
+from spiral_rt.engine import Engine, EngineConfig  # noqa: E402
+from spiral_rt.models.config import wan21_t2v_1_3b  # noqa: E402
+from spiral_rt.models.dit import build_dit  # noqa: E402
+from spiral_rt.models.vae import build_vae_decoder, wan21_vae  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--frames", type=int, default=81, help="video frames (1 + 4k)")
+    ap.add_argument("--warmup", type=int, default=2, help="videos before the profiled one")
+    ap.add_argument("--graphs", action="store_true", help="profile the CUDA-graph path")
+    ap.add_argument("--no-vae", action="store_true", help="latents only (DiT work alone)")
+    ap.add_argument("--top", type=int, default=30, help="kernels listed")
+    ap.add_argument("--trace", default=None, help="also write a Chrome trace here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU")
+    if (args.frames - 1) % 12:
+        ap.error("--frames must be 1 + 12k (chunks of 3 latent frames)")
+    chunks = (args.frames - 1) // 12
+    torch.manual_seed(0)
+    dcfg = wan21_t2v_1_3b()
+    model = build_dit(dcfg, device="cuda", dtype=torch.bfloat16)
+    vae = None if args.no_vae else build_vae_decoder(wan21_vae(), device="cuda", dtype=torch.bfloat16)
+    cfg = EngineConfig(latent_size=(60, 104), chunk_frames=3, policy=GlobalPolicy(), output="latents" if args.no_vae else "uint8",
+                       cuda_graphs=args.graphs, vae_side_stream=True, latent_dtype=torch.float32,
+                       kv_num_pages=chunks * 3 + 3, device="cuda", max_batch_size=1)
+    engine = Engine(model, vae, cfg)
+    prompt = torch.randn(512, dcfg.text_dim, device="cuda", dtype=torch.bfloat16) * 0.1
+
+    def video():
+        s = engine.open_session(prompt, seed=0, max_chunks=chunks)
+        for _ in range(chunks):
+            engine.step([s])
+        torch.cuda.synchronize()
+        s.close()
+
+    with torch.inference_mode():
+        for _ in range(args.warmup):
+            video()
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts) as prof:
+            video()
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+    events = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.device_time_total for e in events)
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    rows = []
+    print(f"{'kernel':80s} {'calls':>6s} {'total_ms':>9s} {'share':>6s}")
+    for e in events[: args.top]:
+        row = {"kernel": e.key[:120], "calls": e.count, "total_ms": e.device_time_total / 1e3,
+               "share": e.device_time_total / total}
+        rows.append(row)
+        print(f"{row['kernel'][:80]:80s} {row['calls']:6d} {row['total_ms']:9.2f} {row['share']:6.1%}")
+    print(f"kernel time of one {args.frames}-frame video: {total / 1e3:.1f} ms over {chunks} chunks")
+    write_result("profile_stream", {"frames": args.frames, "graphs": args.graphs, "vae": not args.no_vae,
+                                    "model": dcfg.name, "latent_hw": [60, 104]},
+                 rows, extra={"kernel_ms_total": total / 1e3})
+
+
+if __name__ == "__main__":
+    main()
