@@ -30,7 +30,8 @@ def env_info() -> dict:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "commit": commit + ("-dirty" if dirty else "") if commit else os.environ.get("SPIRAL_RT_COMMIT"),
+        # SPIRAL_RT_COMMIT wins: the device machine's copy of the tree has no (or a stale) git history
+        "commit": os.environ.get("SPIRAL_RT_COMMIT") or (commit + ("-dirty" if dirty else "") if commit else None),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     try:
