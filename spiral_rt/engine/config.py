@@ -92,7 +92,11 @@ class EngineConfig:
     """When the pool cannot hold a step's chunks: raise ``KVCacheExhausted``, or run the sessions that fit
     and let the others wait for a later step (an error still when not even one fits)."""
     attention_backend: str | None = None
-    """Backend of ``chunk_attention`` ("reference", "triton"; None: the fastest for the device)."""
+    """Backend of ``chunk_attention`` and ``qk_norm_rope_kv_write`` ("reference", "triton"; None: the
+    fastest for the device)."""
+    fused_ops: bool = True
+    """Run the DiT's fused path (adaLN, residual adds, qk-norm, RoPE and the K/V write through
+    ``spiral_rt.ops``); False: the model's plain PyTorch path (the readable reference)."""
     sampler_backend: str | None = None
     """Backend of ``sampler_step`` ("reference", "triton", "cuda"; None: the fastest)."""
     cuda_graphs: bool = False
@@ -114,6 +118,9 @@ class EngineConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"EngineConfig: '{name}' must be a positive int, got {v!r}")
+        for name in ("fused_ops", "cuda_graphs", "vae_side_stream", "timing", "recache_on_switch"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"EngineConfig: '{name}' must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.schedule, FlowMatchSchedule):
             raise ValueError(f"EngineConfig: 'schedule' must be a FlowMatchSchedule, got {type(self.schedule).__name__}")
         if not isinstance(self.step_policy, StepPolicy):

@@ -34,7 +34,6 @@ import torch
 from spiral_rt.models.dit import TextConditioning
 from spiral_rt.models.vae import DecoderState
 
-from .paged_context import PagedAttentionContext
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +140,7 @@ class ChunkGraphRunner:
             b.keys = keys.clone()
             b.text = self.texts.get(B) or self.texts.setdefault(B, _StaticText(text, B))
             b.text.fill(text)
-            ctx = PagedAttentionContext(engine.cache, plan, b.attn_plan, backend=engine.config.attention_backend)
+            ctx = engine.attention_context(plan, b.attn_plan)
             ctx.write_slots = b.write_slots
             # warm-up on the static buffers (a real run: its result is this chunk's), then capture
             side = torch.cuda.Stream(engine.device)

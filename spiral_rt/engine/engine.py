@@ -393,8 +393,14 @@ class Engine:
             x = self._graphs.run(plan, attn_plan, text, keys)
             if x is not None:
                 return x
-        ctx = PagedAttentionContext(self.cache, plan, attn_plan, backend=cfg.attention_backend)
+        ctx = self.attention_context(plan, attn_plan)
         return self.chunk_sequence(ctx, text, keys, explicit, plan.device.q_frame_idx, len(batch), step_policy)
+
+    def attention_context(self, plan, attn_plan=None) -> PagedAttentionContext:
+        """The DiT's attention context for one chunk plan of this engine's cache (backend and fused path
+        as configured); ``attn_plan`` reuses an already built ``build_attention_plan``."""
+        return PagedAttentionContext(self.cache, plan, attn_plan if attn_plan is not None else build_attention_plan(self.cache, plan),
+                                     backend=self.config.attention_backend, fused=self.config.fused_ops)
 
     def _latent_shape(self, batch_size: int) -> tuple[int, ...]:
         h, w = self.config.latent_size
@@ -486,7 +492,7 @@ class Engine:
                 x = sampler_step(x.contiguous(), x.contiguous(), 1.0 - s, 0.0, s, noise_key=key, return_mu=False,
                                  backend=self.config.sampler_backend).x_next
             t = torch.full((1, len(frames)), self._context_t, dtype=torch.float32, device=self.device)
-            ctx = PagedAttentionContext(cache, plan, build_attention_plan(cache, plan), backend=self.config.attention_backend)
+            ctx = self.attention_context(plan)
             self.model(x, t, plan_positions(plan.device.q_frame_idx, 1), ctx, cond)
             cache.commit(plan)
 

@@ -9,6 +9,10 @@ layer with q, k, v of shape (B, L, H, D), already qk-normed and rotated) and the
 2. runs ``spiral_rt.ops.chunk_attention`` of the B sequences' queries over their page lists
    (sink/window/history pages, then the chunk's own pages), varlen over sequences.
 
+With ``fused=True`` the DiT takes its fused path and calls ``self_attention_fused`` with q, k, v
+straight from the projections instead: ``spiral_rt.ops.qk_norm_rope_kv_write`` norms and rotates q
+and k and writes k, v into the same slots in one kernel, then step 2 runs as above.
+
 Denoising steps write into the chunk's *reserved, uncommitted* slots only: they are scratch until
 the clean pass overwrites them and the engine commits the plan, so committed context is never
 changed by a denoising step (this is why a forward at any step can read its own chunk through the
@@ -34,7 +38,7 @@ import logging
 import torch
 
 from spiral_rt.cache import ChunkPlan, PagedKVCache
-from spiral_rt.ops import AttentionConfig, ChunkAttentionPlan, chunk_attention, plan_chunk_attention
+from spiral_rt.ops import AttentionConfig, ChunkAttentionPlan, chunk_attention, plan_chunk_attention, qk_norm_rope_kv_write
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +90,15 @@ class PagedAttentionContext:
             them as one (B, L) batch) and appear in plan order.
         attention_plan: from ``build_attention_plan(cache, plan)``; built here when None.
         write: scatter each forward's k, v into ``plan.device.write_slots`` before attending.
-        backend: ``chunk_attention`` backend ("reference", "triton", or None/"auto").
+        backend: backend of ``chunk_attention`` and ``qk_norm_rope_kv_write`` ("reference", "triton",
+            or None/"auto").
         sm_scale: softmax scale (default 1/sqrt(D), what the model's SDPA uses).
+        fused: offer the DiT its fused path (``fused_ops``; needs ``write``): the model then calls
+            ``self_attention_fused`` with q, k, v before qk-norm and RoPE.
     """
 
     def __init__(self, cache: PagedKVCache, plan: ChunkPlan, attention_plan: ChunkAttentionPlan | None = None, *,
-                 write: bool = True, backend: str | None = None, sm_scale: float | None = None):
+                 write: bool = True, backend: str | None = None, sm_scale: float | None = None, fused: bool = False):
         if not isinstance(cache, PagedKVCache):
             raise ValueError(f"PagedAttentionContext: 'cache' must be a PagedKVCache, got {type(cache).__name__}")
         if not isinstance(plan, ChunkPlan):
@@ -108,12 +115,34 @@ class PagedAttentionContext:
         self.sm_scale = sm_scale
         self.q_len = q_lens.pop()
         self.write_slots = plan.device.write_slots
+        self.fused_ops = bool(fused) and write
 
-    def self_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        B, L, H, D = q.shape
+    def _check_q(self, q: torch.Tensor) -> None:
+        B, L = q.shape[:2]
         if B != self.plan.num_seqs or L != self.q_len:
             raise ValueError(f"PagedAttentionContext: q is (B, L) = ({B}, {L}); the plan has {self.plan.num_seqs} "
                              f"sequence(s) of {self.q_len} query tokens")
+
+    def self_attention_fused(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                             q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor, eps: float,
+                             grid_hw: tuple[int, int], frame_index: torch.Tensor) -> torch.Tensor:
+        """``self_attention`` for q, k, v (B, L, H, D) straight from the projections: qk RMSNorm (over
+        all heads), Wan's 3D RoPE at ``frame_index`` ((B * F,) absolute frame of each query frame) on a
+        ``grid_hw`` token grid, and the K/V write run as one ``qk_norm_rope_kv_write``, then attention."""
+        if not self.write:
+            raise ValueError("PagedAttentionContext.self_attention_fused: this context does not write K/V (write=False)")
+        self._check_q(q)
+        B, L, H, D = q.shape
+        k_pages, v_pages = self.cache.layer(layer)
+        q_rot = qk_norm_rope_kv_write(q.reshape(B * L, H, D), k.reshape(B * L, H, D), v.reshape(B * L, H, D),
+                                      q_norm_weight, k_norm_weight, k_pages, v_pages, self.write_slots,
+                                      grid_hw=tuple(grid_hw), frame_index=frame_index, eps=eps, backend=self.backend)
+        state = chunk_attention(q_rot, k_pages, v_pages, self.attention_plan, sm_scale=self.sm_scale, backend=self.backend)
+        return state.o.view(B, L, H, D)
+
+    def self_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self._check_q(q)
+        B, L, H, D = q.shape
         k_pages, v_pages = self.cache.layer(layer)
         if q.dtype != k_pages.dtype:
             raise ValueError(f"PagedAttentionContext: q is {q.dtype} but the KV pool is {k_pages.dtype}; "

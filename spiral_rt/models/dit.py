@@ -20,6 +20,13 @@ placed after cached frames gets the positions it would have in the full sequence
 cos/sin are computed in fp32 from inverse frequencies computed once, and the tables are cached
 per (frame_offset, F, H, W, device).
 
+Two paths compute the same function. The reference path (``_block``) is plain PyTorch and runs
+with every attention context. The fused path (``_blocks_fused``) runs when the context sets
+``fused_ops`` (the engine's paged context does, ``EngineConfig.fused_ops``): adaLN and the gated
+residual adds go through ``spiral_rt.ops.modulated_norm``, and qk-norm, RoPE and the K/V write
+through the context's ``self_attention_fused`` (``spiral_rt.ops.qk_norm_rope_kv_write``), so the
+activations are read and written a few times per block instead of a few dozen.
+
 Boundaries: the model does not know how the KV cache is managed; it calls
 ``attention.self_attention(layer, q, k, v)`` (see ``spiral_rt.models.attention``). Text embeddings
 come in already encoded (``spiral_rt.models.text``); ``encode_text`` runs the text MLP and the
@@ -44,6 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.modulated_norm import modulated_norm
 from .attention import AttentionContext, DenseAttention, sdpa_blhd
 from .config import WanDiTConfig, rope_split
 
@@ -361,18 +369,19 @@ class CausalWanDiT(nn.Module):
         e = self.time_embedding(timestep_embedding(timesteps, cfg.freq_dim).to(t_dtype)).float()
         e0 = self.time_projection(e.to(t_dtype)).float().unflatten(-1, (6, cfg.dim))
 
-        if isinstance(frame_offset, torch.Tensor):
-            cos, sin = self.rope.tables_at(frame_offset, h, w)
+        if self._fused_path(attention):
+            y = self._blocks_fused(tokens, e, e0, frame_offset, attention, text, frames, (h, w))
         else:
-            cos, sin = self.rope.tables(frame_offset, frames, h, w, x.device)
-
-        for i, block in enumerate(self.blocks):
-            tokens = self._block(i, block, tokens, e0, cos, sin, attention, text, frames, tokens_per_frame)
-
-        # head: per-frame 2-way modulation
-        mod = self.head.modulation.float()[:, None] + e[:, :, None]  # (B, F, 2, dim)
-        shift, scale = mod[:, :, 0:1], mod[:, :, 1:2]
-        y = _modulated_norm(tokens.view(B, frames, tokens_per_frame, -1), shift, scale, cfg.eps).to(dtype)
+            if isinstance(frame_offset, torch.Tensor):
+                cos, sin = self.rope.tables_at(frame_offset, h, w)
+            else:
+                cos, sin = self.rope.tables(frame_offset, frames, h, w, x.device)
+            for i, block in enumerate(self.blocks):
+                tokens = self._block(i, block, tokens, e0, cos, sin, attention, text, frames, tokens_per_frame)
+            # head: per-frame 2-way modulation
+            mod = self.head.modulation.float()[:, None] + e[:, :, None]  # (B, F, 2, dim)
+            shift, scale = mod[:, :, 0:1], mod[:, :, 1:2]
+            y = _modulated_norm(tokens.view(B, frames, tokens_per_frame, -1), shift, scale, cfg.eps).to(dtype)
         out = self.head.head(y.view(B, L, -1))
         return self.unpatchify(out, frames, h, w)
 
@@ -407,6 +416,68 @@ class CausalWanDiT(nn.Module):
         y = block.ffn(_modulated_norm(xf, c_shift, c_scale, block.eps).to(dtype))
         x = (xf.float() + y.float() * c_gate).to(dtype)
         return x.view(B, L, C)
+
+    # ------------------------------------------------------------------ fused path
+
+    def _fused_path(self, attention) -> bool:
+        """Whether this forward runs ``_blocks_fused``: the context asks for it (``fused_ops``) and can
+        take the self-attention prologue (``self_attention_fused``), and the blocks have qk-norm."""
+        return (bool(getattr(attention, "fused_ops", False)) and hasattr(attention, "self_attention_fused")
+                and self.config.qk_norm)
+
+    def _blocks_fused(self, x, e, e0, frame_offset, attention, text, frames, grid_hw):
+        """The blocks and the head's adaLN through ``spiral_rt.ops``: the same math as ``_block`` and
+        the head, with fewer passes over the (B, L, dim) activations.
+
+        Per block: one ``modulated_norm`` that also adds the previous block's gated FFN output to the
+        residual stream; q, k, v projections, then ``attention.self_attention_fused`` (qk RMSNorm, RoPE
+        and the K/V write in one kernel, then attention); one ``modulated_norm`` for the gated residual
+        add and the cross-attention LayerNorm (its affine weight and bias are a frame-independent
+        modulation: scale = weight - 1, shift = bias); cross-attention; one ``modulated_norm`` for its
+        residual add (gate 1) and the FFN's adaLN; the FFN. Returns the head's modulated input.
+        """
+        B, L, C = x.shape
+        device = x.device
+        if isinstance(frame_offset, torch.Tensor):
+            frame_index = frame_offset.reshape(-1)
+        else:
+            frame_index = torch.arange(frame_offset, frame_offset + frames, device=device).repeat(B)
+        ones = torch.ones(B, frames, C, device=device)
+        carry = None  # (branch, gate) of the residual add not yet applied: the previous block's FFN
+        for i, block in enumerate(self.blocks):
+            mod = block.modulation.float()[:, None] + e0  # (B, F, 6, dim)
+            shift, scale, gate, c_shift, c_scale, c_gate = (mod[:, :, j].contiguous() for j in range(6))
+            if carry is None:
+                y = modulated_norm(x, shift, scale, eps=block.eps).y
+            else:
+                y, x = modulated_norm(x, shift, scale, gate=carry[1], branch=carry[0], eps=block.eps)
+
+            sa = block.self_attn
+            o = attention.self_attention_fused(i, sa.heads(sa.q(y)), sa.heads(sa.k(y)), sa.heads(sa.v(y)),
+                                               q_norm_weight=sa.norm_q.weight, k_norm_weight=sa.norm_k.weight,
+                                               eps=sa.norm_q.eps, grid_hw=grid_hw, frame_index=frame_index)
+            branch = sa.o(o.flatten(2))
+            n3 = block.norm3
+            if isinstance(n3, nn.LayerNorm):
+                n3_shift = (n3.bias.float() if n3.bias is not None else torch.zeros(C, device=device)).expand(B, frames, C)
+                n3_scale = (n3.weight.float() - 1.0 if n3.weight is not None else torch.zeros(C, device=device)).expand(B, frames, C)
+                y, x = modulated_norm(x, n3_shift.contiguous(), n3_scale.contiguous(), gate=gate, branch=branch, eps=n3.eps)
+            else:
+                x = (x.view(B, frames, -1, C).float() + branch.view(B, frames, -1, C).float() * gate[:, :, None]).to(x.dtype).view(B, L, C)
+                y = x
+
+            ca = block.cross_attn
+            q = ca.heads(ca.norm_q(ca.q(y)))
+            k, v = text.cross_k[i], text.cross_v[i]
+            if k.shape[0] != B:
+                k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
+            branch = ca.o(sdpa_blhd(q, k, v).flatten(2))
+            y, x = modulated_norm(x, c_shift, c_scale, gate=ones, branch=branch, eps=block.eps)
+            carry = (block.ffn(y), c_gate)
+
+        mod = self.head.modulation.float()[:, None] + e[:, :, None]  # (B, F, 2, dim)
+        shift, scale = mod[:, :, 0].contiguous(), mod[:, :, 1].contiguous()
+        return modulated_norm(x, shift, scale, gate=carry[1], branch=carry[0], eps=self.config.eps).y
 
     def unpatchify(self, out: torch.Tensor, frames: int, h: int, w: int) -> torch.Tensor:
         """(B, L, C_out * pt * ph * pw) -> (B, C_out, frames * pt, h * ph, w * pw)."""

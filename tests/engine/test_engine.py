@@ -81,6 +81,27 @@ def test_chunk_loop_equals_independent_reference_loop():
         assert rel_err(got, x[0]) < 1e-5, c
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("cross_attn_norm", [True, False])
+def test_fused_path_equals_plain_path(dtype, tol, cross_attn_norm):
+    """EngineConfig.fused_ops: the DiT's fused path (ops.modulated_norm, qk_norm_rope_kv_write) gives
+    the plain PyTorch path's latents; fp32 to rounding, bf16 within its precision over 4 chunks."""
+    torch.manual_seed(12)
+    model = tiny_model(dtype=dtype)
+    if not cross_attn_norm:
+        for block in model.blocks:
+            block.norm3 = torch.nn.Identity()
+    p = prompt(model)
+    outs = []
+    for fused in (False, True):
+        engine = make_engine(model, fused_ops=fused, policy=SinkWindowPolicy(sink_frames=1, window_frames=3))
+        s = engine.open_session(p, seed=5, noise_id=0)
+        outs.append(torch.cat(run_chunks(s, 4), dim=1).float())
+        s.close()
+        assert_no_leaks(engine)
+    assert rel_err(outs[1], outs[0]) < tol
+
+
 def test_same_seed_identical_other_seed_different_explicit_equals_philox():
     torch.manual_seed(12)
     model = tiny_model()
@@ -282,7 +303,7 @@ def test_cache_full_raises_or_waits():
 
 @pytest.mark.parametrize("field, value", [
     ("chunk_frames", 0), ("latent_size", (4,)), ("context_noise", 1.0), ("output", "png"),
-    ("on_cache_full", "crash"), ("max_batch_size", 0), ("policy", "window"),
+    ("on_cache_full", "crash"), ("max_batch_size", 0), ("policy", "window"), ("fused_ops", "yes"),
 ])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):

@@ -1,6 +1,6 @@
 """GPU tests of the engine (``pytest -m gpu`` on the H100 machine).
 
-- the optimised path (Triton chunk attention, CUDA/Triton sampler step, CUDA graphs, side-stream
+- the optimised path (fused DiT path, Triton chunk attention, CUDA/Triton sampler step, CUDA graphs, side-stream
   VAE) equals the reference path (reference ops, eager) on the same weights and Philox noise:
   relative L2 of the final latents over 7 chunks in bf16 <= 1e-2, for the global and the sink +
   window policy, for the eager run, the capturing run and the replaying runs;
@@ -35,7 +35,7 @@ def _engine(model, vae=None, optimised=True, policy=None, **kw):
         latent_size=LATENT_HW, output="latents" if vae is None else "uint8", kv_num_pages=256,
         policy=policy or GlobalPolicy(),
         attention_backend=None if optimised else "reference", sampler_backend=None if optimised else "reference",
-        cuda_graphs=optimised, vae_side_stream=optimised, **kw,
+        cuda_graphs=optimised, vae_side_stream=optimised, fused_ops=optimised, **kw,
     )
     return Engine(model, vae, cfg)
 
