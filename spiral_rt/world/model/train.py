@@ -564,7 +564,9 @@ def train(cfg: TrainConfig, text_encoder: TextEncoder | None = None) -> dict:
     summary = {"steps": cfg.steps, "last_loss": last_loss, "held_out_loss_ema": final_held, "parameters": n_params,
                "train_s": time.perf_counter() - t0}
     save_dtype = getattr(torch, cfg.save_dtype)
-    weights = save_world_weights(out / WEIGHTS_FILE, ema_model, codec_cfg, sampling=SamplingConfig(shift=cfg.shift),
+    # the engine then attends to as much context as a training window showed: chunks - 1 earlier chunks
+    sampling = SamplingConfig(shift=cfg.shift, context_frames=(cfg.chunks - 1) * clips.frames_per_chunk // codec_cfg.temporal_stride)
+    weights = save_world_weights(out / WEIGHTS_FILE, ema_model, codec_cfg, sampling=sampling,
                                  text_max_length=text_encoder.max_length, train_info=summary, dtype=save_dtype)
     summary["weights"] = str(weights)
     summary["weights_bytes"] = weights.stat().st_size
