@@ -1,5 +1,6 @@
 """Memory-bound fused ops on one Wan chunk vs the measured copy bandwidth: modulated_norm (plain
-and fused with the gated residual add) and qk_norm_rope_kv_write.
+and fused with the gated residual add), qk_norm_rope_kv_write, and the VAE's channel_rms_norm
+(+ SiLU) at the decoder's stage sizes.
 
 Shapes: L = 4680 tokens (3 latent frames at 832x480), C = 1536 = 12 heads x 128, bf16 activations,
 fp32 modulation; a batch of 8 such sequences for comparison. GB/s counts the bytes each op must
@@ -8,6 +9,12 @@ counted too, they are negligible). The fraction is against the 1 GiB device copy
 (``common.copy_bandwidth_gbs``) and against a copy of the op's own byte count (same launch-size
 overheads). Launch variants (num_warps) are timed; "best" is reported with the default's numbers.
 Eager PyTorch (the reference implementations) is timed for context.
+
+channel_rms_norm runs at the activation sizes of one 12-frame chunk of the 832x480 Wan2.1 VAE
+decoder (C x T x H x W: 384 x 3 x 60 x 104 up to 96 x 12 x 480 x 832, bf16, SiLU fused). Its bytes
+are what the kernel's two-pass design moves: x read twice (once to reduce, once to write) plus y
+written once; the second read partly hits L2, so GB/s can exceed the copy bandwidth at small C.
+Its "eager" is the VAE's former path (F.normalize in fp32, cast, * scale * gamma in bf16, SiLU).
 
 Run on the GPU machine: ``python bench/bench_fused_ops.py`` (writes bench/results/fused_ops.json).
 ``--smoke`` runs the same code on CPU through the Triton interpreter at toy sizes (no timing
@@ -31,8 +38,10 @@ from common import print_table, write_result  # noqa: E402
 if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from spiral_rt.kernels import channel_rms_norm as crn_kernel  # noqa: E402
 from spiral_rt.kernels import modulated_norm as mn_kernel  # noqa: E402
 from spiral_rt.kernels import qk_norm_rope_kv_write as qk_kernel  # noqa: E402
+from spiral_rt.ops.channel_rms_norm import channel_rms_norm  # noqa: E402
 from spiral_rt.ops.modulated_norm import modulated_norm  # noqa: E402
 from spiral_rt.ops.qk_norm_rope_kv_write import _inv_freq, qk_norm_rope_kv_write  # noqa: E402
 from spiral_rt.reference import modulated_norm as mn_ref  # noqa: E402
@@ -43,13 +52,17 @@ PAGE, GRID = 1560, (30, 52)
 HEADS, HEAD_DIM = 12, 128
 C = HEADS * HEAD_DIM
 WARPS = (2, 4, 8, 16)
+# (C, T, H, W) of the VAE decoder's norms for a 3-latent-frame chunk at 832x480, stage by stage
+VAE_SHAPES = ((384, 3, 60, 104), (384, 6, 120, 208), (192, 12, 240, 416), (96, 12, 480, 832))
+VAE_BLOCKS_N = (128, 256, 512)
 SMOKE = False
 
 
 def configure_smoke():
-    global DEVICE, PAGE, GRID, HEADS, HEAD_DIM, C, WARPS, SMOKE
+    global DEVICE, PAGE, GRID, HEADS, HEAD_DIM, C, WARPS, VAE_SHAPES, VAE_BLOCKS_N, SMOKE
     DEVICE, PAGE, GRID, HEADS, HEAD_DIM, WARPS, SMOKE = "cpu", 12, (3, 4), 2, 32, (4,), True
     C = HEADS * HEAD_DIM
+    VAE_SHAPES, VAE_BLOCKS_N = ((24, 2, 6, 10), (12, 3, 12, 20)), (256,)
 
 
 def time_ms(fn, rep_ms):
@@ -137,6 +150,23 @@ def bench_qk(batch, copy_peak, rep_ms):
     return measure(f"qk_norm_rope_kv_write B={batch}", nbytes, default, variants, eager, copy_peak, rep_ms)
 
 
+def bench_channel_rms_norm(shape, copy_peak, rep_ms):
+    x = torch.randn(1, *shape, device=DEVICE, dtype=torch.bfloat16)
+    c = shape[0]
+    gamma = (1 + 0.1 * torch.randn(c, 1, 1, 1, device=DEVICE)).to(torch.bfloat16)
+    scale = c**0.5
+    y = torch.empty_like(x)
+    nbytes = 3 * x.numel() * x.element_size() + gamma.numel() * gamma.element_size()
+    default = lambda: channel_rms_norm(x, gamma, scale=scale, silu=True)  # noqa: E731
+    g_flat = gamma.reshape(c)
+    variants = {f"n{n}w{w}": (lambda n=n, w=w: crn_kernel.channel_rms_norm(x, g_flat, y, scale, 1e-12, True,
+                                                                            block_n=n, num_warps=w))
+                for n in VAE_BLOCKS_N for w in WARPS}
+    eager = lambda: torch.nn.functional.silu(  # noqa: E731
+        torch.nn.functional.normalize(x.float(), dim=1).to(x.dtype) * scale * gamma)
+    return measure("channel_rms_norm+silu C={} T={} {}x{}".format(*shape), nbytes, default, variants, eager, copy_peak, rep_ms)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rep-ms", type=float, default=100, help="timing budget per measurement (do_bench rep)")
@@ -153,11 +183,14 @@ def main():
         rows.append(bench_modulated_norm(batch, 3 * PAGE, False, copy_peak, args.rep_ms))
         rows.append(bench_modulated_norm(batch, 3 * PAGE, True, copy_peak, args.rep_ms))
         rows.append(bench_qk(batch, copy_peak, args.rep_ms))
+    for shape in VAE_SHAPES:
+        rows.append(bench_channel_rms_norm(shape, copy_peak, args.rep_ms))
     print(f"copy bandwidth (1 GiB): {copy_peak:.0f} GB/s")
     print_table(rows, ["op", "MB", "median_ms", "GBs", "frac_copy", "best_variant", "best_GBs", "best_frac_copy",
                        "frac_same_size_copy", "eager_ms", "speedup_vs_eager"])
     settings = {"L": 3 * PAGE, "C": C, "heads": HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16",
                 "modulation_dtype": "float32", "frames": 3, "grid_hw": GRID, "page_size": PAGE,
+                "vae_shapes_cthw": VAE_SHAPES, "vae_bytes": "channel_rms_norm: 2 reads of x + 1 write of y",
                 "timing": "triton.testing.do_bench median, L2 flushed"}
     if not SMOKE:
         write_result("fused_ops", settings, rows, {"copy_bandwidth_gbs": copy_peak, "target_frac_copy": 0.8})

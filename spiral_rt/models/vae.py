@@ -23,7 +23,10 @@ convolution of the sequence that starts at the second frame (2 frames out).
 
 Boundaries: decoder only (the runtime never encodes); weights via
 ``spiral_rt.models.checkpoints.load_vae``. Activations run in the parameters' dtype; the RMS norm
-and the upsampling are computed in fp32.
+and the upsampling are computed in fp32. Each RMS norm and the SiLU after it run as one
+``spiral_rt.ops.channel_rms_norm`` (Triton on a GPU, the PyTorch reference on a CPU), rounded once
+to the activation dtype; the ``nn.SiLU`` modules stay in their ``nn.Sequential``s only so that the
+indices, hence the checkpoint keys, stay Wan's.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..ops.channel_rms_norm import channel_rms_norm
 
 logger = logging.getLogger(__name__)
 
@@ -165,15 +170,17 @@ class CausalConv3d(nn.Conv3d):
 
 
 class RMSNorm3d(nn.Module):
-    """Wan VAE's RMS norm over channels: normalize(x, dim=1) * sqrt(C) * gamma (fp32 normalisation)."""
+    """Wan VAE's RMS norm over channels: normalize(x, dim=1) * sqrt(C) * gamma, with the SiLU that
+    follows it fused on request; fp32 math, one rounding (``spiral_rt.ops.channel_rms_norm``)."""
 
     def __init__(self, dim: int, images: bool = False):
         super().__init__()
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x.float(), dim=1).to(x.dtype) * self.scale * self.gamma
+    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+        # a Resample's output is a permuted view: the op reads (B, C, N) contiguous
+        return channel_rms_norm(x.contiguous(), self.gamma, scale=self.scale, silu=silu)
 
 
 class ResidualBlock(nn.Module):
@@ -187,8 +194,10 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, state: DecoderState | None) -> torch.Tensor:
         h = self.shortcut(x)
-        for layer in self.residual:
-            x = layer(x, state) if isinstance(layer, CausalConv3d) else layer(x)
+        r = self.residual
+        # norm + SiLU (r[0] + r[1], r[3] + r[4]) run as one fused op; r[5] is Dropout(0)
+        x = r[2](r[0](x, silu=True), state)
+        x = r[6](r[5](r[3](x, silu=True)), state)
         return x + h
 
 
@@ -279,7 +288,7 @@ class Decoder3d(nn.Module):
             x = layer(x, state)
         for layer in self.upsamples:
             x = layer(x, state)
-        x = self.head[1](self.head[0](x))
+        x = self.head[0](x, silu=True)  # head[1], the SiLU, fused into the norm
         return self.head[2](x, state)
 
 

@@ -11,14 +11,17 @@ Ops:
 - ``chunk_attention``: a chunk's queries over paged K/V (varlen, plan once, run per layer/step);
 - ``merge_states``: exact log-sum-exp merge of partial attention states (shared prefixes);
 - ``qk_norm_rope_kv_write``: RMSNorm over heads + Wan 3D RoPE on q, k and the K/V page write;
-- ``modulated_norm``: LayerNorm * (1 + scale) + shift per frame, optionally after a gated residual.
+- ``modulated_norm``: LayerNorm * (1 + scale) + shift per frame, optionally after a gated residual;
+- ``channel_rms_norm``: the Wan VAE's RMS norm over channels * scale * gamma, optionally + SiLU.
 """
 
+from . import channel_rms_norm as _channel_rms_norm_module
 from . import chunk_attention as _chunk_attention_module
 from . import merge_states as _merge_states_module
 from . import modulated_norm as _modulated_norm_module
 from . import qk_norm_rope_kv_write as _qk_norm_rope_kv_write_module
 from . import sampler_step as _sampler_step_module
+from .channel_rms_norm import channel_rms_norm
 from .chunk_attention import (
     AttentionConfig,
     ChunkAttentionPlan,
@@ -41,6 +44,7 @@ OP_BACKENDS = {
         _merge_states_module,
         _qk_norm_rope_kv_write_module,
         _modulated_norm_module,
+        _channel_rms_norm_module,
     )
 }
 
@@ -50,5 +54,6 @@ __all__ = [
     "merge_states", "AttentionState",
     "modulated_norm", "ModulatedNormResult",
     "qk_norm_rope_kv_write",
+    "channel_rms_norm",
     "available_backends", "select_backend", "OP_BACKENDS",
 ]

@@ -1,0 +1,70 @@
+"""RMS norm over the channel dim of (B, C, *spatial) activations with an optional fused SiLU, in
+Triton (math and contract: ``spiral_rt.reference.channel_rms_norm``).
+
+x is viewed as (B, C, N), N = prod(spatial), contiguous: the C values of one position lie N
+elements apart, the positions of one channel are consecutive. One program takes BLOCK_N
+consecutive positions of one batch item and walks the channels in blocks of BLOCK_C twice: first
+accumulating the sum of squares in fp32, then re-reading x to write
+y = x * scale / max(sqrt(ss), eps) * gamma[c] (SiLU'd when asked) in x's dtype. Every load and
+store is a run of BLOCK_N consecutive elements (coalesced). Traffic: two reads of x and one write
+of y (the second read hits L2 only when the resident programs' C x BLOCK_N tiles fit there, i.e.
+at small C); the unfused eager path makes about eight passes. Keeping the whole tile in registers
+(one read) would need C x BLOCK_N fp32 values per program: not done, the two-pass form has no
+limit on C.
+"""
+
+import triton
+import triton.language as tl
+
+BLOCK_N = 256
+MAX_BLOCK_C = 16
+
+
+@triton.jit
+def _channel_rms_norm_kernel(
+    x_ptr, gamma_ptr, y_ptr, num_channels, num_positions, scale, eps,
+    SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    batch = tl.program_id(1).to(tl.int64)
+    pos = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pos_mask = pos < num_positions
+    base = batch * num_channels * num_positions  # int64: B * C * N exceeds 2**31 at video sizes
+    chans = tl.arange(0, BLOCK_C)
+
+    # pass 1: sum of squares over the channels; a (BLOCK_C, BLOCK_N) accumulator keeps the loads of
+    # one iteration independent of each other, reduced over channels once at the end
+    acc = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
+    for c0 in range(0, num_channels, BLOCK_C):
+        c = c0 + chans
+        mask = (c < num_channels)[:, None] & pos_mask[None, :]
+        offs = base + c.to(tl.int64)[:, None] * num_positions + pos[None, :]
+        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        acc += v * v
+    norm = tl.sqrt(tl.sum(acc, axis=0))
+    factor = scale / tl.maximum(norm, eps)  # (BLOCK_N,): F.normalize's x / max(||x||, eps), times scale
+
+    # pass 2: re-read, scale, gamma, SiLU, store
+    for c0 in range(0, num_channels, BLOCK_C):
+        c = c0 + chans
+        c_mask = c < num_channels
+        mask = c_mask[:, None] & pos_mask[None, :]
+        offs = base + c.to(tl.int64)[:, None] * num_positions + pos[None, :]
+        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(gamma_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        y = v * factor[None, :] * g[:, None]
+        if SILU:
+            y = y / (1.0 + tl.exp(-y))
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def channel_rms_norm(x, gamma, y, scale: float, eps: float, silu: bool,
+                     block_n: int = BLOCK_N, block_c: int | None = None, num_warps: int = 4):
+    """Launch on checked tensors: x, y (B, C, *spatial) contiguous, same shape; gamma (C,) contiguous."""
+    batch, channels = x.shape[0], x.shape[1]
+    positions = x.numel() // (batch * channels)
+    block_c = block_c or min(MAX_BLOCK_C, triton.next_power_of_2(channels))
+    grid = (triton.cdiv(positions, block_n), batch)
+    _channel_rms_norm_kernel[grid](
+        x, gamma, y, channels, positions, scale, eps,
+        SILU=silu, BLOCK_C=block_c, BLOCK_N=block_n, num_warps=num_warps,
+    )
