@@ -25,7 +25,7 @@ Attention runs through ``torch.nn.functional.scaled_dot_product_attention`` (sca
 from __future__ import annotations
 
 import logging
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -115,13 +115,26 @@ class ContiguousKVCache:
     layer; ``commit()`` then advances ``length`` (all layers must have been written, with the same
     L). ``truncate(n)`` rolls back to the first n tokens (e.g. to regenerate a rejected segment).
     Storage is allocated on the first write (or up front with ``max_tokens``) and doubles when full.
+
+    ``visible_frames`` limits what the committed context shows, as a KV-cache policy does (e.g. an
+    attention sink and a rolling window): called with the number of committed frames, it returns the
+    frames the next forward attends to (in order); every token is still stored. It needs
+    ``tokens_per_frame``. None: the whole committed context.
     """
 
-    def __init__(self, num_layers: int, max_tokens: int | None = None):
+    def __init__(self, num_layers: int, max_tokens: int | None = None, *,
+                 visible_frames: Callable[[int], Sequence[int]] | None = None, tokens_per_frame: int | None = None):
         if num_layers <= 0:
             raise ValueError(f"ContiguousKVCache: 'num_layers' must be positive, got {num_layers}")
+        if visible_frames is not None and (not callable(visible_frames) or not isinstance(tokens_per_frame, int)
+                                           or isinstance(tokens_per_frame, bool) or tokens_per_frame < 1):
+            raise ValueError("ContiguousKVCache: 'visible_frames' must be a callable and comes with a positive int "
+                             f"'tokens_per_frame', got {visible_frames!r} and {tokens_per_frame!r}")
         self.num_layers = num_layers
         self.max_tokens = max_tokens
+        self.visible_frames = visible_frames
+        self.tokens_per_frame = tokens_per_frame
+        self._visible: tuple[int, torch.Tensor | None] | None = None
         self.write = False
         self.length = 0
         self._k: list[torch.Tensor | None] = [None] * num_layers
@@ -146,6 +159,18 @@ class ContiguousKVCache:
             new_v[:, : self.length] = self._v[layer][:, : self.length]
         self._k[layer], self._v[layer] = new_k, new_v
 
+    def _visible_tokens(self, device) -> torch.Tensor | None:
+        """Indices of the committed tokens the next forward sees; None: all of [0, length)."""
+        if self.visible_frames is None:
+            return None
+        if self._visible is None or self._visible[0] != self.length:
+            tpf = self.tokens_per_frame
+            frames = torch.as_tensor(list(self.visible_frames(self.length // tpf)), dtype=torch.long)
+            idx = (frames[:, None] * tpf + torch.arange(tpf)).reshape(-1)
+            self._visible = (self.length, idx)
+        idx = self._visible[1]
+        return idx.to(device) if idx.device != torch.device(device) else idx
+
     def self_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"ContiguousKVCache: 'layer'={layer} out of range for {self.num_layers} layers")
@@ -155,13 +180,16 @@ class ContiguousKVCache:
             self._k[layer][:, n:end] = k
             self._v[layer][:, n:end] = v
             self._pending[layer] = k.shape[1]
-            return sdpa_blhd(q, self._k[layer][:, :end], self._v[layer][:, :end])
+            if self.visible_frames is None:
+                return sdpa_blhd(q, self._k[layer][:, :end], self._v[layer][:, :end])
         if n == 0:
             return sdpa_blhd(q, k, v)
         cached_k, cached_v = self._k[layer], self._v[layer]
         if cached_k is None or cached_k.shape[0] != q.shape[0]:
             raise ValueError(f"ContiguousKVCache: layer {layer} has no cache for a batch of {q.shape[0]}")
-        return sdpa_blhd(q, torch.cat([cached_k[:, :n], k], dim=1), torch.cat([cached_v[:, :n], v], dim=1))
+        idx = self._visible_tokens(q.device)
+        ctx_k, ctx_v = (cached_k[:, :n], cached_v[:, :n]) if idx is None else (cached_k[:, idx], cached_v[:, idx])
+        return sdpa_blhd(q, torch.cat([ctx_k, k], dim=1), torch.cat([ctx_v, v], dim=1))
 
     def commit(self) -> int:
         """Make the tokens written by the last ``write=True`` forward visible; returns the new length."""

@@ -37,9 +37,9 @@ trains on its own members (whole execution groups, so prefixes stay local), rewa
 all-gathered when the trainer recomputes advantages, and only rank 0 writes checkpoints.
 
 Boundaries: uses the model, attention contexts, sampler op and GRPO loss as they are. Not
-reconstructed (``ValueError`` at construction or on the batch): LongLive re-cache at prompt
-switches (``EngineConfig.recache_on_switch``) and KV eviction by a sink-window cache policy that
-hides frames the trained chunks would otherwise see.
+reconstructed (``ValueError`` at construction): LongLive re-cache at prompt switches
+(``EngineConfig.recache_on_switch``). A sink-window cache policy is reconstructed: each chunk's
+context shows the frames ``visible_context_frames`` gives for the engine's policy.
 """
 
 from __future__ import annotations
@@ -456,12 +456,6 @@ class GRPOTrainer:
         if cfg.loss.ratio_norm and batch.mu is None:
             raise ValueError("GRPOTrainer: loss.ratio_norm needs the rollout's means (argument 'batch' has mu=None; "
                              "run the rollout with record_mu=True)")
-        last = int(batch.chunk.max())
-        for c in sorted(set(batch.chunk.tolist())):
-            seen = visible_context_frames(ecfg.policy, c * F_, ecfg.frames_per_page)
-            if seen != list(range(c * F_)):
-                raise ValueError(f"GRPOTrainer: engine_config.policy hides context frames from chunk {c} (of {last}); "
-                                 "the trainer reconstructs full (GlobalPolicy-like) contexts only")
 
     def _clean_input(self, batch, rows: list[int], chunk: int) -> torch.Tensor:
         """The clean pass input of ``chunk`` for members ``rows``: clean latents (+ context noise)."""
@@ -575,7 +569,10 @@ class GRPOTrainer:
 
     def _transitions(self, dit: CausalWanDiT, batch, rows: list[int]) -> Iterator[tuple[int, ContiguousKVCache]]:
         """Yield (t, cache holding chunks [0, chunk[t])) for every trained transition, in chunk order."""
-        cache = ContiguousKVCache(dit.config.num_layers)
+        ecfg = self.engine_config
+        # the engine's cache policy decides which context frames each chunk sees (sink + window)
+        cache = ContiguousKVCache(dit.config.num_layers, tokens_per_frame=dit.config.tokens_per_frame(*ecfg.latent_size),
+                                  visible_frames=lambda n: visible_context_frames(ecfg.policy, n, ecfg.frames_per_page))
         order = sorted(range(batch.num_transitions), key=lambda t: (int(batch.chunk[t]), t))
         done = 0
         for t in order:

@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from spiral_rt.cache import GlobalPolicy, SinkWindowPolicy
 from spiral_rt.models.attention import DenseAttention
 from spiral_rt.rl import GRPOLossConfig
 from spiral_rt.rl.trainer import GRPOTrainer, GRPOTrainerConfig, LoRALinear, lora_disabled, merge_lora, unmerge_lora
@@ -46,8 +47,8 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
-def rollout(model, *, plans, context_noise=0.0, group_size=3, num_chunks=3, fork_chunk=1, train_steps=(0, 1)):
-    engine = make_engine(model, context_noise=context_noise)
+def rollout(model, *, plans, context_noise=0.0, group_size=3, num_chunks=3, fork_chunk=1, train_steps=(0, 1), **engine_kw):
+    engine = make_engine(model, context_noise=context_noise, **engine_kw)
     emb = embeddings(model, PROMPTS)
     spec = RolloutSpec(goals=["fox"], plans=plans, num_plans=len(plans[0]), group_size=group_size,
                        num_chunks=num_chunks, fork_chunk=fork_chunk, train_steps=train_steps,
@@ -84,6 +85,20 @@ def test_recomputed_log_probs_equal_recorded():
     wrong = GRPOTrainer(model, GRPOTrainerConfig(lora_rank=None), emb,
                         engine_config=dataclasses.replace(ecfg, context_noise=0.0))
     assert (wrong.log_probs(batch) - batch.log_prob).abs().max() > 1e-2
+
+
+def test_recomputed_log_probs_equal_recorded_with_a_sink_window_policy():
+    """A chunk's context is what the engine's policy showed it (sink + rolling window, frames evicted)."""
+    model = tiny_model(seed=4)
+    plans = [[["a fox in snow", "the fox runs", "the fox jumps", "fox", "a cat on a wall"]]]
+    policy = SinkWindowPolicy(sink_frames=3, window_frames=3)  # from chunk 3 on, chunk 1 is out of sight
+    batch, ecfg, emb = rollout(model, plans=plans, num_chunks=5, fork_chunk=3, policy=policy)
+    assert sorted(set(batch.chunk.tolist())) == [3, 4]
+    trainer = GRPOTrainer(model, GRPOTrainerConfig(lora_rank=None), emb, engine_config=ecfg)
+    torch.testing.assert_close(trainer.log_probs(batch), batch.log_prob, rtol=0, atol=1e-3)
+    everything = GRPOTrainer(model, GRPOTrainerConfig(lora_rank=None), emb,
+                             engine_config=dataclasses.replace(ecfg, policy=GlobalPolicy()))
+    assert (everything.log_probs(batch) - batch.log_prob).abs().max() > 1e-2
 
 
 # ----------------------------------------------------------------------------- loss and gradient vs a hand loop
