@@ -43,7 +43,8 @@ fi
 for b in "${benches[@]}"; do
   echo "== $b"
   script=${b%% *}
-  python3 $b 2>&1 | tee "$OUT/$(basename "$script" .py).log" | grep -v '^{' | tail -30
+  if [ "$script" = "-m" ]; then rest=${b#-m }; script=${rest%% *}; fi  # "-m package.module args": log named after the module
+  python3 $b 2>&1 | tee "$OUT/$(basename -- "$script" .py).log" | grep -v '^{' | tail -30
 done
 echo "gpu tests exit status: $status; total $(( $(date +%s) - start )) s"
 exit $status
