@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import socket
 from pathlib import Path
 
 import pytest
@@ -288,11 +287,12 @@ def select(batch: RolloutBatch, rows: list[int]) -> RolloutBatch:
     return RolloutBatch(**kw)
 
 
-def _gloo_worker(rank: int, world: int, port: int, data_dir: str) -> None:
+def _gloo_worker(rank: int, world: int, data_dir: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    # a file store: no TCP port to pick and race for
+    dist.init_process_group("gloo", init_method=f"file://{data_dir}/store", rank=rank, world_size=world,
                             timeout=__import__("datetime").timedelta(seconds=60))
     try:
         data = Path(data_dir)
@@ -311,12 +311,6 @@ def _gloo_worker(rank: int, world: int, port: int, data_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gloo_step(tmp_path):
     model = tiny_model(seed=13)
     batch, ecfg, emb = rollout(model, plans=[[["a fox in snow"], ["a cat on a wall"]]], group_size=2, num_chunks=2,
@@ -324,7 +318,7 @@ def test_two_process_gloo_step(tmp_path):
     batch.rewards = torch.tensor([0.9, 0.1, 0.2, 0.6], dtype=torch.float64)
     batch.save(tmp_path / "batch")
     torch.save((ecfg, emb), tmp_path / "setup.pt")
-    ctx = mp.start_processes(_gloo_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
+    ctx = mp.start_processes(_gloo_worker, args=(2, str(tmp_path)), nprocs=2, join=False,
                              start_method="spawn")
     import time
 
