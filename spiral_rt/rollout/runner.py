@@ -8,7 +8,9 @@ Per execution group (one plan of one goal), with the default "batched" schedule:
     chunks [fork, n):   engine.step(children, noise=...)      one DiT call per denoising step for all G
                         (slices of max_batch_size)            trained steps recorded in the same pass
     decode: the engine's streaming VAE, per member, every chunk (prefix decoded once, shared)
-    critic: the group's frames go to a thread pool while the next group generates
+    critic: the group's frames go to a thread pool while the next group generates; each member's
+            memory starts with the prefix's last frame as its key frame (the state the judged steps
+            start from)
     advantages: spiral_rt.rl.hierarchical_advantages over (K plans, G members) per goal
 
 The baselines of the benchmark run the same code with another order: "prefix_once" generates the
@@ -395,10 +397,12 @@ class RolloutRunner:
         for j in sorted({grp.chunk_steps[c] for c in range(spec.fork_chunk, spec.num_chunks)}):
             chunks = [c for c in range(spec.fork_chunk, spec.num_chunks) if grp.chunk_steps[c] == j]
             segments.append((j, res.frame_ranges[chunks[0]][0], res.frame_ranges[chunks[-1]][1]))
+        # the state the judged steps start from: the prefix's last frame (the first key frame of the memory)
+        before = res.frame_ranges[spec.fork_chunk - 1][1] - 1 if spec.fork_chunk > 0 else None
         batch_judge = getattr(self.critic, "judge_batch", None)
         if callable(batch_judge):
-            return [pool.submit(_judge_group, batch_judge, frames, grp.plan, segments)]
-        return [pool.submit(lambda m=m: [_judge_member(self.critic, frames[m], grp.plan, segments)])
+            return [pool.submit(_judge_group, batch_judge, frames, grp.plan, segments, before)]
+        return [pool.submit(lambda m=m: [_judge_member(self.critic, frames[m], grp.plan, segments, before)])
                 for m in range(grp.size)]
 
     def _assemble(self, spec, spec_dict, groups, results, prompt_table, train_chunks, train_steps, num_steps,
@@ -450,8 +454,13 @@ class RolloutRunner:
 # ---------------------------------------------------------------------- critic tasks (worker threads)
 
 
-def _judge_member(critic, frames: np.ndarray, plan: Plan, segments) -> list[Verdict]:
-    memory = WorldMemory()
+def _memory(frames: np.ndarray, before: int | None) -> WorldMemory:
+    """A member's memory before its first judged step: the prefix's last frame as key frame, if any."""
+    return WorldMemory(key_frames=[np.ascontiguousarray(frames[before])]) if before is not None else WorldMemory()
+
+
+def _judge_member(critic, frames: np.ndarray, plan: Plan, segments, before: int | None = None) -> list[Verdict]:
+    memory = _memory(frames, before)
     verdicts = []
     for j, lo, hi in segments:
         seg = np.ascontiguousarray(frames[lo:hi])
@@ -463,9 +472,9 @@ def _judge_member(critic, frames: np.ndarray, plan: Plan, segments) -> list[Verd
     return verdicts
 
 
-def _judge_group(judge_batch, frames: np.ndarray, plan: Plan, segments) -> list[list[Verdict]]:
+def _judge_group(judge_batch, frames: np.ndarray, plan: Plan, segments, before: int | None = None) -> list[list[Verdict]]:
     size = frames.shape[0]
-    memories = [WorldMemory() for _ in range(size)]
+    memories = [_memory(frames[m], before) for m in range(size)]
     out: list[list[Verdict]] = [[] for _ in range(size)]
     for j, lo, hi in segments:
         segs = [np.ascontiguousarray(frames[m, lo:hi]) for m in range(size)]

@@ -61,6 +61,7 @@ class BrightnessCritic:
     def __init__(self):
         self.threads: set[int] = set()
         self.calls = 0
+        self.first_key_frames: list[np.ndarray] = []  # the memory's first key frame at every call
         self._lock = threading.Lock()
 
     def judge(self, frames: np.ndarray, step, memory) -> Verdict:
@@ -68,6 +69,8 @@ class BrightnessCritic:
         with self._lock:
             self.threads.add(threading.get_ident())
             self.calls += 1
+            if memory.key_frames:
+                self.first_key_frames.append(memory.key_frames[0].copy())
         return Verdict(score=float(frames.mean()) / 255.0, completed=True, feedback=f"{step.prompt}")
 
 

@@ -22,6 +22,7 @@ import json
 import math
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -296,6 +297,10 @@ def test_rewards_advantages_and_planner_jsonl(model, vae, tmp_path, critic_cls):
         assert abs(float(batch.rewards[i]) - sum(scores) / len(scores)) < 1e-9
         assert len(batch.verdicts[i]) == len(scores)
     assert threading.get_ident() not in critic.threads  # judged on worker threads
+    # every member's memory starts from the prefix's last frame (frame 8: the fork chunk decodes 9)
+    prefix_last = [batch.frames[i, 8].numpy() for i in range(M)]
+    assert len(critic.first_key_frames) == critic.calls
+    assert all(any(np.array_equal(k, f) for f in prefix_last) for k in critic.first_key_frames)
     if critic_cls is BatchBrightnessCritic:
         assert critic.batch_calls == 2 + 1  # plan 0: steps 1 and 2 after the fork; plan 1: step 1
     # execution advantages: normalised within each plan's group
