@@ -1,0 +1,220 @@
+"""GRPO post-training of the bundled world model with the world critic's reward.
+
+    python -m spiral_rt.world.grpo --out runs/world-grpo [--weights FILE] [--iterations 200] [--group-size 8]
+    python -m spiral_rt.world.grpo --out /tmp/grpo --smoke          # CPU, seconds (random tiny weights)
+
+One iteration is one random training goal (seeds from ``GRPO_SEED_BASE``, apart from the training
+videos' and the held-out evaluation's), run as one execution group (TempAct's scheme):
+
+    prefix     chunk 0 under the scene description, generated once      (the plan's intro step)
+    fork       the KV cache forks G ways (the members share the prefix pages)
+    members    the goal's canonical steps, each over its span, with the SDE step policy (Flow-GRPO);
+               every stochastic denoising step after the fork is recorded
+    reward     ``WorldCritic`` judges each step from the prefix's last frame on; a member's reward is
+               the mean of its step scores; advantages are normalised within the group
+    update     one ``GRPOTrainer.train_step`` (LoRA adapters on the DiT's linears, fp32 so the
+               recomputed log-probs equal the recorded ones before the update)
+
+The engine runs the same DiT object the trainer updates, so every rollout is on-policy. Every
+``--save-every`` iterations and at the end, ``OUT/world.safetensors`` holds the post-trained model
+(adapters folded in; ``load_world_model`` and ``bench_world.py --grpo-weights`` read it), and
+``OUT/log.jsonl`` one line per iteration (reward mean / std, step success, loss statistics, seconds).
+
+Boundaries: the iteration loop and its assembly; rollouts are ``spiral_rt.rollout``'s, updates
+``spiral_rt.rl``'s, goals, language and critic ``spiral_rt.world``'s, the model files ``loader``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from spiral_rt.agents.types import Goal, Plan, Step
+from spiral_rt.rl import GRPOLossConfig
+from spiral_rt.rl.trainer import GRPOTrainer, GRPOTrainerConfig
+from spiral_rt.rollout import RolloutRunner, RolloutSpec
+from spiral_rt.sampling import FlowGRPOStep
+
+from .agents import WorldCritic
+from .goals import random_goal
+from .language import goal_to_steps
+from .scene import WorldConfig
+
+logger = logging.getLogger(__name__)
+
+GRPO_SEED_BASE = 700_000_000
+"""Goal seeds of GRPO iterations start here (training videos use small seeds, evaluation 900,000,000+)."""
+WEIGHTS_FILE = "world.safetensors"
+
+
+@dataclass
+class WorldGRPOConfig:
+    """One post-training run (the CLI is built from these fields: ``--field-name``)."""
+
+    out: str = "runs/world-grpo"
+    """Output directory (weights, log)."""
+    weights: str = ""
+    """World weights file to start from (empty: the bundled weights)."""
+    iterations: int = 200
+    """Goals, i.e. GRPO updates."""
+    group_size: int = 8
+    """G, members per goal (continuations of the shared intro chunk)."""
+    lr: float = 1e-4
+    """AdamW learning rate of the LoRA adapters."""
+    lora_rank: int = 16
+    """LoRA rank."""
+    kl_coef: float = 0.01
+    """Weight of the KL term to the starting model (adapters disabled)."""
+    noise_level: float = 0.7
+    """Flow-GRPO's SDE noise level of the rollouts' step policy."""
+    seed: int = 0
+    """Goal seeds (GRPO_SEED_BASE + seed * 100003 + iteration) and the rollouts' Philox seed."""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    """Where the model runs."""
+    save_every: int = 50
+    """Iterations between weight files (the last one is always written)."""
+    smoke: bool = False
+    """Random tiny weights, 2 iterations of 2 members (CPU seconds; checks the loop runs)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def validate(self) -> None:
+        for name in ("iterations", "group_size", "lora_rank", "save_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"WorldGRPOConfig: '{name}' must be a positive int, got {v!r}")
+        if self.group_size < 2:
+            raise ValueError(f"WorldGRPOConfig: 'group_size' must be >= 2 (advantages compare members), got {self.group_size}")
+        for name in ("lr", "kl_coef", "noise_level"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"WorldGRPOConfig: '{name}' must be a number >= 0, got {v!r}")
+        if not self.lr > 0:
+            raise ValueError(f"WorldGRPOConfig: 'lr' must be > 0, got {self.lr!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"WorldGRPOConfig: 'seed' must be an int >= 0, got {self.seed!r}")
+
+
+def goal_plan(seed: int, config: WorldConfig) -> tuple[Plan, int]:
+    """The plan of random goal ``seed`` with its intro step (the scene description, one chunk) first,
+    and the video's chunk count."""
+    spec = random_goal(seed, config)
+    steps = goal_to_steps(spec.text, config)
+    intro = Step(prompt=spec.scene.describe(), span_chunks=1)
+    plan = Plan(goal=Goal(text=spec.text, id=spec.id), steps=[intro, *steps],
+                rationale="intro chunk under the scene description, then the goal's canonical steps")
+    return plan, 1 + sum(s.span_chunks for s in steps)
+
+
+def _load(cfg: WorldGRPOConfig):
+    from .model.loader import load_world_model
+
+    if not cfg.smoke:
+        return load_world_model(cfg.weights or None, device=cfg.device, dtype=torch.float32)
+    import tempfile
+
+    from spiral_rt.engine.generator import HashTextEncoder
+
+    from .model.codec import PixelCodecConfig
+    from .model.dit import build_world_dit, world_dit_config
+    from .model.loader import save_world_weights
+
+    torch.manual_seed(cfg.seed)
+    codec = PixelCodecConfig()
+    dit_cfg = world_dit_config("tiny", codec)
+    path = Path(tempfile.mkdtemp()) / "tiny.safetensors"
+    save_world_weights(path, build_world_dit(dit_cfg), codec, dtype=torch.float32)
+    return load_world_model(path, device=cfg.device, dtype=torch.float32,
+                            text_encoder=HashTextEncoder(dit_cfg.text_dim, 16))
+
+
+def run(cfg: WorldGRPOConfig) -> dict:
+    """Post-train as ``cfg`` says; returns a summary (per-iteration rewards and the weights path)."""
+    from tqdm import tqdm
+
+    if cfg.smoke:
+        cfg.iterations, cfg.group_size, cfg.device = min(cfg.iterations, 2), 2, "cpu"
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    wcfg = WorldConfig()
+    world = _load(cfg)
+    engine = world.engine()
+    trainer = GRPOTrainer(world.dit, GRPOTrainerConfig(
+        lr=cfg.lr, lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), bf16_autocast=False,
+        micro_batch_size=cfg.group_size, loss=GRPOLossConfig(kl_coef=cfg.kl_coef)),
+        world.text_encoder, engine_config=engine.config)
+    runner = RolloutRunner(engine, WorldCritic(wcfg))
+    log_path = out / "log.jsonl"
+    history = []
+    weights = None
+    bar = tqdm(range(cfg.iterations), desc="world-grpo", unit="goal", disable=not cfg.progress, dynamic_ncols=True)
+    for it in bar:
+        t0 = time.perf_counter()
+        plan, num_chunks = goal_plan(GRPO_SEED_BASE + cfg.seed * 100_003 + it, wcfg)
+        spec = RolloutSpec(goals=[plan.goal], plans=[[plan]], group_size=cfg.group_size, num_chunks=num_chunks,
+                           fork_chunk=1, seed=cfg.seed * 1_000_003 + it, keep_frames=False,
+                           step_policy=FlowGRPOStep(noise_level=cfg.noise_level), progress=False)
+        with torch.no_grad():
+            batch = runner.run(spec)
+        t1 = time.perf_counter()
+        stats = trainer.train_step(batch)
+        verdicts = [v for member in batch.verdicts for v in member]
+        rec = {"iteration": it + 1, "goal": plan.goal.text, "chunks": num_chunks,
+               "reward_mean": float(batch.rewards.mean()), "reward_std": float(batch.rewards.std(unbiased=False)),
+               "step_success": sum(bool(v["completed"]) for v in verdicts) / max(1, len(verdicts)),
+               "rollout_s": t1 - t0, "train_s": time.perf_counter() - t1,
+               **{k: float(v) for k, v in stats.items() if isinstance(v, (int, float))}}
+        history.append(rec)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", success=f"{rec['step_success']:.2f}")
+        if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iterations:
+            weights = world.save(out / WEIGHTS_FILE, train_info={"grpo": {"iterations": it + 1, "group_size": cfg.group_size,
+                                                                           "lr": cfg.lr, "lora_rank": cfg.lora_rank,
+                                                                           "kl_coef": cfg.kl_coef}})
+    bar.close()
+    engine.close()
+    window = max(1, len(history) // 5)
+    summary = {"iterations": len(history), "weights": str(weights),
+               "reward_first": sum(r["reward_mean"] for r in history[:window]) / window,
+               "reward_last": sum(r["reward_mean"] for r in history[-window:]) / window,
+               "step_success_first": sum(r["step_success"] for r in history[:window]) / window,
+               "step_success_last": sum(r["step_success"] for r in history[-window:]) / window}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m spiral_rt.world.grpo", description=__doc__.splitlines()[0])
+    for f in fields(WorldGRPOConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default)
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(message)s")
+    cfg = WorldGRPOConfig(**{f.name: getattr(args, f.name) for f in fields(WorldGRPOConfig)})
+    try:
+        summary = run(cfg)
+    except ValueError as exc:
+        print(f"python -m spiral_rt.world.grpo: {exc}")
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
