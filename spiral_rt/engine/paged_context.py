@@ -117,11 +117,14 @@ class PagedAttentionContext:
         self.write_slots = plan.device.write_slots
         self.fused_ops = bool(fused) and write
 
-    def _check_q(self, q: torch.Tensor) -> None:
+    def _check_q(self, q: torch.Tensor, k_pages: torch.Tensor) -> None:
         B, L = q.shape[:2]
         if B != self.plan.num_seqs or L != self.q_len:
             raise ValueError(f"PagedAttentionContext: q is (B, L) = ({B}, {L}); the plan has {self.plan.num_seqs} "
                              f"sequence(s) of {self.q_len} query tokens")
+        if q.dtype != k_pages.dtype:
+            raise ValueError(f"PagedAttentionContext: q is {q.dtype} but the KV pool is {k_pages.dtype}; "
+                             "build the cache with the model's dtype")
 
     def self_attention_fused(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                              q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor, eps: float,
@@ -131,9 +134,9 @@ class PagedAttentionContext:
         ``grid_hw`` token grid, and the K/V write run as one ``qk_norm_rope_kv_write``, then attention."""
         if not self.write:
             raise ValueError("PagedAttentionContext.self_attention_fused: this context does not write K/V (write=False)")
-        self._check_q(q)
-        B, L, H, D = q.shape
         k_pages, v_pages = self.cache.layer(layer)
+        self._check_q(q, k_pages)
+        B, L, H, D = q.shape
         q_rot = qk_norm_rope_kv_write(q.reshape(B * L, H, D), k.reshape(B * L, H, D), v.reshape(B * L, H, D),
                                       q_norm_weight, k_norm_weight, k_pages, v_pages, self.write_slots,
                                       grid_hw=tuple(grid_hw), frame_index=frame_index, eps=eps, backend=self.backend)
@@ -141,12 +144,9 @@ class PagedAttentionContext:
         return state.o.view(B, L, H, D)
 
     def self_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self._check_q(q)
-        B, L, H, D = q.shape
         k_pages, v_pages = self.cache.layer(layer)
-        if q.dtype != k_pages.dtype:
-            raise ValueError(f"PagedAttentionContext: q is {q.dtype} but the KV pool is {k_pages.dtype}; "
-                             "build the cache with the model's dtype")
+        self._check_q(q, k_pages)
+        B, L, H, D = q.shape
         if self.write:
             rows = k_pages.shape[0] * k_pages.shape[1]
             k_pages.view(rows, H, D).index_copy_(0, self.write_slots, k.reshape(B * L, H, D))
