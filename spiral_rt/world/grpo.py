@@ -15,6 +15,11 @@ videos' and the held-out evaluation's), run as one execution group (TempAct's sc
     update     one ``GRPOTrainer.train_step`` (LoRA adapters on the DiT's linears, fp32 so the
                recomputed log-probs equal the recorded ones before the update)
 
+Several GPUs: ``torchrun --nproc_per_node N -m spiral_rt.world.grpo ...`` runs N ranks (NCCL on CUDA,
+gloo on the CPU), each on its own device with its own goal per iteration; the trainer averages the
+gradients over ranks (DDP), so every rank holds the same adapters; rank 0 writes the log (every
+rank's record) and the weights.
+
 The engine runs the same DiT object the trainer updates, so every rollout is on-policy. Every
 ``--save-every`` iterations and at the end, ``OUT/world.safetensors`` holds the post-trained model
 (adapters folded in; ``load_world_model`` and ``bench_world.py --grpo-weights`` read it), and
@@ -29,11 +34,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from spiral_rt.agents.types import Goal, Plan, Step
 from spiral_rt.rl import GRPOLossConfig
@@ -62,7 +69,7 @@ class WorldGRPOConfig:
     weights: str = ""
     """World weights file to start from (empty: the bundled weights)."""
     iterations: int = 200
-    """Goals, i.e. GRPO updates."""
+    """GRPO updates; each rank rolls out one goal per update."""
     group_size: int = 8
     """G, members per goal (continuations of the shared intro chunk)."""
     lr: float = 1e-4
@@ -134,6 +141,22 @@ def _load(cfg: WorldGRPOConfig):
                             text_encoder=HashTextEncoder(dit_cfg.text_dim, 16))
 
 
+def _init_distributed(cfg: WorldGRPOConfig) -> tuple[int, int]:
+    """(rank, world size); under torchrun (WORLD_SIZE > 1) joins the process group and, on CUDA, takes
+    the rank's own GPU (cfg.device becomes cuda:LOCAL_RANK)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    cuda = torch.device(cfg.device).type == "cuda"
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        cfg.device = f"cuda:{local}"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
 def run(cfg: WorldGRPOConfig) -> dict:
     """Post-train as ``cfg`` says; returns a summary (per-iteration rewards and the weights path)."""
     from tqdm import tqdm
@@ -141,6 +164,7 @@ def run(cfg: WorldGRPOConfig) -> dict:
     if cfg.smoke:
         cfg.iterations, cfg.group_size, cfg.device = min(cfg.iterations, 2), 2, "cpu"
     cfg.validate()
+    rank, world_size = _init_distributed(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     wcfg = WorldConfig()
@@ -154,40 +178,48 @@ def run(cfg: WorldGRPOConfig) -> dict:
     log_path = out / "log.jsonl"
     history = []
     weights = None
-    bar = tqdm(range(cfg.iterations), desc="world-grpo", unit="goal", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(range(cfg.iterations), desc="world-grpo", unit="step", disable=not cfg.progress or rank != 0,
+               dynamic_ncols=True)
     for it in bar:
         t0 = time.perf_counter()
-        plan, num_chunks = goal_plan(GRPO_SEED_BASE + cfg.seed * 100_003 + it, wcfg)
+        goal_index = it * world_size + rank  # every rank its own goal
+        plan, num_chunks = goal_plan(GRPO_SEED_BASE + cfg.seed * 100_003 + goal_index, wcfg)
         spec = RolloutSpec(goals=[plan.goal], plans=[[plan]], group_size=cfg.group_size, num_chunks=num_chunks,
-                           fork_chunk=1, seed=cfg.seed * 1_000_003 + it, keep_frames=False,
+                           fork_chunk=1, seed=cfg.seed * 1_000_003 + goal_index, keep_frames=False,
                            step_policy=FlowGRPOStep(noise_level=cfg.noise_level), progress=False)
         with torch.no_grad():
             batch = runner.run(spec)
         t1 = time.perf_counter()
         stats = trainer.train_step(batch)
         verdicts = [v for member in batch.verdicts for v in member]
-        rec = {"iteration": it + 1, "goal": plan.goal.text, "chunks": num_chunks,
+        rec = {"iteration": it + 1, "rank": rank, "goal": plan.goal.text, "chunks": num_chunks,
                "reward_mean": float(batch.rewards.mean()), "reward_std": float(batch.rewards.std(unbiased=False)),
                "step_success": sum(bool(v["completed"]) for v in verdicts) / max(1, len(verdicts)),
                "rollout_s": t1 - t0, "train_s": time.perf_counter() - t1,
                **{k: float(v) for k, v in stats.items() if isinstance(v, (int, float))}}
-        history.append(rec)
-        with open(log_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        recs = [rec]
+        if world_size > 1:
+            recs = [None] * world_size
+            dist.all_gather_object(recs, rec)
+        history.extend(recs)
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in recs)
         bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", success=f"{rec['step_success']:.2f}")
-        if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iterations:
-            weights = world.save(out / WEIGHTS_FILE, train_info={"grpo": {"iterations": it + 1, "group_size": cfg.group_size,
-                                                                           "lr": cfg.lr, "lora_rank": cfg.lora_rank,
-                                                                           "kl_coef": cfg.kl_coef}})
+        if rank == 0 and ((it + 1) % cfg.save_every == 0 or it + 1 == cfg.iterations):
+            weights = world.save(out / WEIGHTS_FILE, train_info={"grpo": {
+                "updates": it + 1, "goals": (it + 1) * world_size, "ranks": world_size, "group_size": cfg.group_size,
+                "lr": cfg.lr, "lora_rank": cfg.lora_rank, "kl_coef": cfg.kl_coef}})
     bar.close()
     engine.close()
     window = max(1, len(history) // 5)
-    summary = {"iterations": len(history), "weights": str(weights),
+    summary = {"updates": cfg.iterations, "goals": len(history), "ranks": world_size, "weights": str(weights),
                "reward_first": sum(r["reward_mean"] for r in history[:window]) / window,
                "reward_last": sum(r["reward_mean"] for r in history[-window:]) / window,
                "step_success_first": sum(r["step_success"] for r in history[:window]) / window,
                "step_success_last": sum(r["step_success"] for r in history[-window:]) / window}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if rank == 0:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 

@@ -30,7 +30,7 @@ def test_goal_plan_puts_the_scene_intro_first():
 def test_smoke_run_writes_loadable_weights_and_an_on_policy_log(tmp_path):
     summary = run(WorldGRPOConfig(out=str(tmp_path), smoke=True, progress=False))
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert len(lines) == summary["iterations"] == 2
+    assert len(lines) == summary["goals"] == summary["updates"] == 2 and summary["ranks"] == 1
     for rec in lines:
         # the trainer rebuilds the rollout's contexts exactly: before the update the ratio is 1
         assert abs(rec["ratio_mean"] - 1.0) < 1e-4 and rec["transitions"] > 0
@@ -39,6 +39,37 @@ def test_smoke_run_writes_loadable_weights_and_an_on_policy_log(tmp_path):
     assert not any("lora" in k for k in world.dit.state_dict())  # adapters folded into the weights
     assert json.loads((tmp_path / "summary.json").read_text())["weights"].endswith("world.safetensors")
     assert torch.isfinite(next(world.dit.parameters())).all()
+
+
+def _rank_worker(rank: int, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    # a file store, as the trainer's gloo test; under torchrun run() would join through the environment
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
+    try:
+        run(WorldGRPOConfig(out=out, smoke=True, progress=False))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_roll_out_different_goals_and_rank0_logs_both(tmp_path):
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_rank_worker, args=(str(tmp_path),), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the two-rank run did not finish in 240 s")
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert sorted((r["iteration"], r["rank"]) for r in lines) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert len({r["goal"] for r in lines}) == 4  # every rank its own goal every update
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["goals"] == 4 and (tmp_path / "world.safetensors").is_file()
 
 
 @pytest.mark.parametrize("field, value", [("iterations", 0), ("group_size", 1), ("lr", 0.0), ("seed", -1),
