@@ -164,7 +164,9 @@ def run(cfg: WorldGRPOConfig) -> dict:
     if cfg.smoke:
         cfg.iterations, cfg.group_size, cfg.device = min(cfg.iterations, 2), 2, "cpu"
     cfg.validate()
+    own_group = not (dist.is_available() and dist.is_initialized())
     rank, world_size = _init_distributed(cfg)
+    own_group = own_group and world_size > 1  # joined here (torchrun): left here
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     wcfg = WorldConfig()
@@ -213,7 +215,10 @@ def run(cfg: WorldGRPOConfig) -> dict:
     bar.close()
     engine.close()
     window = max(1, len(history) // 5)
-    summary = {"updates": cfg.iterations, "goals": len(history), "ranks": world_size, "weights": str(weights),
+    if own_group:
+        dist.destroy_process_group()
+    summary = {"rank": rank, "updates": cfg.iterations, "goals": len(history), "ranks": world_size,
+               "weights": str(weights) if rank == 0 else None,
                "reward_first": sum(r["reward_mean"] for r in history[:window]) / window,
                "reward_last": sum(r["reward_mean"] for r in history[-window:]) / window,
                "step_success_first": sum(r["step_success"] for r in history[:window]) / window,
@@ -244,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"python -m spiral_rt.world.grpo: {exc}")
         return 2
-    print(json.dumps(summary))
+    if summary["rank"] == 0:
+        print(json.dumps(summary))
     return 0
 
 
