@@ -9,7 +9,10 @@ Parts (``--parts a,b,c``):
      chunks, with KV re-cache): FPS, stall per switch (switch chunk minus the median chunk), peak
      memory after 81 frames vs after 477 frames;
   c  1, 2, 4, 8 concurrent streams of 81 frames batched by Engine.step(): aggregate FPS and
-     per-stream chunk latency.
+     per-stream chunk latency;
+  f  (not in the default parts) FP8 linears (``spiral_rt.models.fp8``): part (a)'s FPS with the DiT's
+     block linears in e4m3, and the PSNR of the decoded frames against bf16 on the same noise. It
+     converts the model in place, so it runs after every other part.
 
 Timing: CUDA events around each engine step (the decoded frames' stream dependency included), after
 warm-up videos (with --graphs the first video runs eagerly, the second captures, later ones replay);
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import math
 import statistics
 import sys
 import time
@@ -229,10 +233,41 @@ def part_c(model, vae, args, clock, prompt, rows, extra):
                      "chunk_latency_ms": per_chunk, "first_frames_ms": statistics.median(r[0][0] for r in runs)})
 
 
+def part_f(model, vae, args, clock, prompt, rows, extra):
+    from spiral_rt.models.fp8 import apply_fp8_linears
+
+    n = args.chunks_81
+    kv = n * 3 + 3
+
+    def frames_of(engine):  # one video, fixed seed and noise id: the same noise in both runs
+        s = engine.open_session(prompt, seed=0, noise_id=0, max_chunks=n)
+        out = [engine.step([s])[s.session_id].frames for _ in range(n)]
+        s.close()
+        return torch.cat(out).float()
+
+    eng = make_engine(model, vae, args, policy=GlobalPolicy(), kv_frames=kv)
+    ref = frames_of(eng)
+    free(eng)
+    del eng
+    swapped = apply_fp8_linears(model)
+    eng = make_engine(model, vae, args, policy=GlobalPolicy(), kv_frames=kv)
+    for _ in range(args.warmup):
+        run_video(eng, clock, n, prompt)
+    runs = [run_video(eng, clock, n, prompt) for _ in range(args.repeats)]
+    got = frames_of(eng)
+    free(eng)
+    del eng
+    mse = float(((got - ref) ** 2).mean())
+    med = statistics.median(r[1] for r in runs)
+    rows.append({"part": "f", "setting": f"{runs[0][2]} frames, global cache, FP8 linears ({len(swapped)})",
+                 "fps": runs[0][2] / (med / 1e3),
+                 "psnr_db": 10 * math.log10(255.0**2 / mse) if mse > 0 else float("inf")})
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks that the script runs)")
-    ap.add_argument("--parts", default="a,b,c", help="comma-separated parts to run (a, b, c)")
+    ap.add_argument("--parts", default="a,b,c", help="comma-separated parts to run (a, b, c; f: FP8, converts the model)")
     ap.add_argument("--no-graphs", dest="graphs", action="store_false", help="run eagerly (no CUDA graphs)")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up videos per configuration")
     ap.add_argument("--repeats", type=int, default=3, help="timed videos per configuration")
@@ -243,6 +278,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING)
     args.streams = [int(s) for s in args.streams.split(",")]
     parts = set(args.parts.split(","))
+    if parts - {"a", "b", "c", "f"}:
+        ap.error(f"--parts: unknown part(s) {sorted(parts - {'a', 'b', 'c', 'f'})}; choose from a, b, c, f")
     if args.smoke:
         args.device = "cpu"
         args.latent_hw = (4, 6)
@@ -270,11 +307,12 @@ def main(argv=None):
     settings = {"model": dcfg.name, "latent_hw": list(args.latent_hw), "steps": 4, "clean_pass": True,
                 "dtype": str(dtype).replace("torch.", ""), "cuda_graphs": args.graphs, "warmup": args.warmup,
                 "repeats": args.repeats, "parts": sorted(parts), "smoke": args.smoke}
-    columns = ["part", "setting", "fps", "first_frames_ms", "dit_fps", "chunk_ms", "stall_ms", "peak_gib_81",
+    columns = ["part", "setting", "fps", "psnr_db", "first_frames_ms", "dit_fps", "chunk_ms", "stall_ms", "peak_gib_81",
                "peak_gib", "chunk_latency_ms", "per_stream_fps", "roofline_fraction"]
     runners = {"a": lambda: part_a(model, vae, args, clock, prompts[0], rows, extra),
                "b": lambda: part_b(model, vae, args, clock, prompts, rows, extra),
-               "c": lambda: part_c(model, vae, args, clock, prompts[0], rows, extra)}
+               "c": lambda: part_c(model, vae, args, clock, prompts[0], rows, extra),
+               "f": lambda: part_f(model, vae, args, clock, prompts[0], rows, extra)}
     failed = []
     with torch.inference_mode():
         for part in sorted(parts):
