@@ -455,6 +455,10 @@ def _generate(args: argparse.Namespace) -> int:
         engine = _build_engine(args, spec)
         spec.latent_size = tuple(engine.config.latent_size)
         spec.parameters = sum(p.numel() for p in engine.model.parameters())
+        if args.fp8:
+            from spiral_rt.models.fp8 import apply_fp8_linears
+
+            apply_fp8_linears(engine.model)
         planner, critic = _build_agents(settings.planner, settings.critic, settings.agent_timeout_s)
         from spiral_rt.agents.loop import ClosedLoop, LoopConfig
         from spiral_rt.engine.generator import EngineGenerator, EngineGeneratorConfig
@@ -548,6 +552,8 @@ def _add_generate(sub) -> None:
     p.add_argument("goal", metavar="GOAL", help='the goal, e.g. "move the red circle left, then make it blue"')
     m = _add_model_options(p)
     m.add_argument("--recache", action="store_true", help="LongLive re-cache of the context at each step's prompt switch")
+    m.add_argument("--fp8", action="store_true",
+                   help="e4m3 DiT block linears (spiral_rt.models.fp8; torch._scaled_mm on sm_89+ GPUs, emulated elsewhere)")
     a = p.add_argument_group("agents and loop")
     a.add_argument("--planner", type=_agent_spec("--planner"), default="world", help=AGENT_SPEC_HELP)
     a.add_argument("--critic", type=_agent_spec("--critic"), default="world", help=AGENT_SPEC_HELP)
