@@ -191,6 +191,11 @@ def test_smoke_training_writes_checkpoint_and_resumes_exactly(tmp_path):
     straight = train(TrainConfig(out=str(tmp_path / "a"), steps=3, **{**common, "eval_goals": 1}), text_encoder=enc)
     ev = straight["eval"]  # the engine generated a held-out goal from the written weights and the critic judged it
     assert ev["goals"] == 1 and ev["steps"] >= 1 and 0.0 <= ev["step_success_rate"] <= 1.0 and ev["chunks"] >= 2
+    # every sampling setting was evaluated; the weights file carries the one reported as best
+    grid = straight["eval_grid"]
+    assert sorted((g["sampling_steps"], g["context_frames"] or 0) for g in grid) == [(4, 0), (4, 3), (16, 0), (16, 3)]
+    shipped = load_world_model(tmp_path / "a" / "world.safetensors", text_encoder=enc).sampling
+    assert (len(shipped.timesteps), shipped.context_frames) == (ev["sampling_steps"], ev["context_frames"])
     train(TrainConfig(out=str(tmp_path / "b"), steps=2, **common), text_encoder=enc)
     meta = json.loads((tmp_path / "b" / "state.json").read_text())
     assert meta["step"] == 2 and (tmp_path / "b" / "state.safetensors").is_file()
