@@ -5,7 +5,7 @@
 # have: they come back as world.safetensors.part-aa, -ab ... in $OUT; join them here with
 #   cat world.safetensors.part-* > spiral_rt/world/model/weights/world.safetensors
 # Budget (H100, measured 2026-11-21): ~40 s setup + rendering 4000 videos, 364 windows/s = 5.7 steps/s
-# at batch 64, ~5 s evaluation: 2200 steps fit a 10-minute call with margin.
+# at batch 64, ~40 s evaluation (4 sampling settings x 32 goals): 2100 steps fit a 10-minute call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/spiral_rt_out}
