@@ -337,7 +337,7 @@ def _build_engine(args: argparse.Namespace, spec: ModelSpec):
         vae = _load_vae(spec)
         try:
             encoder = UMT5TextEncoder(spec.text_encoder, device=spec.device,
-                                      dtype=torch.bfloat16 if spec.device == "cuda" else None)
+                                      dtype=torch.bfloat16 if torch.device(spec.device).type == "cuda" else None)
         except Exception as exc:  # missing files, wrong model type, transformers errors
             raise UsageError(f"argument --text-encoder: cannot load {spec.text_encoder!r}: {exc}") from None
         if encoder.dim != model_cfg.text_dim:
@@ -796,6 +796,7 @@ def _train_grpo(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from spiral_rt.rl import GRPOLossConfig, GRPOTrainer, GRPOTrainerConfig
+    from spiral_rt.rl.launch import join_from_env
 
     prog = "spiral-rt train-grpo"
     out = Path(args.out)
@@ -811,7 +812,12 @@ def _train_grpo(args: argparse.Namespace) -> int:
         batches = _load_batches(args)
         model = _resolve_model(args)
         _check_batch_model(args, batches, model)
-        if model.random_weights:
+        launch = join_from_env(model.device)  # under torchrun: this rank's device and the process group
+        model.device = launch.device
+        if launch.world_size > len(batches):
+            raise UsageError(f"argument --batches: {len(batches)} batch(es) for {launch.world_size} ranks; every rank "
+                             "trains on its own rollout batch, so give at least one per rank")
+        if model.random_weights and launch.rank == 0:
             print(f"{prog}: {RANDOM_WEIGHTS_LABEL} (preset {model.preset}, weights seed {args.seed})", flush=True)
         args.kv_num_pages = 4  # the engine supplies model, config and text encoder; training keeps its own K/V
         engine = _build_engine(args, model)
@@ -835,13 +841,16 @@ def _train_grpo(args: argparse.Namespace) -> int:
 
     log_path = out / "log.jsonl"
     first = trainer.step
-    steps = args.steps if args.steps is not None else len(batches)
-    bar = tqdm(total=steps, unit="step", desc="train-grpo", disable=args.no_progress, dynamic_ncols=True, file=sys.stderr)
+    rank, ranks = launch.rank, launch.world_size
+    steps = args.steps if args.steps is not None else len(batches) // ranks
+    bar = tqdm(total=steps, unit="step", desc="train-grpo", disable=args.no_progress or rank != 0, dynamic_ncols=True,
+               file=sys.stderr)
     t0 = time.perf_counter()
     last_saved, stats = None, {}
     try:
         for _ in range(steps):
-            i = trainer.step % len(batches)  # batches in turn, continued across --resume
+            # batches in turn, continued across --resume; with R ranks, step s trains batches s*R .. s*R+R-1
+            i = (trainer.step * ranks + rank) % len(batches)
             ts = time.perf_counter()
             try:
                 stats = trainer.train_step(batches[i])
@@ -850,10 +859,11 @@ def _train_grpo(args: argparse.Namespace) -> int:
                     print(f"{prog}: error: argument --batches: {args.batches[i]!r}: {exc}", file=sys.stderr)
                     return 2
                 raise
-            stats.update(batch=args.batches[i], seconds=time.perf_counter() - ts)
-            out.mkdir(parents=True, exist_ok=True)
-            with log_path.open("a", encoding="utf-8") as log:
-                log.write(json.dumps(stats) + "\n")
+            stats.update(batch=args.batches[i], seconds=time.perf_counter() - ts, rank=rank)
+            if rank == 0:
+                out.mkdir(parents=True, exist_ok=True)
+                with log_path.open("a", encoding="utf-8") as log:
+                    log.write(json.dumps(stats) + "\n")
             bar.update(1)
             bar.set_postfix_str(f"step {trainer.step} loss {stats['loss']:.4g} ratio {stats['ratio_mean']:.4f} "
                                 f"kl {stats['kl']:.3g}")
@@ -866,6 +876,9 @@ def _train_grpo(args: argparse.Namespace) -> int:
         bar.close()
     if last_saved is None or last_saved.name != f"step-{trainer.step:08d}":
         last_saved = trainer.save(out / f"step-{trainer.step:08d}")
+    launch.leave()
+    if rank != 0:
+        return 0
     print(f"trained steps {first + 1}..{trainer.step} on {len(batches)} batch(es) in {time.perf_counter() - t0:.1f} s"
           + (f": loss {stats['loss']:.4g}, ratio {stats['ratio_mean']:.4f}, kl {stats['kl']:.3g}, grad norm "
              f"{stats['grad_norm']:.3g}" if stats else "")

@@ -5,6 +5,7 @@ bundled model exit 2 with a message naming the problem."""
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
@@ -234,6 +235,31 @@ def test_train_grpo_trains_checkpoints_and_resumes(rollout_dir, tmp_path, capsys
     w3 = load_file(str(step3 / "weights.safetensors"))
     assert any(not torch.equal(w2[n], w3[n]) for n in w2)  # continued from step 2's adapters and optimizer
     assert time.perf_counter() - t0 < 30
+
+
+def test_train_grpo_under_torchrun_two_ranks(rollout_dir, tmp_path):
+    """torchrun --nproc_per_node 2: each rank trains on its own batch, gradients averaged (gloo on the CPU),
+    rank 0 writes the log and the checkpoint."""
+    import subprocess
+    import sys
+
+    from spiral_rt.rollout import RolloutBatch
+
+    src, code, _ = rollout_dir
+    assert code == 0
+    for name, adv in (("b0", [1.0, -1.0]), ("b1", [-1.0, 1.0])):
+        batch = RolloutBatch.load(src)
+        batch.advantages = torch.tensor(adv, dtype=torch.float64)
+        batch.save(tmp_path / name)
+    ck = tmp_path / "ck"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "spiral_rt.cli",
+           "train-grpo", "--batches", str(tmp_path / "b0"), str(tmp_path / "b1"), "--out", str(ck), "--steps", "1", *TINY_TRAIN]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = [json.loads(line) for line in (ck / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and log[0]["rank"] == 0 and log[0]["batch"] == str(tmp_path / "b0")
+    assert (ck / "step-00000001" / "weights.safetensors").is_file()
+    assert proc.stdout.count("checkpoint:") == 1  # rank 0 reports
 
 
 def test_train_grpo_refuses_batches_of_another_model(rollout_dir, tmp_path, capsys):

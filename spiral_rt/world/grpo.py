@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -44,6 +43,7 @@ import torch.distributed as dist
 
 from spiral_rt.agents.types import Goal, Plan, Step
 from spiral_rt.rl import GRPOLossConfig
+from spiral_rt.rl.launch import join_from_env
 from spiral_rt.rl.trainer import GRPOTrainer, GRPOTrainerConfig
 from spiral_rt.rollout import RolloutRunner, RolloutSpec
 from spiral_rt.sampling import FlowGRPOStep
@@ -141,22 +141,6 @@ def _load(cfg: WorldGRPOConfig):
                             text_encoder=HashTextEncoder(dit_cfg.text_dim, 16))
 
 
-def _init_distributed(cfg: WorldGRPOConfig) -> tuple[int, int]:
-    """(rank, world size); under torchrun (WORLD_SIZE > 1) joins the process group and, on CUDA, takes
-    the rank's own GPU (cfg.device becomes cuda:LOCAL_RANK)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    cuda = torch.device(cfg.device).type == "cuda"
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        cfg.device = f"cuda:{local}"
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
 def run(cfg: WorldGRPOConfig) -> dict:
     """Post-train as ``cfg`` says; returns a summary (per-iteration rewards and the weights path)."""
     from tqdm import tqdm
@@ -164,9 +148,8 @@ def run(cfg: WorldGRPOConfig) -> dict:
     if cfg.smoke:
         cfg.iterations, cfg.group_size, cfg.device = min(cfg.iterations, 2), 2, "cpu"
     cfg.validate()
-    own_group = not (dist.is_available() and dist.is_initialized())
-    rank, world_size = _init_distributed(cfg)
-    own_group = own_group and world_size > 1  # joined here (torchrun): left here
+    launch = join_from_env(cfg.device)
+    rank, world_size, cfg.device = launch.rank, launch.world_size, launch.device
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     wcfg = WorldConfig()
@@ -215,8 +198,7 @@ def run(cfg: WorldGRPOConfig) -> dict:
     bar.close()
     engine.close()
     window = max(1, len(history) // 5)
-    if own_group:
-        dist.destroy_process_group()
+    launch.leave()
     summary = {"rank": rank, "updates": cfg.iterations, "goals": len(history), "ranks": world_size,
                "weights": str(weights) if rank == 0 else None,
                "reward_first": sum(r["reward_mean"] for r in history[:window]) / window,
