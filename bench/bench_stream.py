@@ -6,8 +6,8 @@ Parts (``--parts a,b,c``):
      the first decoded frames, DiT-only FPS (output="latents"), peak memory, per-stage breakdown,
      fraction of the roofline (1.6 s for 81 frames, DESIGN §4);
   b  LongLive: window 12 + sink 3, 477 frames (40 chunks), a prompt switch every 120 frames (10
-     chunks, with KV re-cache): FPS, stall per switch (switch chunk minus the median chunk), peak
-     memory after 81 frames vs after 477 frames;
+     chunks), with LongLive's KV re-cache of the window and without (``--recache``): FPS, stall per
+     switch (switch chunk minus the median chunk), peak memory after 81 frames vs after 477 frames;
   c  1, 2, 4, 8 concurrent streams of 81 frames batched by Engine.step(): aggregate FPS and
      per-stream chunk latency;
   f  (not in the default parts) FP8 linears (``spiral_rt.models.fp8``): part (a)'s FPS with the DiT's
@@ -177,13 +177,18 @@ def part_a(model, vae, args, clock, prompt, rows, extra):
 
 
 def part_b(model, vae, args, clock, prompts, rows, extra):
+    for recache in {"on": (True,), "off": (False,), "both": (True, False)}[args.recache]:
+        _part_b(model, vae, args, clock, prompts, rows, extra, recache)
+
+
+def _part_b(model, vae, args, clock, prompts, rows, extra, recache: bool):
     n, every = args.chunks_long, args.switch_every
     sink, window = args.sink_window
     spans = []
     for i in range(0, n, every):
         spans.append(PromptSpan(prompts[(i // every) % len(prompts)], min(every, n - i)))
     pol = SinkWindowPolicy(sink_frames=sink, window_frames=window)
-    eng = make_engine(model, vae, args, policy=pol, kv_frames=sink + window + 6, recache=True)
+    eng = make_engine(model, vae, args, policy=pol, kv_frames=sink + window + 6, recache=recache)
     warm = spans[:2] if len(spans) > 1 else spans
     for _ in range(args.warmup):
         run_video(eng, clock, min(n, 2 * every), warm)
@@ -208,12 +213,13 @@ def part_b(model, vae, args, clock, prompts, rows, extra):
     steady = statistics.median(p for i, p in enumerate(per) if i not in switch_chunks and i > 0)
     stalls = [per[i] - steady for i in switch_chunks]
     rows.append({
-        "part": "b", "setting": f"{frames} frames, sink {sink} + window {window}, switch every {every} chunks",
+        "part": "b", "setting": f"{frames} frames, sink {sink} + window {window}, switch every {every} chunks, "
+                                f"{'LongLive re-cache' if recache else 'no re-cache'}",
         "fps": frames / (total / 1e3), "chunk_ms": steady, "stall_ms": statistics.median(stalls) if stalls else float("nan"),
         "stall_max_ms": max(stalls) if stalls else float("nan"),
         "peak_gib_81": peak_81 if peak_81 is not None else float("nan"), "peak_gib": peak_end,
     })
-    extra["long_chunk_ms"] = [round(p, 3) for p in per]
+    extra["long_chunk_ms" + ("" if recache else "_no_recache")] = [round(p, 3) for p in per]
 
 
 def part_c(model, vae, args, clock, prompt, rows, extra):
@@ -269,6 +275,8 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks that the script runs)")
     ap.add_argument("--parts", default="a,b,c", help="comma-separated parts to run (a, b, c; f: FP8, converts the model)")
     ap.add_argument("--no-graphs", dest="graphs", action="store_false", help="run eagerly (no CUDA graphs)")
+    ap.add_argument("--recache", choices=("on", "off", "both"), default="both",
+                    help="part b: prompt switches with LongLive's re-cache of the window, without, or both")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up videos per configuration")
     ap.add_argument("--repeats", type=int, default=3, help="timed videos per configuration")
     ap.add_argument("--streams", default="1,2,4,8", help="stream counts of part c")
