@@ -297,3 +297,12 @@ def test_engine_runs_the_world_model_with_codec_and_minilm(minilm):
         assert torch.equal(out.frames, video_to_frames(wm.codec.decode(out.latents[None].float()))[0])
     assert not torch.equal(outs[0].latents, outs[1].latents)
     assert wm.text_encoder.misses == 2
+
+
+def test_compiled_blocks_train_like_eager(tmp_path):
+    """--compile: the blocks run through torch.compile (aot_eager here: the same kernels, traced), same losses."""
+    enc = HashTextEncoder()
+    common = dict(smoke=True, device="cpu", progress=False, eval_goals=0, steps=2)
+    eager = train(TrainConfig(out=str(tmp_path / "e"), **common), text_encoder=enc)
+    traced = train(TrainConfig(out=str(tmp_path / "c"), compile="aot_eager", **common), text_encoder=enc)
+    assert traced["last_loss"] == pytest.approx(eager["last_loss"], rel=1e-5)
