@@ -31,17 +31,17 @@ Boundaries: the iteration loop and its assembly; rollouts are ``spiral_rt.rollou
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from spiral_rt.agents.types import Goal, Plan, Step
+from spiral_rt.config_cli import config_from_args, dataclass_parser
 from spiral_rt.rl import GRPOLossConfig
 from spiral_rt.rl.launch import join_from_env
 from spiral_rt.rl.trainer import GRPOTrainer, GRPOTrainerConfig
@@ -210,22 +210,10 @@ def run(cfg: WorldGRPOConfig) -> dict:
     return summary
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m spiral_rt.world.grpo", description=__doc__.splitlines()[0])
-    for f in fields(WorldGRPOConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default)
-    parser.add_argument("--log-level", default="INFO")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = dataclass_parser(WorldGRPOConfig, __doc__.splitlines()[0], prog="python -m spiral_rt.world.grpo").parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(message)s")
-    cfg = WorldGRPOConfig(**{f.name: getattr(args, f.name) for f in fields(WorldGRPOConfig)})
+    cfg = config_from_args(WorldGRPOConfig, args)
     try:
         summary = run(cfg)
     except ValueError as exc:

@@ -41,7 +41,6 @@ Boundaries: training and evaluation only; the network is ``dit``, the files ``lo
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -51,7 +50,9 @@ import os
 import random
 import time
 import types
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+
+from spiral_rt.config_cli import config_from_args, dataclass_parser
 from pathlib import Path
 from typing import Sequence
 
@@ -618,46 +619,10 @@ def sampling_candidates(base: SamplingConfig) -> list[SamplingConfig]:
     return out
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train the bundled world's action-conditioned video model.")
-    defaults = TrainConfig.__dataclass_fields__
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = defaults[f.name].default
-        doc = _FIELD_HELP.get(f.name, "")
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=doc)
-        else:
-            parser.add_argument(flag, type=type(default), default=default, help=doc)
-    parser.add_argument("--log-level", default="INFO", help="logging level")
-    return parser
-
-
-def _field_docs() -> dict[str, str]:
-    """Per-field docstrings of TrainConfig (the string literal after each field), for --help."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(TrainConfig))
-    body = tree.body[0].body
-    docs = {}
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(getattr(b, "value", None), ast.Constant):
-            docs[a.target.id] = str(b.value.value)
-    return docs
-
-
-try:
-    _FIELD_HELP = _field_docs()
-except (OSError, TypeError, SyntaxError):  # source unavailable (zipped install): no per-flag help
-    _FIELD_HELP = {}
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = dataclass_parser(TrainConfig, "Train the bundled world's action-conditioned video model.").parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO), format="%(asctime)s %(message)s")
-    kw = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
-    summary = train(TrainConfig(**kw))
+    summary = train(config_from_args(TrainConfig, args))
     logger.info("done: %s", json.dumps({k: v for k, v in summary.items() if k != "eval"}))
     if "eval" in summary:
         logger.info("eval: %s", json.dumps(summary["eval"]))
