@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from spiral_rt.cache import GlobalPolicy, SinkWindowPolicy
 from spiral_rt.models.attention import DenseAttention
@@ -31,6 +30,7 @@ from spiral_rt.rl.trainer import GRPOTrainer, GRPOTrainerConfig, LoRALinear, lor
 from spiral_rt.rollout import RolloutBatch, RolloutRunner, RolloutSpec
 from spiral_rt.sampling import FlowGRPOStep
 from tests.rollout.rollout_helpers import embeddings, make_engine, tiny_model
+from tests.spawn_helpers import run_ranks
 
 F = 3
 PROMPTS = ["a fox in snow", "the fox runs", "the fox jumps", "a cat on a wall", "fox"]
@@ -287,31 +287,19 @@ def select(batch: RolloutBatch, rows: list[int]) -> RolloutBatch:
     return RolloutBatch(**kw)
 
 
-def _gloo_worker(rank: int, world: int, data_dir: str) -> None:
-    import faulthandler
-
-    import torch.distributed as dist
-
-    faulthandler.dump_traceback_later(200, exit=True)  # a stuck worker shows where, in the test's output
-    torch.set_num_threads(1)
-    # a file store: no TCP port to pick and race for
-    dist.init_process_group("gloo", init_method=f"file://{data_dir}/store", rank=rank, world_size=world,
-                            timeout=__import__("datetime").timedelta(seconds=60))
-    try:
-        data = Path(data_dir)
-        batch = RolloutBatch.load(data / "batch")
-        ecfg, emb = torch.load(data / "setup.pt", weights_only=False)
-        model = tiny_model(seed=13)
-        torch.manual_seed(1000 + rank)  # different adapter inits per rank: DDP must broadcast rank 0's
-        own = select(batch, [i for i in range(batch.num_members) if int(batch.group_index[i]) == rank])
-        cfg = GRPOTrainerConfig(lora_rank=4, lr=1e-2, recompute_advantages=True, micro_batch_size=1)
-        trainer = GRPOTrainer(model, cfg, emb, engine_config=ecfg)
-        assert trainer.distributed and trainer.world_size == world
-        stats = trainer.train_step(own)
-        torch.save({"params": {n: p.detach() for n, p in trainer.trainable.items()}, "stats": stats},
-                   data / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _gloo_worker(rank: int, data_dir: str) -> None:
+    data = Path(data_dir)
+    batch = RolloutBatch.load(data / "batch")
+    ecfg, emb = torch.load(data / "setup.pt", weights_only=False)
+    model = tiny_model(seed=13)
+    torch.manual_seed(1000 + rank)  # different adapter inits per rank: DDP must broadcast rank 0's
+    own = select(batch, [i for i in range(batch.num_members) if int(batch.group_index[i]) == rank])
+    cfg = GRPOTrainerConfig(lora_rank=4, lr=1e-2, recompute_advantages=True, micro_batch_size=1)
+    trainer = GRPOTrainer(model, cfg, emb, engine_config=ecfg)
+    assert trainer.distributed and trainer.world_size == 2
+    stats = trainer.train_step(own)
+    torch.save({"params": {n: p.detach() for n, p in trainer.trainable.items()}, "stats": stats},
+               data / f"rank{rank}.pt")
 
 
 def test_two_process_gloo_step(tmp_path):
@@ -321,16 +309,7 @@ def test_two_process_gloo_step(tmp_path):
     batch.rewards = torch.tensor([0.9, 0.1, 0.2, 0.6], dtype=torch.float64)
     batch.save(tmp_path / "batch")
     torch.save((ecfg, emb), tmp_path / "setup.pt")
-    ctx = mp.start_processes(_gloo_worker, args=(2, str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
-    import time
-
-    deadline = time.monotonic() + 240  # 5-15 s normally; generous for a loaded 2-core machine
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the gloo run did not finish in 240 s")
+    run_ranks(_gloo_worker, (str(tmp_path),), 2, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["params"].keys() == r1["params"].keys() and r0["params"]
     for n in r0["params"]:

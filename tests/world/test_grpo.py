@@ -14,6 +14,7 @@ from spiral_rt.world.grpo import WorldGRPOConfig, goal_plan, run
 from spiral_rt.world.language import goal_to_steps
 from spiral_rt.world.model.loader import load_world_model
 from spiral_rt.world.scene import WorldConfig
+from tests.spawn_helpers import run_ranks
 
 
 def test_goal_plan_puts_the_scene_intro_first():
@@ -42,29 +43,12 @@ def test_smoke_run_writes_loadable_weights_and_an_on_policy_log(tmp_path):
 
 
 def _rank_worker(rank: int, out: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    # a file store, as the trainer's gloo test; under torchrun run() would join through the environment
-    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
-    try:
-        run(WorldGRPOConfig(out=out, smoke=True, progress=False))
-    finally:
-        dist.destroy_process_group()
+    # the group exists already (run_ranks); under torchrun run() would join through the environment
+    run(WorldGRPOConfig(out=out, smoke=True, progress=False))
 
 
 def test_two_ranks_roll_out_different_goals_and_rank0_logs_both(tmp_path):
-    import time
-
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(_rank_worker, args=(str(tmp_path),), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the two-rank run did not finish in 240 s")
+    run_ranks(_rank_worker, (str(tmp_path),), 2, tmp_path)
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert sorted((r["iteration"], r["rank"]) for r in lines) == [(1, 0), (1, 1), (2, 0), (2, 1)]
     assert len({r["goal"] for r in lines}) == 4  # every rank its own goal every update
