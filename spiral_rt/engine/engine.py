@@ -304,6 +304,31 @@ class Engine:
                 outputs.update(self._step_batch(ready[i:i + size], noise, step_policy))
         return outputs
 
+    def observe(self, session: StreamSession, latents: torch.Tensor) -> ChunkOutput:
+        """Append an observed chunk to ``session`` instead of generating one: video continuation from
+        real frames (a world model's current observation, an image-to-video start).
+
+        The given clean latents take the place of the denoising steps; the clean pass writes their K/V
+        under the session's prompt for this chunk exactly as for a generated chunk (with the configured
+        context noise), and they are decoded like a generated chunk, so the decoder's streaming state
+        continues across them. Runs eagerly (no CUDA graph); the session must be ready.
+
+        Args:
+            latents: (C, F, h, w) clean latents of one chunk (e.g. the VAE or codec encoding of the
+                observed frames), F = ``config.chunk_frames``.
+        """
+        if self._sessions.get(session.session_id) is not session:
+            raise ValueError(f"observe: session {session.session_id} is not open in this engine")
+        if not session.ready:
+            raise ValueError(f"observe: session {session.session_id} is {session.status}, not ready")
+        shape = self._latent_shape(1)[1:]
+        if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape or not latents.is_floating_point():
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"observe: 'latents' must be a float tensor (C, F, h, w) = {shape}, got {got}")
+        observed = latents.to(self.device, self.config.latent_dtype)[None].contiguous()
+        with torch.inference_mode():
+            return self._step_batch([session], {}, observed=observed)[session.session_id]
+
     def run(self, max_steps: int | None = None) -> Iterator[dict[int, ChunkOutput]]:
         """Step until no session is ready (or ``max_steps``), yielding each step's outputs."""
         n = 0
@@ -312,7 +337,7 @@ class Engine:
             n += 1
 
     def _step_batch(self, batch: list[StreamSession], noise: dict[int, torch.Tensor],
-                    step_policy: StepPolicy | None = None) -> dict[int, ChunkOutput]:
+                    step_policy: StepPolicy | None = None, observed: torch.Tensor | None = None) -> dict[int, ChunkOutput]:
         cfg = self.config
         # schedule: prompts, re-cache at switches, page reservation
         prompts = [s.prompt_for_chunk() for s in batch]
@@ -329,8 +354,10 @@ class Engine:
         n = plan.num_seqs
         batch, keys, conds, prompts = batch[:n], keys[:n], conds[:n], prompts[:n]
         text = self._batched_text(keys, conds)
-        given = [noise.get(s.session_id) for s in batch]
-        x = self._generate(plan, batch, text, given, step_policy)
+        if observed is not None:
+            x = self._write_observed(plan, batch, text, observed[:n])
+        else:
+            x = self._generate(plan, batch, text, [noise.get(s.session_id) for s in batch], step_policy)
         self.cache.commit(plan)
         # update
         outputs = {}
@@ -396,6 +423,13 @@ class Engine:
         ctx = self.attention_context(plan, attn_plan)
         return self.chunk_sequence(ctx, text, keys, explicit, plan.device.q_frame_idx, len(batch), step_policy)
 
+    def _write_observed(self, plan, batch, text, latents: torch.Tensor) -> torch.Tensor:
+        """The clean pass alone over given latents (``observe``); returns them."""
+        ctx = self.attention_context(plan)
+        self._clean_pass(ctx, latents, text, self._noise_keys(batch), None,
+                         plan_positions(plan.device.q_frame_idx, len(batch)), len(batch))
+        return latents
+
     def attention_context(self, plan, attn_plan=None) -> PagedAttentionContext:
         """The DiT's attention context for one chunk plan of this engine's cache (backend and fused path
         as configured); ``attn_plan`` reuses an already built ``build_attention_plan``."""
@@ -460,16 +494,23 @@ class Engine:
                     kw = ({"noise": explicit[:, k + 1].contiguous()} if explicit is not None
                           else {"noise_key": keys[k + 1]})
                 x = policy.step(x, v, sigma, sigma_next, return_mu=False, backend=backend, **kw).x_next
+        self._clean_pass(ctx, x, text, keys, explicit, positions, B)
+        return x
+
+    def _clean_pass(self, ctx, x: torch.Tensor, text: TextConditioning, keys: torch.Tensor,
+                    explicit: torch.Tensor | None, positions, batch_size: int) -> None:
+        """The forward at the context timestep that writes the chunk's K/V (after the context noise, if any)."""
+        cfg = self.config
+        num_steps = len(self._transitions)
         with self.stages("clean"):
             x_in = x
             if cfg.context_noise > 0:
                 s = float(cfg.context_noise)
                 kw = ({"noise": explicit[:, num_steps].contiguous()} if explicit is not None
                       else {"noise_key": keys[num_steps + 1]})
-                x_in = sampler_step(x, x, 1.0 - s, 0.0, s, return_mu=False, backend=backend, **kw).x_next
-            t = torch.full((B, F), self._context_t, dtype=torch.float32, device=self.device)
-            model(x_in, t, positions, ctx, text)
-        return x
+                x_in = sampler_step(x, x, 1.0 - s, 0.0, s, return_mu=False, backend=cfg.sampler_backend, **kw).x_next
+            t = torch.full((batch_size, cfg.chunk_frames), self._context_t, dtype=torch.float32, device=self.device)
+            self.model(x_in, t, positions, ctx, text)
 
     def _recache(self, session: StreamSession, cond: TextConditioning) -> None:
         """LongLive re-cache: rewrite the K/V of the session's visible frames with the new prompt."""

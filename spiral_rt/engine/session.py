@@ -185,6 +185,13 @@ class StreamSession:
         result = out[self.session_id]
         return result.latents if result.frames is None else result.frames
 
+    def observe(self, latents: torch.Tensor) -> torch.Tensor:
+        """Append an observed chunk (clean latents (C, F, h, w)) instead of generating one and return
+        its decoded frames (or the latents when the engine's output is "latents"); see ``Engine.observe``."""
+        self._check_open("observe")
+        result = self.engine.observe(self, latents)
+        return result.latents if result.frames is None else result.frames
+
     def pause(self) -> None:
         """Leave the session out of engine steps (e.g. while a critic judges it)."""
         self._check_open("pause")

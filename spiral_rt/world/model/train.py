@@ -143,6 +143,10 @@ class TrainConfig:
     """Tiny everything (CPU seconds): size tiny, at most 3 steps, 4 videos, batch 2, 2 chunks, 1 eval goal."""
     progress: bool = True
     """Show a tqdm progress bar."""
+    time_limit_min: float = 0.0
+    """Stop the training loop at a step boundary after this many wall-clock minutes of this run (0: no
+    limit), then save the resumable state and ship and evaluate the EMA as at the end; a later run with
+    the same --out resumes (the learning-rate schedule still spans --steps)."""
 
     def __post_init__(self):
         if self.smoke:
@@ -162,6 +166,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: 'min_steps' ({self.min_steps}) must be <= 'max_steps' ({self.max_steps})")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig: 'lr' must be > 0, got {self.lr!r}")
+        if not self.time_limit_min >= 0:
+            raise ValueError(f"TrainConfig: 'time_limit_min' must be >= 0, got {self.time_limit_min!r}")
         if self.size not in ("world", "tiny"):
             raise ValueError(f"TrainConfig: 'size' must be 'world' or 'tiny', got {self.size!r}")
         if not 0.0 <= self.context_noise_max < 1.0:
@@ -402,9 +408,9 @@ def load_state(out: Path, model: WorldDiT, ema: dict[str, torch.Tensor], opt: to
 def evaluate(world: WorldModel, num_goals: int, seed: int = EVAL_SEED_BASE, max_batch: int = 16) -> dict:
     """Generate ``num_goals`` held-out goals with the engine and judge every step with the WorldCritic.
 
-    Each goal runs as one session: an intro chunk under the scene description, then each step's
-    canonical prompt for its span (plan only, no retries). A step succeeds when the critic marks
-    it completed, judged against the last frame before it.
+    Each goal runs as one session: the observed intro chunk (the rendered still scene under its
+    description, ``Engine.observe``), then each step's canonical prompt for its span (plan only, no
+    retries). A step succeeds when the critic marks it completed, judged against the last frame before it.
     """
     from spiral_rt.agents.types import WorldMemory
     from spiral_rt.engine import Engine, PromptSpan
@@ -428,12 +434,15 @@ def evaluate(world: WorldModel, num_goals: int, seed: int = EVAL_SEED_BASE, max_
         sessions.append(engine.open_session(schedule, seed=seed + i, max_chunks=1 + sum(s.span_chunks for s in steps)))
     chunks: dict[int, list[np.ndarray]] = {s.session_id: [] for s in sessions}
     t0 = time.perf_counter()
+    for spec, session in zip(goals, sessions):
+        chunks[session.session_id].append(session.observe(world.scene_latents(spec.scene, wcfg)).cpu().numpy())
     for outs in engine.run():
         for sid, out in outs.items():
             chunks[sid].append(out.frames.cpu().numpy())
     gen_s = time.perf_counter() - t0
     critic = WorldCritic(wcfg)
     done = total = goals_ok = 0
+    failures: dict[str, int] = {}
     for spec, steps, session in zip(goals, plans, sessions):
         frames = chunks[session.session_id]
         memory = WorldMemory(key_frames=[frames[0][-1]])
@@ -447,11 +456,14 @@ def evaluate(world: WorldModel, num_goals: int, seed: int = EVAL_SEED_BASE, max_
             total += 1
             done += int(verdict.completed)
             ok_all &= verdict.completed
+            if not verdict.completed:
+                kind = verdict.failure.value if verdict.failure is not None else "other"
+                failures[kind] = failures.get(kind, 0) + 1
         goals_ok += int(ok_all)
     engine.close()
     num_chunks = sum(len(c) for c in chunks.values())
     return {"goals": num_goals, "steps": total, "step_success_rate": done / total, "goal_success_rate": goals_ok / num_goals,
-            "chunks": num_chunks, "generate_s": gen_s, "chunks_per_s": num_chunks / max(gen_s, 1e-9)}
+            "failures": failures, "chunks": num_chunks, "generate_s": gen_s, "chunks_per_s": num_chunks / max(gen_s, 1e-9)}
 
 
 @torch.no_grad()
@@ -532,7 +544,14 @@ def train(cfg: TrainConfig, text_encoder: TextEncoder | None = None) -> dict:
     last_loss = float("nan")
     t_log, n_log = time.perf_counter(), 0
     bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, desc="train", unit="step", dynamic_ncols=True)
+    deadline = time.perf_counter() + 60.0 * cfg.time_limit_min if cfg.time_limit_min > 0 else math.inf
+    stop = cfg.steps
     for step in range(start, cfg.steps):
+        if time.perf_counter() > deadline:
+            stop = step
+            logger.info("time limit of %.1f min reached at step %d of %d; state saved for a resumed run",
+                        cfg.time_limit_min, step, cfg.steps)
+            break
         gen_cpu = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         gen_dev = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step + 7)
         batch = sample_batch(clips, windows, cfg.batch, cfg.chunks, gen_cpu, device)
@@ -549,7 +568,7 @@ def train(cfg: TrainConfig, text_encoder: TextEncoder | None = None) -> dict:
             state = model.state_dict()
             torch._foreach_lerp_(ema_values, [state[k].float() for k in ema_keys], 1 - decay)
         n_log += cfg.batch
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or time.perf_counter() > deadline:
             last_loss = loss.item()
             losses.append(last_loss)
             dt = time.perf_counter() - t_log
@@ -563,14 +582,14 @@ def train(cfg: TrainConfig, text_encoder: TextEncoder | None = None) -> dict:
             save_state(out, step + 1, model, ema, opt, cfg)
         bar.update(1)
     bar.close()
-    save_state(out, cfg.steps, model, ema, opt, cfg)
+    save_state(out, stop, model, ema, opt, cfg)
 
     # shipped weights: the EMA, then evaluation of exactly that file's contents
     ema_model = build_world_dit(dit_cfg, device=device)
     ema_model.load_state_dict({k: v.to(device) for k, v in ema.items()})
     ema_model.requires_grad_(False)
     final_held = held_out_loss(ema_model, codec, held_batch, held_clips.text, cfg)
-    summary = {"steps": cfg.steps, "last_loss": last_loss, "held_out_loss_ema": final_held, "parameters": n_params,
+    summary = {"steps": stop, "schedule_steps": cfg.steps, "last_loss": last_loss, "held_out_loss_ema": final_held, "parameters": n_params,
                "train_s": time.perf_counter() - t0}
     save_dtype = getattr(torch, cfg.save_dtype)
     # the engine then attends to as much context as a training window showed: chunks - 1 earlier chunks
@@ -604,8 +623,8 @@ def train(cfg: TrainConfig, text_encoder: TextEncoder | None = None) -> dict:
     return summary
 
 
-SAMPLING_GRID_STEPS = (4, 16)
-"""Sampling step counts the final evaluation compares (4: Self-Forcing's list 1000, 750, 500, 250)."""
+SAMPLING_GRID_STEPS = (8, 16, 32)
+"""Sampling step counts the final evaluation compares (4 steps, Self-Forcing's list, completed no held-out step)."""
 
 
 def sampling_candidates(base: SamplingConfig) -> list[SamplingConfig]:
