@@ -7,12 +7,12 @@
 Goals: the fixed public goal set (``spiral_rt.world.load_goal_set``: 60 compound goals of 2-4 steps
 over 1-3 objects), or its first ``--goals N``.
 
-Showing the initial scene. The world model conditions on prompts only; its training
-(``spiral_rt.world.model.train``) presents every video as one intro chunk of the still scene under
-the prompt ``Scene.describe()`` ("a small red circle at the top-left and ..."), then each step's
-animation under its canonical prompt. Every mode does exactly that at inference: one intro chunk
-under the scene description, then the mode's prompts. The intro chunk's last frame is the first key
-frame of the world memory (what the first step is judged against).
+Showing the initial scene. Every goal comes with its start scene; the world model is an
+action-conditioned world model that continues an observation. Every mode starts the session with
+the rendered still scene as one observed chunk (``EngineGenerator.observe``: the codec's latents
+written into the KV cache by the clean pass under the prompt ``Scene.describe()``), exactly the
+intro chunk every training video starts with; then the mode's prompts. The intro's last frame is
+the first key frame of the world memory (what the first step is judged against).
 
 Modes (each goal is one engine session, through ``EngineGenerator``, the closed loop's generator):
 
@@ -25,8 +25,7 @@ Modes (each goal is one engine session, through ``EngineGenerator``, the closed 
            skipped with a message when the flag is not given
 
 Noise: goal i uses noise id i and seeds derived as the closed loop derives them
-(``SeedSequence([goal_seed, step_index, attempt])``; the intro chunk uses attempt 0, which the loop
-never does), so the plan mode and the closed loop's first attempts see identical noise, and the
+(``SeedSequence([goal_seed, step_index, attempt])``), so the plan mode and the closed loop's first attempts see identical noise, and the
 open mode the same noise as the plan mode's first step.
 
 Metrics, judged by ground truth on the generated frames after the run (not timed):
@@ -125,14 +124,16 @@ def _goal_seed(seed: int, i: int) -> int:
     return seed * 1000 + i
 
 
-def run_goal(engine, mode: str, spec: GoalSpec, index: int, seed: int, loop_config: LoopConfig, world: WorldConfig) -> GoalRun:
-    """Generate goal ``spec`` in ``mode`` ("open", "plan" or "closed") on one session of ``engine``."""
+def run_goal(engine, mode: str, spec: GoalSpec, index: int, seed: int, loop_config: LoopConfig, world: WorldConfig,
+             scene_latents) -> GoalRun:
+    """Generate goal ``spec`` in ``mode`` ("open", "plan" or "closed") on one session of ``engine``,
+    starting from ``scene_latents(spec.scene)`` observed (``WorldModel.scene_latents``)."""
     goal_seed = _goal_seed(seed, index)
     steps = goal_to_steps(spec.text, world)
     t0 = time.perf_counter()
     gen = EngineGenerator(engine, noise_id=index, seed=goal_seed)
     try:
-        intro = gen.generate(spec.scene.describe(), 1, derived_seed(goal_seed, 0, 0))
+        intro = gen.observe(spec.scene.describe(), scene_latents(spec.scene))
         run = GoalRun(spec, intro, [])
         if mode == "open":
             total = sum(s.span_chunks for s in steps)
@@ -464,7 +465,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             gen_mode = "plan" if mode == "grpo" else mode
             scores = []
             for i, g in enumerate(goals):
-                run = run_goal(engine, gen_mode, g, i, args.seed, loop_config, world)
+                run = run_goal(engine, gen_mode, g, i, args.seed, loop_config, world, models[key].scene_latents)
                 scores.append(score_run(run, world, critic))
                 logger.info("%s %s: %d/%d steps, consistent %s, %.2f s", mode, g.id, scores[-1].steps_completed,
                             scores[-1].steps, scores[-1].consistent, run.wall_s)
@@ -478,7 +479,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 "grpo_weights": str(args.grpo_weights) if args.grpo_weights else None,
                 "random_weights": bool(args.random_weights), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
                 "seed": args.seed, "loop": {"max_retries": args.max_retries, "max_replans": args.max_replans, "speculate": True},
-                "intro": "1 chunk under Scene.describe() (as in training)"}
+                "intro": "the rendered start scene, 1 observed chunk under Scene.describe() (as in training)"}
     if "base" in models:
         settings["weights_train_info"] = models["base"].metadata.get("train", {})
     return {"settings": settings, "rows": rows, "per_goal": per_goal, "messages": messages}

@@ -30,7 +30,10 @@ the trainer must recompute the recorded log-probs with the same weights.
 
 Models for ``generate``, ``rollout`` and ``train-grpo`` (the same options):
   --model world                 the bundled world's trained tiny model (the default; needs its
-                                weights file, see ``spiral_rt.world.model.load_world_model``)
+                                weights file, see ``spiral_rt.world.model.load_world_model``); an
+                                action-conditioned world model: ``generate`` starts it from a scene
+                                holding the objects the goal names (``scene_for_goal``, laid out by
+                                --seed), observed as the first chunk, and the video opens on it
   --model PATH --config PRESET  a DiT checkpoint (file or shard directory) of a preset of
                                 ``spiral_rt.models.config.PRESETS``, with --vae PATH and
                                 --text-encoder PATH (a UMT5 directory)
@@ -50,6 +53,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import spiral_rt
@@ -446,6 +450,23 @@ class _Progress:
         self.bar.close()
 
 
+def _world_start(spec: ModelSpec, goal: str, seed: int, generator):
+    """The bundled world's start: the scene the goal acts on (``scene_for_goal``, seeded), observed as
+    the session's first chunk. Returns ((scene, frames) or None, a note for the trace or None); other
+    models start from their own first chunk."""
+    if spec.source != "world":
+        return None, None
+    from spiral_rt.world.goals import scene_for_goal
+    from spiral_rt.world.model.loader import scene_latents
+
+    try:
+        scene = scene_for_goal(goal, seed=seed)
+    except ValueError as exc:
+        return None, f"no start scene derived from the goal ({exc}); the world model starts from its own first chunk"
+    frames = generator.observe(scene.describe(), scene_latents(generator.engine.vae, scene))
+    return (scene, frames), None
+
+
 def _generate(args: argparse.Namespace) -> int:
     try:
         settings = _resolve(args)
@@ -471,6 +492,7 @@ def _generate(args: argparse.Namespace) -> int:
     except (UsageError, ValueError) as exc:  # ValueError: a config dataclass refused a value
         print(f"spiral-rt generate: error: {exc}", file=sys.stderr)
         return 2
+    start, start_note = _world_start(spec, settings.goal, args.seed, generator)
 
     from spiral_rt.agents.outputs import write_outputs
 
@@ -484,17 +506,30 @@ def _generate(args: argparse.Namespace) -> int:
             logger.warning("warm-up chunk failed: %s: %s", type(exc).__name__, exc)
 
     t0 = time.perf_counter()
+    memory = None
+    if start is not None:
+        from spiral_rt.agents.types import WorldMemory
+
+        memory = WorldMemory(key_frames=[start[1][-1]])
     try:
-        result = loop.run(settings.goal, warmup=warmup if settings.warmup else None, progress=progress.on_attempt)
+        result = loop.run(settings.goal, warmup=warmup if settings.warmup else None, memory=memory,
+                          progress=progress.on_attempt)
     finally:
         progress.close()
         generator.close()
     if spec.random_weights:
         result.trace.warn(RANDOM_WEIGHTS_LABEL)
+    if start_note:
+        result.trace.warn(start_note)
+    if start is not None and result.video.shape[0] > 0:  # the video opens on the observed start scene
+        result.video = np.concatenate([start[1], result.video])
     paths = write_outputs(result, settings.out_dir, fps=settings.fps)
-    # the model goes into the trace next to the loop's record
+    # the model (and the world's start scene) go into the trace next to the loop's record
     data = json.loads(paths.trace.read_text())
     data["model"] = spec.describe()
+    if start is not None:
+        data["start_scene"] = {"description": start[0].describe(), "scene": start[0].to_dict(),
+                               "observed_frames": int(start[1].shape[0])}
     paths.trace.write_text(json.dumps(data, indent=2) + "\n")
 
     t = result.trace

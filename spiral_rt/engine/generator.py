@@ -157,6 +157,32 @@ class EngineGenerator:
                      span_chunks, prompt, seed, out.shape[0], s.chunk_index)
         return out
 
+    def observe(self, prompt: str, latents: torch.Tensor) -> np.ndarray:
+        """Append observed chunks instead of generating them (``Engine.observe``): e.g. a world's start
+        scene, which the loop then continues; returns their decoded (F, H, W, 3) uint8 frames.
+
+        Args:
+            prompt: the prompt their K/V are written under (e.g. the scene's description).
+            latents: (C, F, h, w) clean latents, F a multiple of the engine's chunk frames.
+        """
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"EngineGenerator.observe: argument 'prompt' must be a non-empty str, got {prompt!r}")
+        F = self.engine.config.chunk_frames
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or latents.shape[1] == 0 or latents.shape[1] % F:
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"EngineGenerator.observe: argument 'latents' must be (C, F, h, w) with F a positive multiple "
+                             f"of the chunk's {F} latent frames, got {got}")
+        s = self._open_session("observe")
+        s.set_prompt(PromptSpan(prompt, None), recache=self.config.recache)
+        if s.status == "paused":
+            s.resume()
+        try:
+            chunks = [s.observe(latents[:, i:i + F]) for i in range(0, latents.shape[1], F)]
+        finally:
+            if self.config.pause_between_segments and s.status == "ready":
+                s.pause()
+        return _frames_to_uint8(torch.cat(chunks, dim=0))
+
     def warmup(self, prompt: str, seed: int = 0) -> None:
         """One throwaway chunk on a temporary session (allocations, kernel selection, text encoding of
         ``prompt``); the generator's own session is untouched. Meant for ``ClosedLoop.run(warmup=...)``."""

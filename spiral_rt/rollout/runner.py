@@ -40,7 +40,7 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -124,13 +124,16 @@ class RolloutRunner:
 
     # ------------------------------------------------------------------ public
 
-    def run(self, spec: RolloutSpec, *, schedule: str = "batched", score: bool = True) -> RolloutBatch:
+    def run(self, spec: RolloutSpec, *, schedule: str = "batched", score: bool = True,
+            observations: Sequence[torch.Tensor] | None = None) -> RolloutBatch:
         """Generate, record, decode, score and normalise one rollout.
 
         Args:
             spec: the rollout (validated here).
             schedule: "batched" (default), or the benchmark baselines "prefix_once" and "naive".
             score: run the critic (when the runner has one) and compute rewards and advantages.
+            observations: with ``spec.observed_chunks`` > 0, per goal the clean latents (C, F, h, w) of
+                its observed chunks, F = observed_chunks * chunk frames (shared by the goal's plans).
         """
         if not isinstance(spec, RolloutSpec):
             raise ValueError(f"RolloutRunner.run: argument 'spec' must be a RolloutSpec, got {type(spec).__name__}")
@@ -138,6 +141,7 @@ class RolloutRunner:
         if schedule not in SCHEDULES:
             raise ValueError(f"RolloutRunner.run: argument 'schedule' must be one of {SCHEDULES}, got {schedule!r}")
         engine, cfg = self.engine, self.engine.config
+        self._observations = self._check_observations(spec, observations)
         scoring = score and self.critic is not None
         if scoring and cfg.output != "uint8":
             raise ValueError(f"RolloutRunner.run: the critic needs uint8 frames; the engine's config.output is {cfg.output!r}")
@@ -222,10 +226,17 @@ class RolloutRunner:
 
     def replay(self, batch: RolloutBatch, *, schedule: str = "batched", score: bool = False,
                progress: bool = False) -> RolloutBatch:
-        """Regenerate ``batch`` from its stored spec, plans and seed (same latents on the same engine setup)."""
+        """Regenerate ``batch`` from its stored spec, plans and seed (same latents on the same engine setup);
+        observed chunks are taken from the batch's latents."""
         if not isinstance(batch, RolloutBatch):
             raise ValueError(f"RolloutRunner.replay: argument 'batch' must be a RolloutBatch, got {type(batch).__name__}")
-        return self.run(RolloutSpec.from_dict(batch.spec, progress=progress), schedule=schedule, score=score)
+        spec = RolloutSpec.from_dict(batch.spec, progress=progress)
+        observations = None
+        if spec.observed_chunks:
+            frames = spec.observed_chunks * self.engine.config.chunk_frames
+            first = [int((batch.goal_index == g).nonzero()[0]) for g in range(len(spec.goals))]
+            observations = [batch.latents[i][:, :frames] for i in first]
+        return self.run(spec, schedule=schedule, score=score, observations=observations)
 
     @staticmethod
     def write_planner_jsonl(batch: RolloutBatch, path) -> "object":
@@ -278,6 +289,24 @@ class RolloutRunner:
             bar.update(1)
         return parent
 
+    def _check_observations(self, spec: RolloutSpec, observations) -> list[torch.Tensor] | None:
+        if not spec.observed_chunks:
+            if observations is not None:
+                raise ValueError("RolloutRunner.run: argument 'observations' needs spec.observed_chunks > 0")
+            return None
+        cfg = self.engine.config
+        shape = (self.engine.model.config.in_channels, spec.observed_chunks * cfg.chunk_frames, *cfg.latent_size)
+        if observations is None or len(observations) != len(spec.goals):
+            raise ValueError(f"RolloutRunner.run: spec.observed_chunks={spec.observed_chunks} needs argument 'observations' "
+                             f"with one latent tensor {shape} per goal ({len(spec.goals)})")
+        out = []
+        for g, z in enumerate(observations):
+            if not isinstance(z, torch.Tensor) or tuple(z.shape) != shape:
+                got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+                raise ValueError(f"RolloutRunner.run: argument 'observations[{g}]' must be a tensor {shape}, got {got}")
+            out.append(z.to(self.engine.device, cfg.latent_dtype))
+        return out
+
     # ------------------------------------------------------------------ one chunk step
 
     def _chunk(self, spec: RolloutSpec, grp: _Group, sessions: list[StreamSession], rows: list[list[int]], chunk: int,
@@ -294,7 +323,12 @@ class RolloutRunner:
         policy: RecordingStepPolicy = ctx["policy"]
         policy.recorder = recorder
         try:
-            outs = engine.step(sessions, noise=noise, step_policy=policy)
+            if chunk < spec.observed_chunks:  # a given chunk of the prefix: one session per goal's plan
+                F = engine.config.chunk_frames
+                z = self._observations[grp.goal][:, chunk * F:(chunk + 1) * F]
+                outs = {s.session_id: engine.observe(s, z) for s in sessions}
+            else:
+                outs = engine.step(sessions, noise=noise, step_policy=policy)
         finally:
             policy.recorder = None
         self._engine_steps += 1

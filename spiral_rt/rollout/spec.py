@@ -96,6 +96,11 @@ class RolloutSpec:
     fork_chunk: int = 2
     """Chunks of the shared prefix: chunks [0, fork_chunk) are generated once per plan, then the KV
     cache forks G ways; 0 forks at the start (no prefix)."""
+    observed_chunks: int = 0
+    """Chunks [0, observed_chunks) of every plan are observed, not generated: their clean latents are
+    given to ``RolloutRunner.run(observations=...)`` per goal (e.g. a world model's rendered start scene)
+    and written into the cache by the clean pass (``Engine.observe``). They belong to the prefix
+    (observed_chunks <= fork_chunk)."""
     train_chunks: tuple[int, ...] | None = None
     """Trained chunks, counted from the fork (0 = the fork chunk); None: every chunk after the fork."""
     train_steps: tuple[int, ...] | None = None
@@ -135,6 +140,10 @@ class RolloutSpec:
             _positive_int(name, getattr(self, name))
         if isinstance(self.fork_chunk, bool) or not isinstance(self.fork_chunk, int) or not 0 <= self.fork_chunk < self.num_chunks:
             raise ValueError(f"RolloutSpec: 'fork_chunk' must be an int in [0, num_chunks={self.num_chunks}), got {self.fork_chunk!r}")
+        if (isinstance(self.observed_chunks, bool) or not isinstance(self.observed_chunks, int)
+                or not 0 <= self.observed_chunks <= self.fork_chunk):
+            raise ValueError(f"RolloutSpec: 'observed_chunks' must be an int in [0, fork_chunk={self.fork_chunk}], "
+                             f"got {self.observed_chunks!r}")
         self.train_chunks = _index_tuple("train_chunks", self.train_chunks, self.num_chunks - self.fork_chunk,
                                          "chunk after the fork")
         if self.noise not in NOISE_POLICIES:
@@ -258,7 +267,7 @@ class RolloutSpec:
             "goals": [g.to_dict() for g in self.goal_objects()],
             "plans": [[p.to_dict() for p in per_goal] for per_goal in plans],
             "num_plans": self.num_plans, "group_size": self.group_size, "num_chunks": self.num_chunks,
-            "fork_chunk": self.fork_chunk,
+            "fork_chunk": self.fork_chunk, "observed_chunks": self.observed_chunks,
             "train_chunks": list(self.train_chunks) if self.train_chunks is not None else None,
             "train_steps": list(self.train_steps) if self.train_steps is not None else None,
             "noise": self.noise, "seed": self.seed,
@@ -275,7 +284,7 @@ class RolloutSpec:
             goals=[Goal.from_dict(g) for g in data["goals"]],
             plans=[[Plan.from_dict(p) for p in per_goal] for per_goal in data["plans"]],
             num_plans=data["num_plans"], group_size=data["group_size"], num_chunks=data["num_chunks"],
-            fork_chunk=data["fork_chunk"],
+            fork_chunk=data["fork_chunk"], observed_chunks=data.get("observed_chunks", 0),
             train_chunks=tuple(data["train_chunks"]) if data.get("train_chunks") is not None else None,
             train_steps=tuple(data["train_steps"]) if data.get("train_steps") is not None else None,
             noise=data["noise"], seed=data["seed"], step_policy=make_step_policy(name, **policy),

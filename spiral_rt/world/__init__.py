@@ -15,7 +15,7 @@ world model and its training live elsewhere) and it does not run the loop (``spi
 
 from .agents import CriticConfig, WorldCritic, WorldPlanner
 from .dataset import DatasetConfig, read_manifest, read_video, write_dataset
-from .goals import GoalSpec, build_goal_set, load_goal_set, random_goal
+from .goals import GoalSpec, build_goal_set, load_goal_set, random_goal, scene_for_goal
 from .language import (GoalParseError, canonical_prompt, goal_text, goal_to_steps, parse_goal,
                        success_criteria)
 from .perception import DetectedObject, PerceptionConfig, extract_objects
@@ -26,6 +26,6 @@ __all__ = [
     "Action", "CriticConfig", "DatasetConfig", "DetectedObject", "GoalParseError", "GoalSpec", "ObjectRef",
     "ObjectState", "PerceptionConfig", "RenderedVideo", "Scene", "WorldConfig", "WorldCritic", "WorldPlanner",
     "apply_action", "build_goal_set", "canonical_prompt", "degrade", "extract_objects", "goal_text",
-    "goal_to_steps", "load_goal_set", "parse_goal", "random_goal", "read_manifest", "read_video",
+    "goal_to_steps", "load_goal_set", "parse_goal", "random_goal", "read_manifest", "read_video", "scene_for_goal",
     "render_frame", "render_step", "render_video", "simulate", "success_criteria", "write_dataset",
 ]

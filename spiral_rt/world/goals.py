@@ -153,6 +153,51 @@ def random_goal(seed: int, config: WorldConfig | None = None, *, num_objects: in
     raise RuntimeError(f"random_goal: seed {seed} found no valid goal")
 
 
+def scene_for_goal(text: str, seed: int = 0, config: WorldConfig | None = None, max_tries: int = 2000) -> Scene:
+    """A start scene in which the goal ``text`` can be carried out: the objects its steps name (with
+    their colour and shape before any recolouring), random sizes and positions from ``seed``, such that
+    every step is valid in turn (strict simulation). What the closed loop starts from when a goal
+    comes without its scene (``spiral-rt generate GOAL`` on the bundled world).
+
+    Raises ``GoalParseError`` (a ValueError) for text outside the world's language and ValueError when
+    the goal names more than three objects, contradicts itself (two shapes under one colour) or no
+    layout in ``max_tries`` lets every step be carried out.
+    """
+    config = config or WorldConfig()
+    actions = parse_goal(text)
+    start: list[ObjectRef] = []
+    shape_of: dict[str, str] = {}  # colour -> shape of the object that has it now
+    for a in actions:
+        ref = a.target
+        if ref.colour not in shape_of:
+            shape_of[ref.colour] = ref.shape
+            start.append(ObjectRef(ref.colour, ref.shape))
+        elif shape_of[ref.colour] != ref.shape:
+            raise ValueError(f"scene_for_goal: argument 'text' names a {ref.colour} {ref.shape} where the "
+                             f"{ref.colour} object is a {shape_of[ref.colour]} (colours are unique in a scene)")
+        if a.kind == "recolour":
+            if a.arg in shape_of:
+                raise ValueError(f"scene_for_goal: argument 'text' recolours the {ref} {a.arg}, a colour another "
+                                 "object already has (colours are unique in a scene)")
+            shape_of[a.arg] = shape_of.pop(ref.colour)
+    if len(start) > 3:
+        raise ValueError(f"scene_for_goal: argument 'text' names {len(start)} objects; the world holds at most 3")
+    rng = random.Random(seed)
+    for _ in range(max_tries):
+        scene = Scene(tuple(ObjectState(r.shape, r.colour, rng.choice(SIZE_ORDER),
+                                        (round(rng.uniform(0.15, 0.85), 3), round(rng.uniform(0.15, 0.85), 3)))
+                            for r in start))
+        if check_layout(scene, config) is not None:
+            continue
+        try:
+            simulate(scene, actions, config, strict=True)
+        except ValueError:
+            continue
+        return scene
+    raise ValueError(f"scene_for_goal: no layout of {len(start)} object(s) in {max_tries} tries lets every step of "
+                     f"{text!r} be carried out (moves need room; sizes have limits)")
+
+
 def build_goal_set(seed: int = GOAL_SET_SEED, num_goals: int = GOAL_SET_SIZE, config: WorldConfig | None = None) -> list[GoalSpec]:
     """The public goal set: ``num_goals`` goals cycling through 1-3 objects and 2-4 steps.
 

@@ -6,7 +6,8 @@
 One iteration is one random training goal (seeds from ``GRPO_SEED_BASE``, apart from the training
 videos' and the held-out evaluation's), run as one execution group (TempAct's scheme):
 
-    prefix     chunk 0 under the scene description, generated once      (the plan's intro step)
+    prefix     chunk 0: the rendered start scene, observed (``Engine.observe``) under its description,
+               once per goal (the plan's intro step)
     fork       the KV cache forks G ways (the members share the prefix pages)
     members    the goal's canonical steps, each over its span, with the SDE step policy (Flow-GRPO);
                every stochastic denoising step after the fork is recorded
@@ -51,7 +52,7 @@ from spiral_rt.sampling import FlowGRPOStep
 from .agents import WorldCritic
 from .goals import random_goal
 from .language import goal_to_steps
-from .scene import WorldConfig
+from .scene import Scene, WorldConfig
 
 logger = logging.getLogger(__name__)
 
@@ -108,15 +109,15 @@ class WorldGRPOConfig:
             raise ValueError(f"WorldGRPOConfig: 'seed' must be an int >= 0, got {self.seed!r}")
 
 
-def goal_plan(seed: int, config: WorldConfig) -> tuple[Plan, int]:
-    """The plan of random goal ``seed`` with its intro step (the scene description, one chunk) first,
-    and the video's chunk count."""
+def goal_plan(seed: int, config: WorldConfig) -> tuple[Plan, int, Scene]:
+    """The plan of random goal ``seed`` with its intro step (the scene description, one chunk, observed)
+    first, the video's chunk count, and the start scene."""
     spec = random_goal(seed, config)
     steps = goal_to_steps(spec.text, config)
     intro = Step(prompt=spec.scene.describe(), span_chunks=1)
     plan = Plan(goal=Goal(text=spec.text, id=spec.id), steps=[intro, *steps],
-                rationale="intro chunk under the scene description, then the goal's canonical steps")
-    return plan, 1 + sum(s.span_chunks for s in steps)
+                rationale="observed intro chunk under the scene description, then the goal's canonical steps")
+    return plan, 1 + sum(s.span_chunks for s in steps), spec.scene
 
 
 def _load(cfg: WorldGRPOConfig):
@@ -168,12 +169,12 @@ def run(cfg: WorldGRPOConfig) -> dict:
     for it in bar:
         t0 = time.perf_counter()
         goal_index = it * world_size + rank  # every rank its own goal
-        plan, num_chunks = goal_plan(GRPO_SEED_BASE + cfg.seed * 100_003 + goal_index, wcfg)
+        plan, num_chunks, scene = goal_plan(GRPO_SEED_BASE + cfg.seed * 100_003 + goal_index, wcfg)
         spec = RolloutSpec(goals=[plan.goal], plans=[[plan]], group_size=cfg.group_size, num_chunks=num_chunks,
-                           fork_chunk=1, seed=cfg.seed * 1_000_003 + goal_index, keep_frames=False,
+                           fork_chunk=1, observed_chunks=1, seed=cfg.seed * 1_000_003 + goal_index, keep_frames=False,
                            step_policy=FlowGRPOStep(noise_level=cfg.noise_level), progress=False)
         with torch.no_grad():
-            batch = runner.run(spec)
+            batch = runner.run(spec, observations=[world.scene_latents(scene, wcfg)])
         t1 = time.perf_counter()
         stats = trainer.train_step(batch)
         verdicts = [v for member in batch.verdicts for v in member]

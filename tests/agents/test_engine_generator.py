@@ -223,6 +223,24 @@ def test_seed_and_prompt_semantics_and_recache_option(weights):
     assert_empty_after_close(regen)
 
 
+def test_observed_start_continues_like_the_generated_one(weights):
+    gen = make_generator(weights)
+    first = gen.generate(A, 1, 11)
+    s = gen.session
+    z = torch.stack([s.latent_frames[f] for f in range(3)], dim=1)
+    after = gen.generate(B, 2, 5)
+    obs = make_generator(weights)
+    assert np.array_equal(obs.observe(A, z), first)  # decoded like the generated chunk
+    assert obs.session.status == "paused" and obs.session.chunk_index == 1
+    assert np.array_equal(obs.generate(B, 2, 5), after)  # and continued from identical K/V
+    with pytest.raises(ValueError, match="'latents'"):
+        obs.observe(A, z[:, :2])
+    with pytest.raises(ValueError, match="'prompt'"):
+        obs.observe(" ", z)
+    assert_empty_after_close(gen)
+    assert_empty_after_close(obs)
+
+
 def test_session_paused_between_segments_and_borrowed_session_left_open(weights):
     engine = make_engine(weights)
     session = engine.open_session(A, seed=1)

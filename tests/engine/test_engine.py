@@ -124,6 +124,33 @@ def test_same_seed_identical_other_seed_different_explicit_equals_philox():
         assert torch.equal(s.next_chunk(noise=noise), runs[0][c])
 
 
+@pytest.mark.parametrize("context_noise", [0.0, 0.1])
+def test_observed_chunk_continues_like_the_generated_one(context_noise):
+    """Observing a chunk's latents writes the same K/V as generating them: the next chunks are identical."""
+    torch.manual_seed(17)
+    model, vae = tiny_model(), tiny_decoder()
+    p = prompt(model)
+    engine = make_engine(model, vae, output="float", context_noise=context_noise)
+    gen = engine.open_session(p, seed=9, noise_id=4)
+    first = gen.next_chunk()
+    z0 = engine.sessions[0].latent_frames
+    z0 = torch.stack([z0[f] for f in range(F)], dim=1)
+    rest = run_chunks(gen, 2)
+    obs = engine.open_session(p, seed=9, noise_id=4)
+    frames = obs.observe(z0.clone())
+    assert obs.chunk_index == 1 and obs.num_frames == F
+    assert torch.equal(frames, first)  # decoded like a generated chunk
+    for a, b in zip(run_chunks(obs, 2), rest):
+        assert rel_err(a, b) <= 1e-6
+    with pytest.raises(ValueError, match="'latents'"):
+        obs.observe(torch.randn(2, F, *LATENT_HW))
+    obs.pause()
+    with pytest.raises(ValueError, match="paused"):
+        obs.observe(z0)
+    engine.close()
+    assert_no_leaks(engine)
+
+
 def test_philox_session_batched_with_an_explicit_noise_session_matches_it_alone():
     """A session without given noise draws the same Philox noise (context noise too) whether or not
     it shares the chunk with a session that brings explicit noise."""

@@ -138,6 +138,27 @@ def test_save_load_and_replay_reproduce_exactly(model, vae, tmp_path):
     assert_no_leaks(fresh)
 
 
+@pytest.mark.parametrize("schedule", ["batched", "naive"])
+def test_observed_prefix_chunks_are_given_and_replayed(model, vae, schedule):
+    engine = make_engine(model, vae)
+    C, (h, w) = model.config.in_channels, engine.config.latent_size
+    given = torch.randn(C, F, h, w, generator=torch.Generator().manual_seed(5))
+    sp = spec(num_chunks=3, fork_chunk=1, observed_chunks=1, group_size=2, seed=3)
+    batch = runner_for(engine, model).run(sp, observations=[given], schedule=schedule)
+    for m in range(batch.latents.shape[0]):  # every member's prefix is the observation
+        assert torch.equal(batch.latents[m][:, :F], given)
+    assert batch.spec["observed_chunks"] == 1
+    again = runner_for(make_engine(model, vae), model).replay(batch, schedule=schedule)
+    assert torch.equal(again.latents, batch.latents) and torch.equal(again.log_prob, batch.log_prob)
+    with pytest.raises(ValueError, match="observations"):
+        runner_for(engine, model).run(sp)
+    with pytest.raises(ValueError, match=r"observations\[0\]"):
+        runner_for(engine, model).run(sp, observations=[given[:, :1]])
+    with pytest.raises(ValueError, match="observed_chunks"):
+        spec(fork_chunk=1, observed_chunks=2).validate()
+    assert_no_leaks(engine)
+
+
 # ----------------------------------------------------------------------------- prefix, pages, schedules
 
 

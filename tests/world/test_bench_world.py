@@ -66,7 +66,7 @@ def test_smoke_run_completes_every_mode_but_grpo(smoke):
             assert 0.0 <= r[k] <= 1.0, (r["mode"], k, r[k])
     for mode in ("open", "plan", "closed"):
         r = _row(smoke, mode)
-        assert r["wall_s_per_goal"] > 0 and r["chunks_per_goal"] >= 1 + 2  # intro + at least one chunk per step
+        assert r["wall_s_per_goal"] > 0 and r["chunks_per_goal"] >= 2  # at least one chunk per step (the intro is observed)
     closed = _row(smoke, "closed")
     assert closed["retries_per_goal"] >= 0 and closed["replans_per_goal"] >= 0 and closed["loop_errors"] == 0
     # plan generates exactly the intro and one span per step; the closed loop at least as much

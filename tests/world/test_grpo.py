@@ -19,8 +19,9 @@ from tests.spawn_helpers import run_ranks
 
 def test_goal_plan_puts_the_scene_intro_first():
     wcfg = WorldConfig()
-    plan, chunks = goal_plan(123, wcfg)
+    plan, chunks, scene = goal_plan(123, wcfg)
     spec = random_goal(123, wcfg)
+    assert scene == spec.scene
     steps = goal_to_steps(spec.text, wcfg)
     assert plan.goal.text == spec.text
     assert plan.steps[0].prompt == spec.scene.describe() and plan.steps[0].span_chunks == 1

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from spiral_rt.world.goals import random_goal
+from spiral_rt.world.goals import random_goal, scene_for_goal
 from spiral_rt.world.perception import label_colours
 from spiral_rt.world.render import degrade, render_frame, render_step, render_video
 from spiral_rt.world.scene import (PALETTE, REGIONS, SIZES, Action, ObjectRef, ObjectState, Scene, WorldConfig,
@@ -114,3 +114,23 @@ def test_degrade_is_seeded():
     assert np.array_equal(a, b) and a.shape == frames.shape and not np.array_equal(a, frames)
     with pytest.raises(ValueError, match="'rng'"):
         degrade(frames, noise_std=1.0)
+
+
+def test_scene_for_goal_holds_the_named_objects_and_every_step_is_valid():
+    cfg = WorldConfig()
+    for seed in range(20):
+        spec = random_goal(seed)
+        scene = scene_for_goal(spec.text, seed=seed)
+        # the goal's objects (as first named), nothing else; every step valid in turn
+        assert sorted((o.colour, o.shape) for o in scene.objects) == sorted(
+            {(a.target.colour, a.target.shape) for a in spec.actions if not any(
+                b.kind == "recolour" and b.arg == a.target.colour for b in spec.actions[:spec.actions.index(a)])})
+        simulate(scene, list(spec.actions), cfg, strict=True)
+        assert scene_for_goal(spec.text, seed=seed) == scene  # seeded
+    with pytest.raises(ValueError, match="colours are unique"):
+        scene_for_goal("move the red circle left, then move the red square up")
+    with pytest.raises(ValueError, match="at most 3"):
+        scene_for_goal("move the red circle left, then move the blue square up, then move the green triangle up, "
+                       "then move the cyan circle down")
+    with pytest.raises(ValueError):
+        scene_for_goal("dance wildly")

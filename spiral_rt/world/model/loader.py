@@ -137,23 +137,28 @@ class WorldModel:
                                   train_info=train_info, dtype=dtype, state_dict=lora_merged_state_dict(dit))
 
     def scene_latents(self, scene, world_config=None) -> torch.Tensor:
-        """(C, F, h, w) fp32 latents of one chunk showing ``scene`` still: the renderer's frames through
-        the codec, for ``Engine.observe`` (a world session starts from its observed scene, as every
-        training video starts with such an intro chunk)."""
-        import numpy as np
-
-        from spiral_rt.world.render import render_frame
-        from spiral_rt.world.scene import WorldConfig
-
-        config = world_config or WorldConfig()
-        frames = np.repeat(render_frame(scene, config)[None], config.frames_per_chunk, axis=0)
-        return self.codec.encode_frames(torch.from_numpy(frames)[None])[0]
+        """(C, F, h, w) latents of one chunk showing ``scene`` still (``scene_latents``)."""
+        return scene_latents(self.codec, scene, world_config)
 
     def engine(self, **overrides):
         """A ready ``Engine`` over this model: the DiT, the codec as its decoder, the text encoder."""
         from spiral_rt.engine import Engine
 
         return Engine(self.dit, self.codec, self.engine_config(**overrides), text_encoder=self.text_encoder)
+
+
+def scene_latents(codec: PixelCodec, scene, world_config=None) -> torch.Tensor:
+    """(C, F, h, w) fp32 latents of one chunk showing ``scene`` still: the renderer's frames through
+    ``codec``, for ``Engine.observe`` (a world session starts from its observed scene, as every
+    training video starts with such an intro chunk)."""
+    import numpy as np
+
+    from spiral_rt.world.render import render_frame
+    from spiral_rt.world.scene import WorldConfig
+
+    config = world_config or WorldConfig()
+    frames = np.repeat(render_frame(scene, config)[None], config.frames_per_chunk, axis=0)
+    return codec.encode_frames(torch.from_numpy(frames)[None])[0]
 
 
 def _json_meta(obj) -> str:
