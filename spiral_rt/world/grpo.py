@@ -87,6 +87,9 @@ class WorldGRPOConfig:
     """Where the model runs."""
     save_every: int = 50
     """Iterations between weight files (the last one is always written)."""
+    time_limit_min: float = 0.0
+    """Stop after the iteration during which this many wall-clock minutes have passed (0: no limit);
+    the weights are written as at the end (ranks agree on the stopping iteration)."""
     smoke: bool = False
     """Random tiny weights, 2 iterations of 2 members (CPU seconds; checks the loop runs)."""
     progress: bool = True
@@ -105,6 +108,8 @@ class WorldGRPOConfig:
                 raise ValueError(f"WorldGRPOConfig: '{name}' must be a number >= 0, got {v!r}")
         if not self.lr > 0:
             raise ValueError(f"WorldGRPOConfig: 'lr' must be > 0, got {self.lr!r}")
+        if isinstance(self.time_limit_min, bool) or not isinstance(self.time_limit_min, (int, float)) or not self.time_limit_min >= 0:
+            raise ValueError(f"WorldGRPOConfig: 'time_limit_min' must be a number >= 0, got {self.time_limit_min!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"WorldGRPOConfig: 'seed' must be an int >= 0, got {self.seed!r}")
 
@@ -166,6 +171,8 @@ def run(cfg: WorldGRPOConfig) -> dict:
     weights = None
     bar = tqdm(range(cfg.iterations), desc="world-grpo", unit="step", disable=not cfg.progress or rank != 0,
                dynamic_ncols=True)
+    deadline = time.perf_counter() + 60.0 * cfg.time_limit_min if cfg.time_limit_min > 0 else None
+    updates = 0
     for it in bar:
         t0 = time.perf_counter()
         goal_index = it * world_size + rank  # every rank its own goal
@@ -192,15 +199,24 @@ def run(cfg: WorldGRPOConfig) -> dict:
             with open(log_path, "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in recs)
         bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", success=f"{rec['step_success']:.2f}")
-        if rank == 0 and ((it + 1) % cfg.save_every == 0 or it + 1 == cfg.iterations):
+        updates = it + 1
+        stop = deadline is not None and time.perf_counter() > deadline
+        if deadline is not None and world_size > 1:  # every rank stops after the same update
+            flag = torch.tensor([float(stop)], device=launch.device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if rank == 0 and ((it + 1) % cfg.save_every == 0 or it + 1 == cfg.iterations or stop):
             weights = world.save(out / WEIGHTS_FILE, train_info={"grpo": {
                 "updates": it + 1, "goals": (it + 1) * world_size, "ranks": world_size, "group_size": cfg.group_size,
                 "lr": cfg.lr, "lora_rank": cfg.lora_rank, "kl_coef": cfg.kl_coef}})
+        if stop:
+            logger.info("time limit of %.1f min reached after %d update(s)", cfg.time_limit_min, updates)
+            break
     bar.close()
     engine.close()
     window = max(1, len(history) // 5)
     launch.leave()
-    summary = {"rank": rank, "updates": cfg.iterations, "goals": len(history), "ranks": world_size,
+    summary = {"rank": rank, "updates": updates, "goals": len(history), "ranks": world_size,
                "weights": str(weights) if rank == 0 else None,
                "reward_first": sum(r["reward_mean"] for r in history[:window]) / window,
                "reward_last": sum(r["reward_mean"] for r in history[-window:]) / window,

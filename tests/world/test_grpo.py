@@ -62,3 +62,11 @@ def test_two_ranks_roll_out_different_goals_and_rank0_logs_both(tmp_path):
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         WorldGRPOConfig(**{field: value}).validate()
+
+
+def test_time_limit_stops_after_the_update_and_writes_weights(tmp_path):
+    summary = run(WorldGRPOConfig(out=str(tmp_path), smoke=True, progress=False, time_limit_min=1e-6))
+    assert summary["updates"] == summary["goals"] == 1
+    assert (tmp_path / "world.safetensors").is_file()
+    with pytest.raises(ValueError, match="time_limit_min"):
+        WorldGRPOConfig(time_limit_min=-1).validate()
