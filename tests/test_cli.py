@@ -95,12 +95,34 @@ def test_inconsistent_arguments_exit_2_naming_the_argument(argv, message, capsys
     assert not (tmp_path / "o").exists()  # nothing was generated
 
 
-def test_bundled_world_model_without_weights_exits_2(capsys, tmp_path):
+def test_bundled_world_model_without_weights_exits_2(capsys, tmp_path, monkeypatch):
+    import spiral_rt.world.model.loader as loader
+
+    monkeypatch.setattr(loader, "DEFAULT_WEIGHTS", tmp_path / "missing.safetensors")
     code, out, err = run_cli(["generate", "move the red circle left", "--out", str(tmp_path / "o")], capsys)
     assert code == 2
     assert err.strip() == err.strip().splitlines()[0]  # one line
     assert "bundled world model's weights are not installed" in err and "--random-weights" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_readme_command_runs_the_bundled_world_from_its_start_scene(capsys, tmp_path):
+    """The README's first command with the shipped weights: the goal's scene is observed first, the
+    loop runs on it, and video, trace and contact sheet are written (a few seconds on a CPU)."""
+    from spiral_rt.world.goals import scene_for_goal
+
+    goal = "move the red circle left, then make the blue square green"
+    code, out, err = run_cli(["generate", goal, "--out", str(tmp_path / "demo"), "--no-progress"], capsys)
+    assert code == 0, err
+    for name in ("video.mp4", "trace.json", "contact_sheet.png"):
+        assert (tmp_path / "demo" / name).is_file(), name
+    trace = json.loads((tmp_path / "demo" / "trace.json").read_text())
+    start = trace["start_scene"]
+    assert start["description"] == scene_for_goal(goal, seed=0).describe() and start["observed_frames"] == 12
+    import av
+
+    with av.open(str(tmp_path / "demo" / "video.mp4")) as f:  # the observed scene, then the loop's segments
+        assert sum(1 for _ in f.decode(video=0)) == 12 + trace["num_video_frames"]
 
 
 def test_generate_help_lists_the_options(capsys):
