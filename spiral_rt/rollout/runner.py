@@ -205,7 +205,8 @@ class RolloutRunner:
                     member_verdicts = _collect(group_futures, spec.group_size)
                     for m, vs in enumerate(member_verdicts):
                         verdicts[base + m] = [v.to_dict() for v in vs]
-                        rewards[base + m] = _reduce([v.score for v in vs], spec.reward_reduce)
+                        signal = [float(v.completed) if spec.reward_signal == "completed" else v.score for v in vs]
+                        rewards[base + m] = _reduce(signal, spec.reward_reduce)
                         judged.update(1)
             finally:
                 judged.close()

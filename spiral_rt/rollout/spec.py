@@ -43,6 +43,7 @@ NoisePolicy = Literal["independent", "shared_initial", "shared_except_fork"]
 NOISE_POLICIES = ("independent", "shared_initial", "shared_except_fork")
 RewardReduce = Literal["mean", "min", "last"]
 REWARD_REDUCE = ("mean", "min", "last")
+REWARD_SIGNALS = ("score", "completed")
 
 PlanLike = Any  # Plan | list[str] | list[Step]
 
@@ -121,6 +122,10 @@ class RolloutSpec:
     """Keep the decoded frames in the batch (saved with it); False keeps rewards only."""
     reward_reduce: RewardReduce = "mean"
     """A member's reward from its verdicts on the plan steps after the fork: "mean", "min" or "last" score."""
+    reward_signal: str = "score"
+    """What each verdict contributes before ``reward_reduce``: "score" (the critic's graded score) or
+    "completed" (1 if the step is judged completed, else 0: a binary success reward, which separates
+    members more than a graded score that gives most failures partial credit)."""
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     """Group normalisation of rewards (eps, clip, scale_by_std), at execution and plan level."""
     critic_workers: int = 4
@@ -150,6 +155,8 @@ class RolloutSpec:
             raise ValueError(f"RolloutSpec: 'noise' must be one of {NOISE_POLICIES}, got {self.noise!r}")
         if self.reward_reduce not in REWARD_REDUCE:
             raise ValueError(f"RolloutSpec: 'reward_reduce' must be one of {REWARD_REDUCE}, got {self.reward_reduce!r}")
+        if self.reward_signal not in REWARD_SIGNALS:
+            raise ValueError(f"RolloutSpec: 'reward_signal' must be one of {REWARD_SIGNALS}, got {self.reward_signal!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
             raise ValueError(f"RolloutSpec: 'seed' must be an int in [0, 2**64), got {self.seed!r}")
         if not isinstance(self.step_policy, StepPolicy):
@@ -273,7 +280,7 @@ class RolloutSpec:
             "noise": self.noise, "seed": self.seed,
             "step_policy": {"name": policy.name, **dataclasses.asdict(policy)},
             "record_mu": self.record_mu, "keep_frames": self.keep_frames, "reward_reduce": self.reward_reduce,
-            "advantage": dataclasses.asdict(self.advantage), "critic_workers": self.critic_workers,
+            "reward_signal": self.reward_signal, "advantage": dataclasses.asdict(self.advantage), "critic_workers": self.critic_workers,
         }
 
     @classmethod
@@ -289,7 +296,8 @@ class RolloutSpec:
             train_steps=tuple(data["train_steps"]) if data.get("train_steps") is not None else None,
             noise=data["noise"], seed=data["seed"], step_policy=make_step_policy(name, **policy),
             record_mu=data.get("record_mu", True), keep_frames=data.get("keep_frames", True),
-            reward_reduce=data.get("reward_reduce", "mean"), advantage=AdvantageConfig(**data.get("advantage", {})),
+            reward_reduce=data.get("reward_reduce", "mean"), reward_signal=data.get("reward_signal", "score"),
+            advantage=AdvantageConfig(**data.get("advantage", {})),
             critic_workers=data.get("critic_workers", 4),
         )
         kw.update(overrides)

@@ -81,6 +81,8 @@ class WorldGRPOConfig:
     """Weight of the KL term to the starting model (adapters disabled)."""
     noise_level: float = 0.7
     """Flow-GRPO's SDE noise level of the rollouts' step policy."""
+    reward: str = "score"
+    """A member's reward: the mean over its steps of the critic's graded "score", or of "completed" (1/0)."""
     seed: int = 0
     """Goal seeds (GRPO_SEED_BASE + seed * 100003 + iteration) and the rollouts' Philox seed."""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -108,6 +110,8 @@ class WorldGRPOConfig:
                 raise ValueError(f"WorldGRPOConfig: '{name}' must be a number >= 0, got {v!r}")
         if not self.lr > 0:
             raise ValueError(f"WorldGRPOConfig: 'lr' must be > 0, got {self.lr!r}")
+        if self.reward not in ("score", "completed"):
+            raise ValueError(f"WorldGRPOConfig: 'reward' must be 'score' or 'completed', got {self.reward!r}")
         if isinstance(self.time_limit_min, bool) or not isinstance(self.time_limit_min, (int, float)) or not self.time_limit_min >= 0:
             raise ValueError(f"WorldGRPOConfig: 'time_limit_min' must be a number >= 0, got {self.time_limit_min!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -179,7 +183,8 @@ def run(cfg: WorldGRPOConfig) -> dict:
         plan, num_chunks, scene = goal_plan(GRPO_SEED_BASE + cfg.seed * 100_003 + goal_index, wcfg)
         spec = RolloutSpec(goals=[plan.goal], plans=[[plan]], group_size=cfg.group_size, num_chunks=num_chunks,
                            fork_chunk=1, observed_chunks=1, seed=cfg.seed * 1_000_003 + goal_index, keep_frames=False,
-                           step_policy=FlowGRPOStep(noise_level=cfg.noise_level), progress=False)
+                           step_policy=FlowGRPOStep(noise_level=cfg.noise_level), reward_signal=cfg.reward,
+                           progress=False)
         with torch.no_grad():
             batch = runner.run(spec, observations=[world.scene_latents(scene, wcfg)])
         t1 = time.perf_counter()

@@ -296,6 +296,19 @@ def test_noise_policies(model, noise):
 # ----------------------------------------------------------------------------- rewards and advantages
 
 
+def test_completed_reward_signal_is_the_mean_of_verdicts_completed(model, vae):
+    engine = make_engine(model, vae)
+    sp = spec(group_size=2, num_chunks=3, fork_chunk=1, reward_signal="completed")
+    batch = runner_for(engine, model, BrightnessCritic()).run(sp)
+    for i in range(batch.num_members):
+        done = [float(v["completed"]) for v in batch.verdicts[i]]
+        assert float(batch.rewards[i]) == sum(done) / len(done)
+    assert batch.spec["reward_signal"] == "completed"
+    with pytest.raises(ValueError, match="reward_signal"):
+        spec(reward_signal="binary").validate()
+    assert_no_leaks(engine)
+
+
 @pytest.mark.parametrize("critic_cls", [BrightnessCritic, BatchBrightnessCritic])
 def test_rewards_advantages_and_planner_jsonl(model, vae, tmp_path, critic_cls):
     engine = make_engine(model, vae)

@@ -64,9 +64,13 @@ def test_config_errors_name_the_field(field, value):
         WorldGRPOConfig(**{field: value}).validate()
 
 
-def test_time_limit_stops_after_the_update_and_writes_weights(tmp_path):
-    summary = run(WorldGRPOConfig(out=str(tmp_path), smoke=True, progress=False, time_limit_min=1e-6))
+def test_time_limit_stops_after_the_update_and_writes_weights_binary_reward(tmp_path):
+    summary = run(WorldGRPOConfig(out=str(tmp_path), smoke=True, progress=False, time_limit_min=1e-6, reward="completed"))
     assert summary["updates"] == summary["goals"] == 1
     assert (tmp_path / "world.safetensors").is_file()
+    rec = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
+    assert rec["reward_mean"] == rec["step_success"]  # binary reward: the mean of completed steps
+    with pytest.raises(ValueError, match="reward"):
+        WorldGRPOConfig(reward="graded").validate()
     with pytest.raises(ValueError, match="time_limit_min"):
         WorldGRPOConfig(time_limit_min=-1).validate()
