@@ -6,18 +6,24 @@
 # 1. python -m spiral_rt.world.grpo for MINUTES of wall time (the world critic's reward);
 # 2. bench_world.py: open / plan / closed with the shipped weights, and "grpo" (plan only) with the
 #    post-trained ones.
-# world.json (written to $OUT by the bench) and the GRPO log come back; the post-trained weights in
-# 15 MB parts.
+# world.json (written to $OUT by the bench), the GRPO log and the trainer state (grpo_state.tar: LoRA
+# adapters and Adam moments, a few MB) come back; the post-trained weights in 15 MB parts.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/spiral_rt_out}
 minutes=${1:?usage: world_gpu.sh MINUTES [bench_world.py arguments]}
 shift
+# resume: /tmp/world-grpo on a warm machine, else a trainer state returned by an earlier call, unpacked
+# here as grpo_state/ (tar -xf grpo_state.tar) and carried (it is git-ignored)
+if [ -d grpo_state ] && [ ! -f /tmp/world-grpo/trainer/trainer.json ]; then
+  mkdir -p /tmp/world-grpo && cp -r grpo_state /tmp/world-grpo/trainer
+fi
 bash bench/run_gpu.sh -- "-m spiral_rt.world.grpo --out /tmp/world-grpo --iterations 5000 --time-limit-min $minutes --no-progress ${GRPO_ARGS:-}" \
   "bench/bench_world.py --grpo-weights /tmp/world-grpo/world.safetensors $*"
 status=$?
 cp /tmp/world-grpo/log.jsonl "$OUT/grpo_log.jsonl" 2>/dev/null
 cp /tmp/world-grpo/summary.json "$OUT/grpo_summary.json" 2>/dev/null
+[ -d /tmp/world-grpo/trainer ] && tar -cf "$OUT/grpo_state.tar" -C /tmp/world-grpo/trainer --transform 's,^\.,grpo_state,' .
 if [ -f /tmp/world-grpo/world.safetensors ]; then
   split -b 15M /tmp/world-grpo/world.safetensors "$OUT/world-grpo.safetensors.part-"
 fi

@@ -24,7 +24,9 @@ rank's record) and the weights.
 The engine runs the same DiT object the trainer updates, so every rollout is on-policy. Every
 ``--save-every`` iterations and at the end, ``OUT/world.safetensors`` holds the post-trained model
 (adapters folded in; ``load_world_model`` and ``bench_world.py --grpo-weights`` read it), and
-``OUT/log.jsonl`` one line per iteration (reward mean / std, step success, loss statistics, seconds).
+``OUT/log.jsonl`` one line per iteration (reward mean / std, step success, loss statistics, seconds),
+and ``OUT/trainer/`` the trainer's state: a later run with the same ``--out`` resumes from it (the
+goals continue where it stopped), so a long post-training can span several time-limited calls.
 
 Boundaries: the iteration loop and its assembly; rollouts are ``spiral_rt.rollout``'s, updates
 ``spiral_rt.rl``'s, goals, language and critic ``spiral_rt.world``'s, the model files ``loader``'s.
@@ -59,6 +61,8 @@ logger = logging.getLogger(__name__)
 GRPO_SEED_BASE = 700_000_000
 """Goal seeds of GRPO iterations start here (training videos use small seeds, evaluation 900,000,000+)."""
 WEIGHTS_FILE = "world.safetensors"
+TRAINER_DIR = "trainer"
+"""Under --out: the trainer's state (adapters, optimizer, update count); a run finding it resumes."""
 
 
 @dataclass
@@ -171,12 +175,17 @@ def run(cfg: WorldGRPOConfig) -> dict:
         world.text_encoder, engine_config=engine.config)
     runner = RolloutRunner(engine, WorldCritic(wcfg))
     log_path = out / "log.jsonl"
+    start = 0
+    if (out / TRAINER_DIR / "trainer.json").is_file():  # resume: adapters, optimizer state, update count
+        trainer.load(out / TRAINER_DIR)
+        start = trainer.step
+        logger.info("resumed from %s after %d update(s)", out / TRAINER_DIR, start)
     history = []
     weights = None
-    bar = tqdm(range(cfg.iterations), desc="world-grpo", unit="step", disable=not cfg.progress or rank != 0,
+    bar = tqdm(range(start, cfg.iterations), desc="world-grpo", unit="step", disable=not cfg.progress or rank != 0,
                dynamic_ncols=True)
     deadline = time.perf_counter() + 60.0 * cfg.time_limit_min if cfg.time_limit_min > 0 else None
-    updates = 0
+    updates = start
     for it in bar:
         t0 = time.perf_counter()
         goal_index = it * world_size + rank  # every rank its own goal
@@ -210,10 +219,12 @@ def run(cfg: WorldGRPOConfig) -> dict:
             flag = torch.tensor([float(stop)], device=launch.device if dist.get_backend() == "nccl" else "cpu")
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop = bool(flag.item())
-        if rank == 0 and ((it + 1) % cfg.save_every == 0 or it + 1 == cfg.iterations or stop):
-            weights = world.save(out / WEIGHTS_FILE, train_info={"grpo": {
-                "updates": it + 1, "goals": (it + 1) * world_size, "ranks": world_size, "group_size": cfg.group_size,
-                "lr": cfg.lr, "lora_rank": cfg.lora_rank, "kl_coef": cfg.kl_coef}})
+        if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iterations or stop:
+            trainer.save(out / TRAINER_DIR)  # every rank calls it (rank 0 writes, then a barrier)
+            if rank == 0:
+                weights = world.save(out / WEIGHTS_FILE, train_info={"grpo": {
+                    "updates": it + 1, "goals": (it + 1) * world_size, "ranks": world_size, "group_size": cfg.group_size,
+                    "lr": cfg.lr, "lora_rank": cfg.lora_rank, "kl_coef": cfg.kl_coef, "reward": cfg.reward}})
         if stop:
             logger.info("time limit of %.1f min reached after %d update(s)", cfg.time_limit_min, updates)
             break

@@ -74,3 +74,16 @@ def test_time_limit_stops_after_the_update_and_writes_weights_binary_reward(tmp_
         WorldGRPOConfig(reward="graded").validate()
     with pytest.raises(ValueError, match="time_limit_min"):
         WorldGRPOConfig(time_limit_min=-1).validate()
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    from safetensors.torch import load_file
+
+    whole = run(WorldGRPOConfig(out=str(tmp_path / "whole"), smoke=True, progress=False, iterations=2))
+    run(WorldGRPOConfig(out=str(tmp_path / "split"), smoke=True, progress=False, iterations=1))
+    resumed = run(WorldGRPOConfig(out=str(tmp_path / "split"), smoke=True, progress=False, iterations=2))
+    assert whole["updates"] == resumed["updates"] == 2 and resumed["goals"] == 1  # the second run did update 2 only
+    a, b = load_file(str(tmp_path / "whole" / "world.safetensors")), load_file(str(tmp_path / "split" / "world.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lines = (tmp_path / "split" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["iteration"] for x in lines] == [1, 2]
