@@ -17,6 +17,8 @@ One ``Engine.step()`` follows schedule -> execute -> update:
        DiT(x (+ context noise), t = context | pages, text)   the clean pass writes the chunk's K/V
        cache.commit(plan)
 
+   An observed chunk (``Engine.observe``: given clean latents, e.g. a world model's current
+   observation) skips the denoising forwards and runs only the clean pass over them.
    The attention plan is built once per chunk and reused by every layer, step and the clean pass.
    With ``cuda_graphs`` the whole sequence replays from a CUDA graph per context-length bucket
    (``spiral_rt.engine.cuda_paths``).

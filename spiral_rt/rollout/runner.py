@@ -3,7 +3,8 @@
 Per execution group (one plan of one goal), with the default "batched" schedule::
 
     parent = open_session(plan prompts, noise id = the group's shared id)
-    chunks [0, fork):   engine.step([parent])                 the prefix, once (batch 1)
+    chunks [0, fork):   engine.step([parent])                 the prefix, once (batch 1); its first
+                        (or engine.observe(parent, z))        spec.observed_chunks are given latents
     children = parent.fork(G); parent.close()                 G sequences share the prefix pages (refcounts)
     chunks [fork, n):   engine.step(children, noise=...)      one DiT call per denoising step for all G
                         (slices of max_batch_size)            trained steps recorded in the same pass
