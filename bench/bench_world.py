@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
 import tempfile
@@ -386,6 +387,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--no-ground-truth", action="store_true", help="skip the ground-truth sanity row")
     p.add_argument("--write-smoke", action="store_true", help="with --random-weights: write bench/results/world_smoke.json")
+    p.add_argument("--label", default=None, help="a 'setting' text on every row of this run (e.g. the GRPO run's settings)")
+    p.add_argument("--merge", type=Path, default=None,
+                   help="an earlier world.json whose rows this run does not replace (same mode and --label) are kept, "
+                        "each with the commit and date it came from")
     p.add_argument("--log-level", default="WARNING")
     return p
 
@@ -404,7 +409,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("argument --write-smoke: only with --random-weights (a real run writes bench/results/world.json)")
     if args.max_retries < 0 or args.max_replans < 0:
         parser.error("arguments --max-retries/--max-replans: must be >= 0")
-    for name in ("weights", "grpo_weights"):
+    for name in ("weights", "grpo_weights", "merge"):
         path = getattr(args, name)
         if path is not None and not path.is_file():
             parser.error(f"argument --{name.replace('_', '-')}: {str(path)!r} is not a file")
@@ -502,8 +507,31 @@ def main(argv: list[str] | None = None) -> int:
             write_result("world_smoke", {**out["settings"], "note": "RANDOM WEIGHTS: smoke run, not a measurement"},
                          out["rows"], extra)
     else:
-        write_result("world", out["settings"], out["rows"], extra)
+        rows = out["rows"]
+        if args.label:
+            for r in rows:
+                r["setting"] = args.label
+        if args.merge is not None:
+            rows, extra = merge_results(json.loads(args.merge.read_text()), rows, extra, args.label)
+        write_result("world", out["settings"], rows, extra)
     return 0
+
+
+def merge_results(earlier: dict, rows: list[dict], extra: dict, label: str | None) -> tuple[list[dict], dict]:
+    """This run's rows after the rows of ``earlier`` (a world.json) that it does not replace (same mode
+    and setting); kept rows and their per-goal records carry the commit and date they came from."""
+    new = {(r["mode"], r.get("setting")) for r in rows}
+    kept = []
+    for r in earlier.get("results", []):
+        if (r["mode"], r.get("setting")) in new:
+            continue
+        r = dict(r)
+        r.setdefault("from", {"commit": earlier.get("commit"), "date": earlier.get("date")})
+        kept.append(r)
+    per_goal = dict(earlier.get("per_goal", {}))
+    for mode, records in extra["per_goal"].items():
+        per_goal[f"{mode}/{label}" if label else mode] = records
+    return kept + rows, {**extra, "per_goal": per_goal, "messages": earlier.get("messages", []) + extra["messages"]}
 
 
 if __name__ == "__main__":

@@ -199,3 +199,21 @@ def test_missing_shipped_weights_is_a_clear_error(capsys):
         bw.parse_args([])
     err = capsys.readouterr().err
     assert "do not exist" in err and "--random-weights" in err
+
+
+def test_merge_keeps_rows_this_run_does_not_replace():
+    earlier = {"commit": "abc", "date": "d0", "messages": ["m0"],
+               "results": [{"mode": "plan", "step_completion_rate": 0.5}, {"mode": "closed", "step_completion_rate": 0.8},
+                           {"mode": "grpo", "setting": "run 1", "step_completion_rate": 0.4}],
+               "per_goal": {"plan": [1], "closed": [2], "grpo/run 1": [3]}}
+    rows = [{"mode": "plan", "setting": "run 2", "step_completion_rate": 0.6},
+            {"mode": "grpo", "setting": "run 2", "step_completion_rate": 0.7}]
+    merged, extra = bw.merge_results(earlier, rows, {"per_goal": {"plan": [4], "grpo": [5]}, "messages": []},
+                                              "run 2")
+    assert [(r["mode"], r.get("setting")) for r in merged] == [
+        ("plan", None), ("closed", None), ("grpo", "run 1"), ("plan", "run 2"), ("grpo", "run 2")]
+    assert merged[0]["from"] == {"commit": "abc", "date": "d0"} and "from" not in merged[-1]
+    assert extra["per_goal"] == {"plan": [1], "closed": [2], "grpo/run 1": [3], "plan/run 2": [4], "grpo/run 2": [5]}
+    again, _ = bw.merge_results(earlier, [{"mode": "plan", "step_completion_rate": 0.9}],
+                                         {"per_goal": {}, "messages": []}, None)
+    assert [r["step_completion_rate"] for r in again if r["mode"] == "plan"] == [0.9]  # replaced
