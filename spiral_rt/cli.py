@@ -492,7 +492,13 @@ def _generate(args: argparse.Namespace) -> int:
     except (UsageError, ValueError) as exc:  # ValueError: a config dataclass refused a value
         print(f"spiral-rt generate: error: {exc}", file=sys.stderr)
         return 2
-    start, start_note = _world_start(spec, settings.goal, args.seed, generator)
+    try:
+        start, start_note = _world_start(spec, settings.goal, args.seed, generator)
+    except Exception as exc:  # the engine could not take the observed scene (e.g. a KV pool too small)
+        generator.close()
+        print(f"spiral-rt generate: error: showing the start scene to the model failed: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return 1
 
     from spiral_rt.agents.outputs import write_outputs
 
