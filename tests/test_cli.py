@@ -125,6 +125,18 @@ def test_readme_command_runs_the_bundled_world_from_its_start_scene(capsys, tmp_
         assert sum(1 for _ in f.decode(video=0)) == 12 + trace["num_video_frames"]
 
 
+def test_world_start_failure_exits_1_with_the_reason(capsys, tmp_path, monkeypatch):
+    import spiral_rt.world.model.loader as loader
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("codec exploded")
+
+    monkeypatch.setattr(loader, "scene_latents", broken)
+    code, out, err = run_cli(["generate", "move the red circle left", "--out", str(tmp_path / "o"), "--no-progress"], capsys)
+    assert code == 1 and "start scene" in err and "codec exploded" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_generate_help_lists_the_options(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["generate", "--help"])
