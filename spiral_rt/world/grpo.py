@@ -49,7 +49,7 @@ from spiral_rt.rl import GRPOLossConfig
 from spiral_rt.rl.launch import join_from_env
 from spiral_rt.rl.trainer import GRPOTrainer, GRPOTrainerConfig
 from spiral_rt.rollout import RolloutRunner, RolloutSpec
-from spiral_rt.sampling import FlowGRPOStep
+from spiral_rt.sampling import FlowGRPOStep, SelfForcingRenoise
 
 from .agents import WorldCritic
 from .goals import random_goal
@@ -83,6 +83,10 @@ class WorldGRPOConfig:
     """LoRA rank."""
     kl_coef: float = 0.01
     """Weight of the KL term to the starting model (adapters disabled)."""
+    policy: str = "flow_grpo"
+    """The rollouts' step policy: "flow_grpo" (Flow-GRPO's SDE step at ``noise_level``) or "self_forcing"
+    (the re-noise step the engine samples the world model with: x' = (1 - s') x0 + s' eps, a Gaussian
+    policy too, so the trained policy is exactly the sampler used at inference)."""
     noise_level: float = 0.7
     """Flow-GRPO's SDE noise level of the rollouts' step policy."""
     reward: str = "score"
@@ -114,6 +118,8 @@ class WorldGRPOConfig:
                 raise ValueError(f"WorldGRPOConfig: '{name}' must be a number >= 0, got {v!r}")
         if not self.lr > 0:
             raise ValueError(f"WorldGRPOConfig: 'lr' must be > 0, got {self.lr!r}")
+        if self.policy not in ("flow_grpo", "self_forcing"):
+            raise ValueError(f"WorldGRPOConfig: 'policy' must be 'flow_grpo' or 'self_forcing', got {self.policy!r}")
         if self.reward not in ("score", "completed"):
             raise ValueError(f"WorldGRPOConfig: 'reward' must be 'score' or 'completed', got {self.reward!r}")
         if isinstance(self.time_limit_min, bool) or not isinstance(self.time_limit_min, (int, float)) or not self.time_limit_min >= 0:
@@ -174,6 +180,8 @@ def run(cfg: WorldGRPOConfig) -> dict:
         micro_batch_size=cfg.group_size, loss=GRPOLossConfig(kl_coef=cfg.kl_coef)),
         world.text_encoder, engine_config=engine.config)
     runner = RolloutRunner(engine, WorldCritic(wcfg))
+    step_policy = (FlowGRPOStep(noise_level=cfg.noise_level) if cfg.policy == "flow_grpo"
+                   else SelfForcingRenoise(prediction="velocity"))
     log_path = out / "log.jsonl"
     start = 0
     if (out / TRAINER_DIR / "trainer.json").is_file():  # resume: adapters, optimizer state, update count
@@ -192,7 +200,7 @@ def run(cfg: WorldGRPOConfig) -> dict:
         plan, num_chunks, scene = goal_plan(GRPO_SEED_BASE + cfg.seed * 100_003 + goal_index, wcfg)
         spec = RolloutSpec(goals=[plan.goal], plans=[[plan]], group_size=cfg.group_size, num_chunks=num_chunks,
                            fork_chunk=1, observed_chunks=1, seed=cfg.seed * 1_000_003 + goal_index, keep_frames=False,
-                           step_policy=FlowGRPOStep(noise_level=cfg.noise_level), reward_signal=cfg.reward,
+                           step_policy=step_policy, reward_signal=cfg.reward,
                            progress=False)
         with torch.no_grad():
             batch = runner.run(spec, observations=[world.scene_latents(scene, wcfg)])
@@ -224,7 +232,8 @@ def run(cfg: WorldGRPOConfig) -> dict:
             if rank == 0:
                 weights = world.save(out / WEIGHTS_FILE, train_info={"grpo": {
                     "updates": it + 1, "goals": (it + 1) * world_size, "ranks": world_size, "group_size": cfg.group_size,
-                    "lr": cfg.lr, "lora_rank": cfg.lora_rank, "kl_coef": cfg.kl_coef, "reward": cfg.reward}})
+                    "lr": cfg.lr, "lora_rank": cfg.lora_rank, "kl_coef": cfg.kl_coef, "reward": cfg.reward,
+                    "policy": cfg.policy}})
         if stop:
             logger.info("time limit of %.1f min reached after %d update(s)", cfg.time_limit_min, updates)
             break

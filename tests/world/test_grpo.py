@@ -87,3 +87,13 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     lines = (tmp_path / "split" / "log.jsonl").read_text().splitlines()
     assert [json.loads(x)["iteration"] for x in lines] == [1, 2]
+
+
+def test_self_forcing_policy_rollouts_are_recomputed_exactly(tmp_path):
+    """The engine's own re-noise sampler as the GRPO policy: the trainer rebuilds its log-probs (ratio 1)."""
+    run(WorldGRPOConfig(out=str(tmp_path), smoke=True, progress=False, policy="self_forcing"))
+    for line in (tmp_path / "log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        assert abs(rec["ratio_mean"] - 1.0) < 1e-4 and rec["transitions"] > 0
+    with pytest.raises(ValueError, match="policy"):
+        WorldGRPOConfig(policy="ddim").validate()
