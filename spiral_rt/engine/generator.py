@@ -28,11 +28,12 @@ session are used, not changed. One thread drives a generator (the loop's contrac
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -140,19 +141,13 @@ class EngineGenerator:
             raise ValueError(f"EngineGenerator.generate: argument 'seed' must be an int in [0, 2**64), got {seed!r}")
         s = self._open_session("generate")
         s.seed = int(seed)
-        s.set_prompt(PromptSpan(prompt, None), recache=self.config.recache)
-        if s.status == "paused":
-            s.resume()
-        try:
+        with self._segment(s, prompt):
             chunks = []
             for _ in range(span_chunks):
                 frames = s.next_chunk()
                 self.chunks_generated += 1
                 chunks.append(frames)
             out = _frames_to_uint8(torch.cat(chunks, dim=0))
-        finally:
-            if self.config.pause_between_segments and s.status == "ready":
-                s.pause()
         logger.debug("EngineGenerator: %d chunk(s) of %r with seed %d -> %d frame(s), session at chunk %d",
                      span_chunks, prompt, seed, out.shape[0], s.chunk_index)
         return out
@@ -173,14 +168,8 @@ class EngineGenerator:
             raise ValueError(f"EngineGenerator.observe: argument 'latents' must be (C, F, h, w) with F a positive multiple "
                              f"of the chunk's {F} latent frames, got {got}")
         s = self._open_session("observe")
-        s.set_prompt(PromptSpan(prompt, None), recache=self.config.recache)
-        if s.status == "paused":
-            s.resume()
-        try:
+        with self._segment(s, prompt):
             chunks = [s.observe(latents[:, i:i + F]) for i in range(0, latents.shape[1], F)]
-        finally:
-            if self.config.pause_between_segments and s.status == "ready":
-                s.pause()
         return _frames_to_uint8(torch.cat(chunks, dim=0))
 
     def warmup(self, prompt: str, seed: int = 0) -> None:
@@ -269,6 +258,18 @@ class EngineGenerator:
         self.close()
 
     # ------------------------------------------------------------------------------ internals
+    @contextlib.contextmanager
+    def _segment(self, s: StreamSession, prompt: str) -> Iterator[None]:
+        """One segment's chunks under ``prompt``: the session set to it and resumed, paused again after."""
+        s.set_prompt(PromptSpan(prompt, None), recache=self.config.recache)
+        if s.status == "paused":
+            s.resume()
+        try:
+            yield
+        finally:
+            if self.config.pause_between_segments and s.status == "ready":
+                s.pause()
+
     def _open_session(self, what: str) -> StreamSession:
         if self.session.status == "closed":
             raise RuntimeError(f"EngineGenerator.{what}: the session is closed")
