@@ -9,10 +9,12 @@ videos' and the held-out evaluation's), run as one execution group (TempAct's sc
     prefix     chunk 0: the rendered start scene, observed (``Engine.observe``) under its description,
                once per goal (the plan's intro step)
     fork       the KV cache forks G ways (the members share the prefix pages)
-    members    the goal's canonical steps, each over its span, with the SDE step policy (Flow-GRPO);
-               every stochastic denoising step after the fork is recorded
+    members    the goal's canonical steps, each over its span, with the rollout step policy
+               (``--policy``: Flow-GRPO's SDE step, or the engine's own re-noise sampler); every
+               stochastic denoising step after the fork is recorded
     reward     ``WorldCritic`` judges each step from the prefix's last frame on; a member's reward is
-               the mean of its step scores; advantages are normalised within the group
+               the mean over its steps of the graded score or of completion (``--reward``);
+               advantages are normalised within the group
     update     one ``GRPOTrainer.train_step`` (LoRA adapters on the DiT's linears, fp32 so the
                recomputed log-probs equal the recorded ones before the update)
 
