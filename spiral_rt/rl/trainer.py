@@ -584,15 +584,32 @@ class GRPOTrainer:
 
     def compute_gradients(self, batch) -> dict:
         """Zero the gradients, run the GRPO forward / backward over the whole batch (gradients are
-        all-reduced across ranks); no optimizer step. Returns the step's statistics."""
-        self._check_batch(batch)
+        all-reduced across ranks); no optimizer step. Returns the step's statistics.
+
+        ``batch``: one RolloutBatch, or a list of them whose gradients accumulate into one update,
+        each batch weighing the same (e.g. several goals' groups: a less noisy update than one group).
+        """
+        batches = list(batch) if isinstance(batch, (list, tuple)) else [batch]
+        if not batches:
+            raise ValueError("GRPOTrainer: argument 'batch' is an empty list")
+        for b in batches:
+            self._check_batch(b)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts = [self._accumulate_gradients(b, 1.0 / len(batches), last=i == len(batches) - 1)
+                 for i, b in enumerate(batches)]
+        stats = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0] if k != "transitions"}
+        stats["transitions"] = sum(p["transitions"] for p in parts)
+        return stats
+
+    def _accumulate_gradients(self, batch, scale: float, last: bool) -> dict:
+        """Backward of ``scale`` times one batch's GRPO loss, added to the gradients; across ranks the
+        gradients are all-reduced at the last backward of the ``last`` batch (DDP no_sync before)."""
         lcfg = self.config.loss
         adv_all = self._advantages(batch)
         logp_old_all = batch.log_probs(lcfg.convention)
         need_ref = lcfg.kl_coef > 0 and lcfg.kl != "none"
         M, T = batch.num_members, batch.num_transitions
         total = M * T
-        self.optimizer.zero_grad(set_to_none=True)
         sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "ratio_mean": 0.0, "clipfrac": 0.0, "approx_kl_old": 0.0,
                 "logp_new": 0.0}
         micro = self._micro_batches(M)
@@ -607,7 +624,7 @@ class GRPOTrainer:
                         ref_m[t] = self._predict(_PolicyForward(ref), batch, rows, t, rcache)
             for t, cache in self._transitions(self.model, batch, rows):
                 done += 1
-                sync = done == backwards or not self.distributed
+                sync = (last and done == backwards) or not self.distributed
                 with (contextlib.nullcontext() if sync else self._forward.no_sync()):
                     m_new = self._predict(self._forward, batch, rows, t, cache)
                     mu_new = self._mean(batch, rows, t, m_new)
@@ -633,7 +650,7 @@ class GRPOTrainer:
                         log_ratio = normalized_log_ratio(lr_mean, m_new, m_old, b, c)
                     adv = adv_all[rows].to(self.device)
                     out = grpo_loss(logp_new, logp_old, adv, lcfg, kl=kl, log_ratio=log_ratio)
-                    (out.loss * (n / total)).backward()
+                    (out.loss * (scale * n / total)).backward()
                 w = n / total
                 sums["loss"] += float(out.loss.detach()) * w
                 sums["policy_loss"] += float(out.policy_loss.detach()) * w
@@ -649,7 +666,8 @@ class GRPOTrainer:
         return stats
 
     def train_step(self, batch) -> dict:
-        """One GRPO update on ``batch``: gradients (``compute_gradients``), clipping, optimizer step,
+        """One GRPO update on ``batch`` (a RolloutBatch or a list of them, accumulated: see
+        ``compute_gradients``): gradients, clipping, optimizer step,
         periodic checkpoint. Returns statistics (loss, policy_loss, kl, ratio_mean, clipfrac,
         approx_kl_old, logp_new, grad_norm, step, ...)."""
         stats = self.compute_gradients(batch)

@@ -3,8 +3,9 @@
     python -m spiral_rt.world.grpo --out runs/world-grpo [--weights FILE] [--iterations 200] [--group-size 8]
     python -m spiral_rt.world.grpo --out /tmp/grpo --smoke          # CPU, seconds (random tiny weights)
 
-One iteration is one random training goal (seeds from ``GRPO_SEED_BASE``, apart from the training
-videos' and the held-out evaluation's), run as one execution group (TempAct's scheme):
+One iteration is ``--goals-per-update`` random training goals per rank (seeds from
+``GRPO_SEED_BASE``, apart from the training videos' and the held-out evaluation's), each run as one
+execution group (TempAct's scheme), their gradients accumulated into one update:
 
     prefix     chunk 0: the rendered start scene, observed (``Engine.observe``) under its description,
                once per goal (the plan's intro step)
@@ -76,7 +77,10 @@ class WorldGRPOConfig:
     weights: str = ""
     """World weights file to start from (empty: the bundled weights)."""
     iterations: int = 200
-    """GRPO updates; each rank rolls out one goal per update."""
+    """GRPO updates; each rank rolls out ``goals_per_update`` goals per update."""
+    goals_per_update: int = 1
+    """Goals (execution groups) per rank whose gradients accumulate into one update: more goals, a
+    less noisy update (one group's advantages are a noisy estimate of the policy gradient)."""
     group_size: int = 8
     """G, members per goal (continuations of the shared intro chunk)."""
     lr: float = 1e-4
@@ -89,6 +93,9 @@ class WorldGRPOConfig:
     """The rollouts' step policy: "flow_grpo" (Flow-GRPO's SDE step at ``noise_level``) or "self_forcing"
     (the re-noise step the engine samples the world model with: x' = (1 - s') x0 + s' eps, a Gaussian
     policy too, so the trained policy is exactly the sampler used at inference)."""
+    train_steps: str = ""
+    """Trained denoising steps of every chunk, comma-separated (e.g. "0,1,2": the early steps that set
+    where things go); empty: every stochastic step. Fewer steps, a cheaper update."""
     noise_level: float = 0.7
     """Flow-GRPO's SDE noise level of the rollouts' step policy."""
     reward: str = "score"
@@ -108,7 +115,7 @@ class WorldGRPOConfig:
     """Show a progress bar."""
 
     def validate(self) -> None:
-        for name in ("iterations", "group_size", "lora_rank", "save_every"):
+        for name in ("iterations", "goals_per_update", "group_size", "lora_rank", "save_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"WorldGRPOConfig: '{name}' must be a positive int, got {v!r}")
@@ -122,12 +129,24 @@ class WorldGRPOConfig:
             raise ValueError(f"WorldGRPOConfig: 'lr' must be > 0, got {self.lr!r}")
         if self.policy not in ("flow_grpo", "self_forcing"):
             raise ValueError(f"WorldGRPOConfig: 'policy' must be 'flow_grpo' or 'self_forcing', got {self.policy!r}")
+        try:
+            steps = self.trained_step_indices()
+        except ValueError:
+            steps = (-1,)
+        if steps is not None and min(steps) < 0:
+            raise ValueError(f"WorldGRPOConfig: 'train_steps' must be empty or comma-separated step indices >= 0, "
+                             f"got {self.train_steps!r}")
         if self.reward not in ("score", "completed"):
             raise ValueError(f"WorldGRPOConfig: 'reward' must be 'score' or 'completed', got {self.reward!r}")
         if isinstance(self.time_limit_min, bool) or not isinstance(self.time_limit_min, (int, float)) or not self.time_limit_min >= 0:
             raise ValueError(f"WorldGRPOConfig: 'time_limit_min' must be a number >= 0, got {self.time_limit_min!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"WorldGRPOConfig: 'seed' must be an int >= 0, got {self.seed!r}")
+
+    def trained_step_indices(self) -> tuple[int, ...] | None:
+        """``train_steps`` as a tuple (None: every stochastic step); ValueError when it does not parse."""
+        text = self.train_steps.strip()
+        return tuple(int(x) for x in text.split(",")) if text else None
 
 
 def goal_plan(seed: int, config: WorldConfig) -> tuple[Plan, int, Scene]:
@@ -198,19 +217,24 @@ def run(cfg: WorldGRPOConfig) -> dict:
     updates = start
     for it in bar:
         t0 = time.perf_counter()
-        goal_index = it * world_size + rank  # every rank its own goal
-        plan, num_chunks, scene = goal_plan(GRPO_SEED_BASE + cfg.seed * 100_003 + goal_index, wcfg)
-        spec = RolloutSpec(goals=[plan.goal], plans=[[plan]], group_size=cfg.group_size, num_chunks=num_chunks,
-                           fork_chunk=1, observed_chunks=1, seed=cfg.seed * 1_000_003 + goal_index, keep_frames=False,
-                           step_policy=step_policy, reward_signal=cfg.reward,
-                           progress=False)
-        with torch.no_grad():
-            batch = runner.run(spec, observations=[world.scene_latents(scene, wcfg)])
+        batches, goals = [], []
+        for j in range(cfg.goals_per_update):
+            goal_index = (it * cfg.goals_per_update + j) * world_size + rank  # every rank its own goals
+            plan, num_chunks, scene = goal_plan(GRPO_SEED_BASE + cfg.seed * 100_003 + goal_index, wcfg)
+            spec = RolloutSpec(goals=[plan.goal], plans=[[plan]], group_size=cfg.group_size, num_chunks=num_chunks,
+                               fork_chunk=1, observed_chunks=1, seed=cfg.seed * 1_000_003 + goal_index,
+                               keep_frames=False, step_policy=step_policy, reward_signal=cfg.reward, progress=False,
+                               train_steps=cfg.trained_step_indices())
+            with torch.no_grad():
+                batches.append(runner.run(spec, observations=[world.scene_latents(scene, wcfg)]))
+            goals.append(plan.goal.text)
         t1 = time.perf_counter()
-        stats = trainer.train_step(batch)
-        verdicts = [v for member in batch.verdicts for v in member]
-        rec = {"iteration": it + 1, "rank": rank, "goal": plan.goal.text, "chunks": num_chunks,
-               "reward_mean": float(batch.rewards.mean()), "reward_std": float(batch.rewards.std(unbiased=False)),
+        stats = trainer.train_step(batches)
+        rewards = torch.cat([b.rewards for b in batches])
+        verdicts = [v for b in batches for member in b.verdicts for v in member]
+        rec = {"iteration": it + 1, "rank": rank, "goals": goals,
+               "reward_mean": float(rewards.mean()),
+               "reward_std": sum(float(b.rewards.std(unbiased=False)) for b in batches) / len(batches),  # within groups
                "step_success": sum(bool(v["completed"]) for v in verdicts) / max(1, len(verdicts)),
                "rollout_s": t1 - t0, "train_s": time.perf_counter() - t1,
                **{k: float(v) for k, v in stats.items() if isinstance(v, (int, float))}}
@@ -233,7 +257,8 @@ def run(cfg: WorldGRPOConfig) -> dict:
             trainer.save(out / TRAINER_DIR)  # every rank calls it (rank 0 writes, then a barrier)
             if rank == 0:
                 weights = world.save(out / WEIGHTS_FILE, train_info={"grpo": {
-                    "updates": it + 1, "goals": (it + 1) * world_size, "ranks": world_size, "group_size": cfg.group_size,
+                    "updates": it + 1, "goals": (it + 1) * world_size * cfg.goals_per_update, "ranks": world_size,
+                    "goals_per_update": cfg.goals_per_update, "group_size": cfg.group_size,
                     "lr": cfg.lr, "lora_rank": cfg.lora_rank, "kl_coef": cfg.kl_coef, "reward": cfg.reward,
                     "policy": cfg.policy}})
         if stop:
@@ -243,7 +268,7 @@ def run(cfg: WorldGRPOConfig) -> dict:
     engine.close()
     window = max(1, len(history) // 5)
     launch.leave()
-    summary = {"rank": rank, "updates": updates, "goals": len(history), "ranks": world_size,
+    summary = {"rank": rank, "updates": updates, "goals": len(history) * cfg.goals_per_update, "ranks": world_size,
                "weights": str(weights) if rank == 0 else None,
                "reward_first": sum(r["reward_mean"] for r in history[:window]) / window,
                "reward_last": sum(r["reward_mean"] for r in history[-window:]) / window,

@@ -198,6 +198,27 @@ def test_positive_advantage_raises_that_members_log_prob():
     assert trainer.step == 4
 
 
+def test_a_list_of_batches_accumulates_their_mean_gradient():
+    """train_step([b1, b2]) is one update on the mean of the two batches' losses."""
+    model = tiny_model(seed=5)
+    b1, ecfg, emb = rollout(model, plans=[[["a fox in snow", "the fox runs"]]], context_noise=0.05)
+    b2, _, _ = rollout(model, plans=[[["a cat on a wall", "fox"]]], context_noise=0.05)
+    b1.advantages = torch.tensor([1.0, -0.5, -0.5], dtype=torch.float64)
+    b2.advantages = torch.tensor([-1.0, 0.25, 0.75], dtype=torch.float64)
+    trainer = GRPOTrainer(model, GRPOTrainerConfig(lora_rank=4, lora_alpha=8.0, lr=1e-3, micro_batch_size=2,
+                                                   loss=GRPOLossConfig(kl_coef=0.0)), emb, engine_config=ecfg)
+    grads = []
+    for batches in ([b1], [b2], [b1, b2]):
+        stats = trainer.compute_gradients(batches)
+        grads.append({n: p.grad.clone() for n, p in trainer.trainable.items() if p.grad is not None})
+    assert stats["transitions"] == b1.num_members * b1.num_transitions + b2.num_members * b2.num_transitions
+    assert grads[2] and set(grads[2]) == set(grads[0])
+    for n in grads[2]:
+        torch.testing.assert_close(grads[2][n], (grads[0][n] + grads[1][n]) / 2, rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="'batch' is an empty list"):
+        trainer.compute_gradients([])
+
+
 # ----------------------------------------------------------------------------- LoRA
 
 

@@ -52,13 +52,14 @@ def test_two_ranks_roll_out_different_goals_and_rank0_logs_both(tmp_path):
     run_ranks(_rank_worker, (str(tmp_path),), 2, tmp_path)
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert sorted((r["iteration"], r["rank"]) for r in lines) == [(1, 0), (1, 1), (2, 0), (2, 1)]
-    assert len({r["goal"] for r in lines}) == 4  # every rank its own goal every update
+    assert len({g for r in lines for g in r["goals"]}) == 4  # every rank its own goal every update
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["ranks"] == 2 and summary["goals"] == 4 and (tmp_path / "world.safetensors").is_file()
 
 
 @pytest.mark.parametrize("field, value", [("iterations", 0), ("group_size", 1), ("lr", 0.0), ("seed", -1),
-                                          ("kl_coef", -1.0), ("save_every", 0)])
+                                          ("kl_coef", -1.0), ("save_every", 0), ("goals_per_update", 0),
+                                          ("train_steps", "0,x"), ("train_steps", "-1")])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         WorldGRPOConfig(**{field: value}).validate()
@@ -97,3 +98,14 @@ def test_self_forcing_policy_rollouts_are_recomputed_exactly(tmp_path):
         assert abs(rec["ratio_mean"] - 1.0) < 1e-4 and rec["transitions"] > 0
     with pytest.raises(ValueError, match="policy"):
         WorldGRPOConfig(policy="ddim").validate()
+
+
+def test_goals_per_update_accumulate_distinct_goals_into_one_update(tmp_path):
+    summary = run(WorldGRPOConfig(out=str(tmp_path / "all"), smoke=True, progress=False, iterations=1, goals_per_update=2))
+    rec = json.loads((tmp_path / "all" / "log.jsonl").read_text().splitlines()[0])
+    assert summary["updates"] == 1 and summary["goals"] == 2 and len(set(rec["goals"])) == 2
+    assert rec["step"] == 1 and abs(rec["ratio_mean"] - 1.0) < 1e-4
+    run(WorldGRPOConfig(out=str(tmp_path / "first"), smoke=True, progress=False, iterations=1, goals_per_update=2,
+                        train_steps="0"))
+    first = json.loads((tmp_path / "first" / "log.jsonl").read_text().splitlines()[0])
+    assert first["goals"] == rec["goals"] and 0 < first["transitions"] < rec["transitions"]  # only step 0 trained
