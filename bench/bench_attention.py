@@ -1,21 +1,17 @@
 """Chunk attention over paged K/V on the H100 vs cuDNN SDPA, PyTorch flash SDPA, compiled
-flex_attention and FA3 (when ``fa3_fwd_interface`` or ``flash_attn_interface`` imports), plus the
-shared-prefix path.
+flex_attention and FA3 (when ``flash_attn_interface`` imports), plus the shared-prefix path.
 
 Part 1, one Wan chunk: Lq = 4680 (3 latent frames at 832x480), Lk in {4680, 15600, 18720, 32760},
 12 heads x 128, bf16. Ours reads K/V through a page table (1560-token pages, ids shuffled over the
 pool); the competitors read dense contiguous (B, L, H, D) tensors. Every kernel variant in
 VARIANTS is checked against cuDNN's output first (a wrong variant is reported, never timed), then
 timed; "ours" is the best variant per shape, "ours_default" the plan's own choice. TFLOP/s =
-4 * Lq * Lk * H * D / time; ratio = ours / best competitor (cuDNN, FA3 on dense K/V). "fa3_paged" is
-FA3 reading our pages through chunk_attention's fa3 backend (what the engine runs where FA3 is
-installed): FA3 itself, so not a competitor of the ratio.
+4 * Lq * Lk * H * D / time; ratio = ours / best competitor.
 
 Part 2, shared prefix: G members (G = 4, 8) each with a 3-frame own chunk after a shared prefix of
 6 or 12 frames. "alone": G launches, one per member over prefix + own pages; "batched": one varlen
 launch of the G members (prefix pages shared); "shared": one launch of all G members' queries
-over the prefix pages, one over each member's own pages, and merge_states; per backend (triton,
-and fa3 where installed).
+over the prefix pages, one over each member's own pages, and merge_states.
 
 Run on the GPU machine: ``python bench/bench_attention.py`` (writes bench/results/attention.json).
 ``--smoke`` runs the same code on CPU through the Triton interpreter at toy sizes (no timing
@@ -25,7 +21,7 @@ meaning, no result file): a check that the script itself works.
 from __future__ import annotations
 
 import argparse
-import functools
+import importlib
 import os
 import sys
 import time
@@ -41,7 +37,6 @@ from common import print_table, write_result  # noqa: E402
 if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from spiral_rt.ops import fa3  # noqa: E402
 from spiral_rt.ops.chunk_attention import (  # noqa: E402
     AttentionConfig,
     default_config,
@@ -154,16 +149,22 @@ def competitors(q, k, v):
         out["flex_compiled"] = lambda: flex(qt, kt, vt)
     except Exception as err:  # pragma: no cover - depends on the install
         print(f"flex_attention unavailable: {err}", file=sys.stderr)
-    if fa3.module() is not None:
-        out["fa3"] = lambda: fa3.module().flash_attn_func(q, k, v)
-    else:
-        print(f"FA3 unavailable: {fa3.unavailable_reason(q.device)}", file=sys.stderr)
+    fa3 = _import_fa3()
+    if fa3 is not None:
+        out["fa3"] = lambda: fa3.flash_attn_func(q, k, v)
     return out
 
 
-def attention_backends() -> list[str]:
-    """chunk_attention's GPU backends to time here: triton, and fa3 where it can run."""
-    return ["triton"] + (["fa3"] if not SMOKE and fa3.unavailable_reason(torch.device(DEVICE)) is None else [])
+def _import_fa3():
+    """FA3's forward: the `fa3-fwd` wheel (module fa3_fwd_interface) or a flash-attn hopper build."""
+    errors = []
+    for name in ("fa3_fwd_interface", "flash_attn_interface"):
+        try:
+            return importlib.import_module(name)
+        except Exception as err:  # noqa: BLE001 - any failure means "not available here"
+            errors.append(f"{name}: {err}")
+    print("FA3 unavailable (" + "; ".join(errors) + ")", file=sys.stderr)
+    return None
 
 
 def first_tensor(x):
@@ -196,10 +197,6 @@ def bench_chunk(args, variants_to_try: dict, rows: list[dict] | None = None) -> 
                     row[f"{name}_tflops"] = tflops(flops, time_ms(fn, rep_ms=args.rep_ms)["median_ms"])
                 except Exception as err:
                     print(f"{name} failed at Lk={lk}: {type(err).__name__}: {str(err)[:200]}", file=sys.stderr)
-            if "fa3" in attention_backends():
-                plan = make_plan([LQ], [pages], num_pages)
-                row["fa3_paged_tflops"] = tflops(flops, time_ms(
-                    lambda: chunk_attention(q, k_pages, v_pages, plan, backend="fa3"), rep_ms=args.rep_ms)["median_ms"])
         if ref is None:  # fp32 reference
             ref = F.scaled_dot_product_attention(q[None].transpose(1, 2).float(), k.transpose(1, 2).float(),
                                                  v.transpose(1, 2).float())[0].transpose(0, 1).to(DTYPE)
@@ -207,12 +204,12 @@ def bench_chunk(args, variants_to_try: dict, rows: list[dict] | None = None) -> 
         for vname, cfg in variants_to_try.items():
             try:
                 plan = make_plan([LQ], [pages], num_pages, cfg)
-                o, _ = chunk_attention(q, k_pages, v_pages, plan, backend="triton")
+                o, _ = chunk_attention(q, k_pages, v_pages, plan)
                 err = (o.float() - ref.float()).abs().max().item() / ref.float().abs().max().item()
                 if not err < 2e-2:  # relative to max |O|; bf16 vs bf16 differ by a few ulps
                     print(f"variant {vname} at Lk={lk}: max error {err:.3g} vs cuDNN, not timed", file=sys.stderr)
                     continue
-                t = time_ms(lambda: chunk_attention(q, k_pages, v_pages, plan, backend="triton"), rep_ms=args.rep_ms)
+                t = time_ms(lambda: chunk_attention(q, k_pages, v_pages, plan), rep_ms=args.rep_ms)
                 variants[vname] = {"tflops": tflops(flops, t["median_ms"]), **t, "num_splits": plan.num_splits,
                                    "max_rel_err_vs_cudnn": err}
             except Exception as err:
@@ -240,36 +237,36 @@ def summarize(row: dict) -> None:
 def bench_shared_prefix(args) -> list[dict]:
     rows = []
     own_frames = 3
-    for backend, group, prefix_frames in [(b, g, p) for b in attention_backends() for g in (4, 8) for p in (6, 12)]:
-        attend = functools.partial(chunk_attention, backend=backend)
-        segs = [[prefix_frames, own_frames]] * group
-        num_pages, lists = paged_layout(segs, shared=prefix_frames)
-        k_pages = torch.randn(num_pages, PAGE, HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
-        v_pages = torch.randn_like(k_pages)
-        q = torch.randn(group * LQ, HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
-        alone_plans = [make_plan([LQ], [pl], num_pages) for pl in lists]
-        batched = make_plan([LQ] * group, lists, num_pages)
-        prefix = make_plan([group * LQ], [lists[0][:prefix_frames]], num_pages)
-        suffix = make_plan([LQ] * group, [pl[prefix_frames:] for pl in lists], num_pages)
+    for group in (4, 8):
+        for prefix_frames in (6, 12):
+            segs = [[prefix_frames, own_frames]] * group
+            num_pages, lists = paged_layout(segs, shared=prefix_frames)
+            k_pages = torch.randn(num_pages, PAGE, HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+            v_pages = torch.randn_like(k_pages)
+            q = torch.randn(group * LQ, HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+            alone_plans = [make_plan([LQ], [pl], num_pages) for pl in lists]
+            batched = make_plan([LQ] * group, lists, num_pages)
+            prefix = make_plan([group * LQ], [lists[0][:prefix_frames]], num_pages)
+            suffix = make_plan([LQ] * group, [pl[prefix_frames:] for pl in lists], num_pages)
 
-        def alone():
-            return [attend(q[i * LQ:(i + 1) * LQ], k_pages, v_pages, p) for i, p in enumerate(alone_plans)]
+            def alone():
+                return [chunk_attention(q[i * LQ:(i + 1) * LQ], k_pages, v_pages, p) for i, p in enumerate(alone_plans)]
 
-        def shared():
-            return chunk_attention_shared_prefix(q, k_pages, v_pages, prefix, suffix, backend=backend)
+            def shared():
+                return chunk_attention_shared_prefix(q, k_pages, v_pages, prefix, suffix)
 
-        o_b, _ = attend(q, k_pages, v_pages, batched)
-        o_s, _ = shared()
-        err = (o_b.float() - o_s.float()).abs().max().item()
-        t_alone = time_ms(alone, rep_ms=args.rep_ms)["median_ms"]
-        t_batched = time_ms(lambda: attend(q, k_pages, v_pages, batched), rep_ms=args.rep_ms)["median_ms"]
-        t_shared = time_ms(shared, rep_ms=args.rep_ms)["median_ms"]
-        rows.append({
-            "backend": backend, "G": group, "prefix_frames": prefix_frames, "own_frames": own_frames,
-            "alone_ms": t_alone, "batched_ms": t_batched, "shared_ms": t_shared,
-            "speedup_vs_alone": t_alone / t_shared, "speedup_vs_batched": t_batched / t_shared,
-            "shared_tflops": tflops(batched.flops, t_shared), "max_diff_shared_vs_batched": err,
-        })
+            o_b, _ = chunk_attention(q, k_pages, v_pages, batched)
+            o_s, _ = shared()
+            err = (o_b.float() - o_s.float()).abs().max().item()
+            t_alone = time_ms(alone, rep_ms=args.rep_ms)["median_ms"]
+            t_batched = time_ms(lambda: chunk_attention(q, k_pages, v_pages, batched), rep_ms=args.rep_ms)["median_ms"]
+            t_shared = time_ms(shared, rep_ms=args.rep_ms)["median_ms"]
+            rows.append({
+                "G": group, "prefix_frames": prefix_frames, "own_frames": own_frames,
+                "alone_ms": t_alone, "batched_ms": t_batched, "shared_ms": t_shared,
+                "speedup_vs_alone": t_alone / t_shared, "speedup_vs_batched": t_batched / t_shared,
+                "shared_tflops": tflops(batched.flops, t_shared), "max_diff_shared_vs_batched": err,
+            })
     return rows
 
 
@@ -287,11 +284,11 @@ def main():
     plain = {n: c for n, c in VARIANTS.items() if not c.warp_specialize}
     ws = {n: c for n, c in VARIANTS.items() if c.warp_specialize}
     columns = ["Lq", "Lk", "ours_tflops", "ours_variant", "ours_split", "ours_default_tflops", "cudnn_tflops",
-               "fa3_tflops", "fa3_paged_tflops", "flash2_sdpa_tflops", "flex_compiled_tflops", "best_competitor", "ratio"]
+               "fa3_tflops", "flash2_sdpa_tflops", "flex_compiled_tflops", "best_competitor", "ratio"]
     chunk_rows = bench_chunk(args, plain)
     print_table(chunk_rows, columns)
     prefix_rows = bench_shared_prefix(args)
-    print_table(prefix_rows, ["backend", "G", "prefix_frames", "alone_ms", "batched_ms", "shared_ms", "speedup_vs_alone",
+    print_table(prefix_rows, ["G", "prefix_frames", "alone_ms", "batched_ms", "shared_ms", "speedup_vs_alone",
                               "speedup_vs_batched", "shared_tflops", "max_diff_shared_vs_batched"])
     settings = {"Lq": LQ, "Lk": LKS, "heads": HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16", "page_size": PAGE,
                 "tflops_formula": "4*Lq*Lk*H*D/time", "timing": "triton.testing.do_bench median, L2 flushed",

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import auto_attention_backend, print_table, write_result  # noqa: E402
+from common import print_table, write_result  # noqa: E402
 
 from spiral_rt.cache import GlobalPolicy, SinkWindowPolicy  # noqa: E402
 from spiral_rt.engine import Engine, EngineConfig, PromptSpan  # noqa: E402
@@ -105,7 +105,7 @@ def make_engine(model, vae, args, *, policy, output="uint8", timing=False, kv_fr
     cfg = EngineConfig(
         latent_size=args.latent_hw, chunk_frames=3, policy=policy, output=output, timing=timing,
         cuda_graphs=args.graphs, vae_side_stream=True, recache_on_switch=recache, latent_dtype=torch.float32,
-        kv_num_pages=kv_frames, device=args.device, max_batch_size=8, attention_backend=args.attention_backend,
+        kv_num_pages=kv_frames, device=args.device, max_batch_size=8,
     )
     return Engine(model, vae, cfg)
 
@@ -281,8 +281,6 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="timed videos per configuration")
     ap.add_argument("--streams", default="1,2,4,8", help="stream counts of part c")
     ap.add_argument("--name", default=None, help="result name (bench/results/<name>.json); default stream / stream_smoke")
-    ap.add_argument("--attention-backend", default=None, choices=("fa3", "triton"),
-                    help="force chunk_attention's backend (default: the automatic choice, FA3 where installed)")
     ap.add_argument("--profile", default=None, help="write a torch.profiler trace of one part-a video here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -316,8 +314,7 @@ def main(argv=None):
     rows, extra = [], {}
     settings = {"model": dcfg.name, "latent_hw": list(args.latent_hw), "steps": 4, "clean_pass": True,
                 "dtype": str(dtype).replace("torch.", ""), "cuda_graphs": args.graphs, "warmup": args.warmup,
-                "repeats": args.repeats, "parts": sorted(parts), "smoke": args.smoke,
-                "attention_backend": args.attention_backend or auto_attention_backend(args.device)}
+                "repeats": args.repeats, "parts": sorted(parts), "smoke": args.smoke}
     columns = ["part", "setting", "fps", "psnr_db", "first_frames_ms", "dit_fps", "chunk_ms", "stall_ms", "peak_gib_81",
                "peak_gib", "chunk_latency_ms", "per_stream_fps", "roofline_fraction"]
     runners = {"a": lambda: part_a(model, vae, args, clock, prompts[0], rows, extra),

@@ -40,17 +40,7 @@ def env_info() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         pass
-    info["attention_backend_auto"] = auto_attention_backend()
     return info
-
-
-def auto_attention_backend(device: str = "cuda") -> str:
-    """The backend ``chunk_attention`` picks for bf16 here when none is forced (fa3 where installed on Hopper)."""
-    from spiral_rt.ops import dispatch
-    from spiral_rt.ops.chunk_attention import IMPLEMENTED
-
-    dev = torch.device(device if torch.cuda.is_available() else "cpu")
-    return dispatch.select_backend("chunk_attention", dev, IMPLEMENTED)
 
 
 def time_ms(fn, warmup_ms: float = 25, rep_ms: float = 200) -> dict:

@@ -92,8 +92,8 @@ class EngineConfig:
     """When the pool cannot hold a step's chunks: raise ``KVCacheExhausted``, or run the sessions that fit
     and let the others wait for a later step (an error still when not even one fits)."""
     attention_backend: str | None = None
-    """Backend of ``chunk_attention`` and ``qk_norm_rope_kv_write`` ("reference", "triton"; "fa3" for the
-    attention alone; None: the fastest for the device, FA3 on Hopper when it is installed)."""
+    """Backend of ``chunk_attention`` and ``qk_norm_rope_kv_write`` ("reference", "triton"; None: the
+    fastest for the device)."""
     fused_ops: bool = True
     """Run the DiT's fused path (adaLN, residual adds, qk-norm, RoPE and the K/V write through
     ``spiral_rt.ops``); False: the model's plain PyTorch path (the readable reference)."""

@@ -91,7 +91,7 @@ class PagedAttentionContext:
         attention_plan: from ``build_attention_plan(cache, plan)``; built here when None.
         write: scatter each forward's k, v into ``plan.device.write_slots`` before attending.
         backend: backend of ``chunk_attention`` and ``qk_norm_rope_kv_write`` ("reference", "triton",
-            or None/"auto"; "fa3" is attention's alone, the K/V write then picks its own).
+            or None/"auto").
         sm_scale: softmax scale (default 1/sqrt(D), what the model's SDPA uses).
         fused: offer the DiT its fused path (``fused_ops``; needs ``write``): the model then calls
             ``self_attention_fused`` with q, k, v before qk-norm and RoPE.
@@ -112,7 +112,6 @@ class PagedAttentionContext:
         self.attention_plan = attention_plan if attention_plan is not None else build_attention_plan(cache, plan)
         self.write = write
         self.backend = backend
-        self.write_backend = None if backend == "fa3" else backend
         self.sm_scale = sm_scale
         self.q_len = q_lens.pop()
         self.write_slots = plan.device.write_slots
@@ -140,8 +139,7 @@ class PagedAttentionContext:
         B, L, H, D = q.shape
         q_rot = qk_norm_rope_kv_write(q.reshape(B * L, H, D), k.reshape(B * L, H, D), v.reshape(B * L, H, D),
                                       q_norm_weight, k_norm_weight, k_pages, v_pages, self.write_slots,
-                                      grid_hw=tuple(grid_hw), frame_index=frame_index, eps=eps,
-                                      backend=self.write_backend)
+                                      grid_hw=tuple(grid_hw), frame_index=frame_index, eps=eps, backend=self.backend)
         state = chunk_attention(q_rot, k_pages, v_pages, self.attention_plan, sm_scale=self.sm_scale, backend=self.backend)
         return state.o.view(B, L, H, D)
 

@@ -23,10 +23,7 @@ shapes and dtypes against the plan (no host sync). ``AttentionConfig`` selects t
 (tile sizes, warps, stages, KV splits, page lookup, pointer or TMA loads); ``default_config``
 picks one by shape and bench/bench_attention.py compares them. Math:
 ``spiral_rt.reference.chunk_attention``.
-Backends: triton (kernels/chunk_attention.py), reference, and fa3 (FlashAttention 3 over the same
-pages through ``spiral_rt.ops.fa3``, bf16/fp16 on Hopper, when installed: an optional dependency the
-automatic choice prefers, since it is faster than the Triton kernel there; bench_attention.py
-measures both).
+Backends: triton (kernels/chunk_attention.py), reference.
 """
 
 from __future__ import annotations
@@ -44,8 +41,7 @@ from . import dispatch
 from .merge_states import AttentionState, merge_states
 
 OP = "chunk_attention"
-IMPLEMENTED = ("fa3", "triton", "reference")
-IMPLEMENTED_FP32 = ("triton", "reference")  # FA3 has no fp32 kernels
+IMPLEMENTED = ("triton", "reference")
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SUPPORTED_HEAD_DIMS = (64, 128)
 WORK_FIELDS = 6  # seq, q_start, q_end, kv_start, kv_end, split (kernels/chunk_attention.py)
@@ -151,15 +147,6 @@ class ChunkAttentionPlan:
     """kv_load="tma": int32 flat row (page * page_size + offset) of each whole in-page key tile."""
     left_rows: torch.Tensor | None
     """kv_load="tma": int32 flat rows of the keys left over in partial page tails."""
-    page_table: torch.Tensor
-    """(S, max pages) int32 on device: each sequence's pages padded with page 0 (FA3's layout)."""
-    kv_len: torch.Tensor
-    """(S,) int32 on device: keys per sequence."""
-    empty_rows: torch.Tensor | None
-    """int64 rows of q whose sequence lists no keys (None when there are none): FA3's output there
-    is set to the contract's O = 0, LSE = -inf."""
-    max_q_len: int
-    """Longest query range of a sequence."""
     kv_lens: tuple[int, ...]
     """Keys per sequence (host)."""
     flops: int
@@ -349,13 +336,8 @@ def plan_chunk_attention(
         return torch.tensor(values, dtype=torch.int32)
 
     tma = config.kv_load == "tma"
-    width = max([kv_ptr[s + 1] - kv_ptr[s] for s in range(num_seqs)] + [1])
-    page_table = [pages[kv_ptr[s]:kv_ptr[s + 1]] + [0] * (width - kv_ptr[s + 1] + kv_ptr[s]) for s in range(num_seqs)]
-    empty_rows = [r for s in range(num_seqs) if kv_lens[s] == 0 for r in range(q_ptr[s], q_ptr[s + 1])]
     # One pinned, non-blocking upload of every table: no host sync per chunk.
     tables = upload_tensors({
-        "page_table": table(page_table).reshape(num_seqs, width), "kv_len": table(kv_lens),
-        "empty_rows": torch.tensor(empty_rows, dtype=torch.int64) if empty_rows else None,
         "q_indptr": table(q_ptr), "kv_indptr": table(kv_ptr), "kv_indices": table(pages or [0]),
         "kv_last_page_len": table(last), "work": table(work).reshape(-1, fields),
         "tile_rows": table(tile_rows or [0]) if tma else None, "left_rows": table(left_rows or [0]) if tma else None,
@@ -363,7 +345,7 @@ def plan_chunk_attention(
     return ChunkAttentionPlan(
         num_seqs=num_seqs, total_q=q_ptr[-1], num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
         head_dim=head_dim, page_size=page_size, num_pages=num_pages, dtype=dtype, device=device, config=config,
-        kv_lens=tuple(kv_lens), max_q_len=max(q_lens), flops=sum(4 * ql * kl * num_qo_heads * head_dim for ql, kl in zip(q_lens, kv_lens)),
+        kv_lens=tuple(kv_lens), flops=sum(4 * ql * kl * num_qo_heads * head_dim for ql, kl in zip(q_lens, kv_lens)),
         **tables,
     )
 
@@ -385,7 +367,7 @@ def chunk_attention(
         k_pages, v_pages: (num_pages, page_size, H_kv, D) contiguous K and V pages of one layer.
         plan: from ``plan_chunk_attention`` for these index tables.
         sm_scale: softmax scale; default 1 / sqrt(D).
-        backend: "fa3" | "triton" | "reference" | "auto"/None (see spiral_rt.ops.dispatch).
+        backend: "triton" | "reference" | "auto"/None (see spiral_rt.ops.dispatch).
     Returns:
         ``AttentionState(o, lse)``: o (total_q, H, D) in q's dtype, lse (total_q, H) fp32.
     """
@@ -403,16 +385,14 @@ def chunk_attention(
         sm_scale = 1.0 / math.sqrt(plan.head_dim)
     elif not (isinstance(sm_scale, (int, float)) and sm_scale > 0):
         raise ValueError(f"{OP}: argument 'sm_scale' must be a positive float, got {sm_scale!r}")
-    chosen = dispatch.select_backend(OP, q.device, IMPLEMENTED if plan.dtype != torch.float32 else IMPLEMENTED_FP32,
-                                     backend)
+    chosen = dispatch.select_backend(OP, q.device, IMPLEMENTED, backend)
     cfg = plan.config
     if cfg.kv_load == "tma" and (k_pages.data_ptr() % 16 or v_pages.data_ptr() % 16):
         raise ValueError(f"{OP}: kv_load='tma' needs 16-byte aligned 'k_pages' and 'v_pages' (TMA descriptors)")
     o, lse = dispatch.invoke(_chunk_attention_op, _chunk_attention_impl, 
         q, k_pages, v_pages, plan.q_indptr, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, plan.work,
         float(sm_scale), cfg.num_splits, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.hoist_pages,
-        cfg.warp_specialize, plan.tile_rows, plan.left_rows, plan.page_table, plan.kv_len, plan.empty_rows,
-        plan.max_q_len, chosen)
+        cfg.warp_specialize, plan.tile_rows, plan.left_rows, chosen)
     return AttentionState(o, lse)
 
 
@@ -437,7 +417,7 @@ def chunk_attention_shared_prefix(
                          f"{suffix_plan.total_q}; both must cover the same rows of q")
     a = chunk_attention(q, k_pages, v_pages, prefix_plan, sm_scale=sm_scale, backend=backend)
     b = chunk_attention(q, k_pages, v_pages, suffix_plan, sm_scale=sm_scale, backend=backend)
-    return merge_states(a.o, a.lse, b.o, b.lse, backend=None if backend == "fa3" else backend)
+    return merge_states(a.o, a.lse, b.o, b.lse, backend=backend)
 
 
 # ------------------------------------------------------------------ torch.library registration
@@ -462,20 +442,8 @@ def _chunk_attention_impl(
     warp_specialize: bool,
     tile_rows: Optional[torch.Tensor],
     left_rows: Optional[torch.Tensor],
-    page_table: torch.Tensor,
-    kv_len: torch.Tensor,
-    empty_rows: Optional[torch.Tensor],
-    max_q_len: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "fa3":
-        from . import fa3
-
-        o, lse = fa3.paged_attention(q, k_pages, v_pages, page_table, kv_len, q_indptr, max_q_len, sm_scale)
-        if empty_rows is not None:
-            o.index_fill_(0, empty_rows, 0.0)
-            lse.index_fill_(0, empty_rows, float("-inf"))
-        return o, lse
     if backend == "reference":
         kv_ptr = kv_indptr.tolist()
         return _reference.chunk_attention(q, k_pages, v_pages, q_indptr.tolist(), kv_ptr,
@@ -500,7 +468,6 @@ _chunk_attention_op = torch.library.custom_op("spiral_rt::chunk_attention", _chu
 
 @_chunk_attention_op.register_fake
 def _(q, k_pages, v_pages, q_indptr, kv_indptr, kv_indices, kv_last_page_len, work, sm_scale, num_splits,
-      block_m, block_n, num_warps, num_stages, hoist_pages, warp_specialize, tile_rows, left_rows, page_table, kv_len,
-      empty_rows, max_q_len, backend):
+      block_m, block_n, num_warps, num_stages, hoist_pages, warp_specialize, tile_rows, left_rows, backend):
     total_q, heads, head_dim = q.shape
     return q.new_empty((total_q, heads, head_dim)), q.new_empty((total_q, heads), dtype=torch.float32)

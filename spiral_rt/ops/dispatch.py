@@ -5,15 +5,12 @@ An op is implemented by up to three backends:
 - ``"cuda"``: a kernel in ``csrc/`` bound through pybind11 (``spiral_rt._C``), CUDA tensors only;
 - ``"triton"``: a kernel in ``kernels/`` (``spiral_rt.kernels``), CUDA tensors, or CPU tensors
   under ``TRITON_INTERPRET=1`` (how the CPU tests run Triton code);
-- ``"reference"``: eager PyTorch from ``spiral_rt.reference``, any device;
-- ``"fa3"``: FlashAttention 3's forward (the ``fa3-fwd`` wheel, or a flash-attn Hopper build) for
-  ``chunk_attention`` on bf16/fp16 when it imports and the GPU is a Hopper (sm_90): an optional
-  dependency, never required (see ``spiral_rt.ops.fa3``).
+- ``"reference"``: eager PyTorch from ``spiral_rt.reference``, any device.
 
 The choice is, in order: the op's ``backend=`` argument; the ``SPIRAL_RT_BACKEND`` environment
 variable, either one name for every op (``triton``) or per op (``sampler_step=cuda,
 chunk_attention=reference``); otherwise the fastest backend available for the tensors' device
-(fa3 > cuda > triton > reference on a GPU, reference on a CPU). A forced backend that cannot run the
+(cuda > triton > reference on a GPU, reference on a CPU). A forced backend that cannot run the
 given tensors is an error naming why, never a silent fallback.
 
 Checks raise ``ValueError`` naming the op and the argument, with what was expected and what came.
@@ -27,8 +24,8 @@ from typing import Iterable, Sequence
 
 import torch
 
-BACKENDS = ("fa3", "cuda", "triton", "reference")
-AUTO_ORDER = ("fa3", "cuda", "triton", "reference")
+BACKENDS = ("cuda", "triton", "reference")
+AUTO_ORDER = ("cuda", "triton", "reference")
 ENV_VAR = "SPIRAL_RT_BACKEND"
 
 
@@ -72,10 +69,6 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
             return f"the cuda backend needs CUDA tensors, got tensors on {device}"
         if not CUDA_KERNELS_BUILT:
             return "spiral_rt._C was built without CUDA (no nvcc at build time); rebuild on a CUDA machine"
-    elif backend == "fa3":
-        from . import fa3
-
-        return fa3.unavailable_reason(device)
     elif backend == "triton":
         if not TRITON_INSTALLED:
             return "triton is not installed"

@@ -28,7 +28,6 @@ from spiral_rt.ops.chunk_attention import (
     chunk_attention_shared_prefix,
     plan_chunk_attention,
 )
-from spiral_rt.ops import fa3
 from spiral_rt.ops.merge_states import merge_states
 from spiral_rt.reference.chunk_attention import chunk_attention as chunk_attention_ref
 
@@ -280,35 +279,6 @@ def test_plan_validation_errors():
         AttentionConfig(block_n=48)
 
 
-def test_plan_tables_for_fa3():
-    """The dense page table, key counts and empty rows that the fa3 backend reads."""
-    b = make_batch(VARLEN, page_size=7, num_pages=18)
-    plan = plan_for(b, 2, 64, torch.bfloat16, "cpu")
-    width = max(len(pages) for _, pages, _ in VARLEN)
-    assert plan.page_table.shape == (len(VARLEN), width) and plan.page_table.dtype == torch.int32
-    for s, (q_len, pages, kv_len) in enumerate(VARLEN):
-        assert plan.page_table[s, :len(pages)].tolist() == pages and plan.kv_len[s].item() == kv_len
-    assert plan.empty_rows.tolist() == list(range(b.q_indptr[2], b.q_indptr[3]))  # the sequence without keys
-    assert plan.max_q_len == 23
-    full = make_batch([(5, [1], 7)], page_size=7, num_pages=2)
-    assert plan_for(full, 2, 64, torch.bfloat16, "cpu").empty_rows is None
-
-
-def test_fa3_backend_is_never_chosen_or_forced_off_hopper():
-    """Without a Hopper GPU (and FA3 installed) the automatic choice skips fa3; forcing it is an
-    error naming why; fp32 has no FA3 kernel."""
-    b = make_batch(VARLEN, page_size=7, num_pages=18)
-    q, kp, vp = random_inputs(b, 2, 2, 64, torch.bfloat16, "cpu")
-    plan = plan_for(b, 2, 64, torch.bfloat16, "cpu")
-    o, lse = chunk_attention(q, kp, vp, plan)  # auto on the CPU: the reference
-    check_against_fp64(o, lse, q, kp, vp, b, 1.6e-2, 2e-2)
-    with pytest.raises(ValueError, match="backend='fa3' cannot run here: the fa3 backend needs CUDA tensors"):
-        chunk_attention(q, kp, vp, plan, backend="fa3")
-    q32, kp32, vp32 = random_inputs(b, 2, 2, 64, torch.float32, "cpu")
-    with pytest.raises(ValueError, match="backend='fa3', but chunk_attention has only"):
-        chunk_attention(q32, kp32, vp32, plan_for(b, 2, 64, torch.float32, "cpu"), backend="fa3")
-
-
 def test_call_checks_against_plan():
     b = make_batch(VARLEN, page_size=7, num_pages=18)
     q, kp, vp = random_inputs(b, 4, 2, 64, torch.float32, "cpu")
@@ -336,9 +306,7 @@ def test_custom_op_has_fake_kernel():
     with FakeTensorMode() as mode:
         args = [mode.from_tensor(t) for t in (q, kp, vp, plan.q_indptr, plan.kv_indptr, plan.kv_indices,
                                                plan.kv_last_page_len, plan.work)]
-        tables = [mode.from_tensor(t) for t in (plan.page_table, plan.kv_len)]
-        o, lse = torch.ops.spiral_rt.chunk_attention(*args, 0.125, 1, 16, 16, 4, 1, True, False, None, None, *tables,
-                                                     None, plan.max_q_len, "triton")
+        o, lse = torch.ops.spiral_rt.chunk_attention(*args, 0.125, 1, 16, 16, 4, 1, True, False, None, None, "triton")
         assert o.shape == q.shape and lse.shape == q.shape[:2] and lse.dtype == torch.float32
 
 
@@ -367,13 +335,13 @@ def _dense(pages, b, s):
     return pages[torch.tensor(plist, device=pages.device)].flatten(0, 1)[:kv_len]
 
 
-def _sdpa_error_ratio(dtype, b, heads, d, config=None, backend="triton"):
+def _sdpa_error_ratio(dtype, b, heads, d, config=None):
     """max|ours - fp32 ref| / max|sdpa(dtype) - fp32 ref| over all sequences; also the LSE error."""
     import torch.nn.functional as F
 
     q, kp, vp = random_inputs(b, heads, heads, d, dtype, "cuda")
     plan = plan_for(b, heads, d, dtype, "cuda", config=config)
-    o, lse = chunk_attention(q, kp, vp, plan, backend=backend)
+    o, lse = chunk_attention(q, kp, vp, plan)
     err_ours = err_pt = lse_err = 0.0
     for s, (q_len, _, kv_len) in enumerate(b.seqs):
         q0 = b.q_indptr[s]
@@ -390,18 +358,12 @@ def _sdpa_error_ratio(dtype, b, heads, d, config=None, backend="triton"):
     return err_ours, err_pt, lse_err
 
 
-# FA3 (the optional "fa3" backend) runs where it is installed, on Hopper; else its tests skip.
-GPU_BACKENDS = ["triton", pytest.param("fa3", marks=pytest.mark.skipif(
-    fa3.module() is None, reason="FA3 is not installed (pip install fa3-fwd)"))]
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("ctx_frames", [0, 7])
-def test_gpu_wan_chunk_error_within_twice_sdpa(ctx_frames, backend):
+def test_gpu_wan_chunk_error_within_twice_sdpa(ctx_frames):
     torch.backends.cuda.matmul.allow_tf32 = False
     b = _wan_batch(3, ctx_frames)
-    err_ours, err_pt, lse_err = _sdpa_error_ratio(torch.bfloat16, b, 12, 128, backend=backend)
+    err_ours, err_pt, lse_err = _sdpa_error_ratio(torch.bfloat16, b, 12, 128)
     assert err_ours <= 2 * err_pt + 1e-6, (err_ours, err_pt)
     assert lse_err < 2e-2
 
@@ -438,8 +400,7 @@ def test_gpu_bench_configs_correct(config, layout):
         b = make_batch([(300, [4, 0, 2], 2 * 200 + 77), (130, [1], 200), (5, [], 0)], page_size=200, num_pages=5)
     q, kp, vp = random_inputs(b, 4, 2, 128, torch.bfloat16, "cuda")
     try:
-        o, lse = chunk_attention(q, kp, vp, plan_for(b, 4, 128, torch.bfloat16, "cuda", kv_heads=2, config=config),
-                                 backend="triton")
+        o, lse = chunk_attention(q, kp, vp, plan_for(b, 4, 128, torch.bfloat16, "cuda", kv_heads=2, config=config))
     except Exception as err:  # a config over the shared-memory budget is skipped by the benchmark too
         if "OutOfResources" in type(err).__name__ or "out of resource" in str(err):
             pytest.skip(f"{config} exceeds this GPU's shared memory: {err}")
@@ -460,64 +421,5 @@ def test_gpu_fp32_and_cuda_graph_replay():
     q.copy_(torch.randn_like(q))
     graph.replay()
     o2, l2 = chunk_attention(q, kp, vp, plan)
-    torch.testing.assert_close(og, o2, rtol=0, atol=0)
-    torch.testing.assert_close(lg, l2, rtol=0, atol=0)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("layout", ["page7", "page21", "wan_shared"])
-def test_gpu_fa3_backend_matches_fp64(layout, d, dtype):
-    """FA3 over our pages: varlen, GQA, empty context, no-query sequences, shared and out-of-order
-    pages, page sizes 7 / 21 / 1560, against fp64 (bf16/fp16 tolerances as for the Triton configs)."""
-    if fa3.module() is None:
-        pytest.skip("FA3 is not installed (pip install fa3-fwd)")
-    if layout == "wan_shared":
-        b, heads, kv_heads = _wan_batch(1, 2, num_seqs=3, shared_ctx=True), 4, 4
-    else:
-        b = make_batch(VARLEN if layout == "page7" else VARLEN_21, page_size=7 if layout == "page7" else 21,
-                       num_pages=18)
-        heads, kv_heads = 4, 2
-    q, kp, vp = random_inputs(b, heads, kv_heads, d, dtype, "cuda")
-    o, lse = chunk_attention(q, kp, vp, plan_for(b, heads, d, dtype, "cuda", kv_heads=kv_heads), backend="fa3")
-    check_against_fp64(o, lse, q, kp, vp, b, 1.6e-2, 2e-2)
-
-
-@pytest.mark.gpu
-def test_gpu_fa3_auto_choice_shared_prefix_and_graph_replay():
-    """The automatic choice takes FA3 on Hopper for bf16 (Triton for fp32); the shared-prefix merge
-    through FA3 equals full attention; a captured call replays exactly."""
-    if fa3.module() is None:
-        pytest.skip("FA3 is not installed (pip install fa3-fwd)")
-    from spiral_rt.ops import dispatch
-    from spiral_rt.ops.chunk_attention import IMPLEMENTED, IMPLEMENTED_FP32
-
-    dev = torch.device("cuda", torch.cuda.current_device())
-    hopper = torch.cuda.get_device_capability()[0] == 9
-    assert dispatch.select_backend("chunk_attention", dev, IMPLEMENTED) == ("fa3" if hopper else "triton")
-    assert dispatch.select_backend("chunk_attention", dev, IMPLEMENTED_FP32) == "triton"
-    if not hopper:
-        pytest.skip("FA3 runs on Hopper only")
-    # shared prefix: 3 members x 1 own frame after a 2-frame prefix
-    b = _wan_batch(1, 2, num_seqs=3, shared_ctx=True)
-    q, kp, vp = random_inputs(b, 4, 4, 128, torch.bfloat16, "cuda")
-    full = chunk_attention(q, kp, vp, plan_for(b, 4, 128, torch.bfloat16, "cuda"), backend="fa3")
-    prefix_pages = b.seqs[0][1][:2]
-    prefix = make_batch([(b.q_indptr[-1], prefix_pages, 2 * WAN_PAGE)], WAN_PAGE, b.num_pages)
-    own = make_batch([(q_len, pages[2:], WAN_PAGE) for q_len, pages, _ in b.seqs], WAN_PAGE, b.num_pages)
-    merged = chunk_attention_shared_prefix(q, kp, vp, plan_for(prefix, 4, 128, torch.bfloat16, "cuda"),
-                                           plan_for(own, 4, 128, torch.bfloat16, "cuda"), backend="fa3")
-    torch.testing.assert_close(merged.o.float(), full.o.float(), rtol=0, atol=2e-2)
-    torch.testing.assert_close(merged.lse, full.lse, rtol=0, atol=1e-3)
-    # graph capture
-    plan = plan_for(b, 4, 128, torch.bfloat16, "cuda")
-    chunk_attention(q, kp, vp, plan, backend="fa3")
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        og, lg = chunk_attention(q, kp, vp, plan, backend="fa3")
-    q.copy_(torch.randn_like(q))
-    graph.replay()
-    o2, l2 = chunk_attention(q, kp, vp, plan, backend="fa3")
     torch.testing.assert_close(og, o2, rtol=0, atol=0)
     torch.testing.assert_close(lg, l2, rtol=0, atol=0)
