@@ -63,7 +63,7 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     def fmt(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in columns]
+    widths = [max([len(c)] + [len(fmt(r.get(c, ""))) for r in rows]) for c in columns]  # rows may be empty
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for r in rows:
         print("  ".join(fmt(r.get(c, "")).rjust(w) for c, w in zip(columns, widths)))

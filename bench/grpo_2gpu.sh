@@ -25,11 +25,12 @@ cp /tmp/world-grpo-ddp/log.jsonl "$OUT/world_grpo_ddp.jsonl" 2>/dev/null
 
 echo "== Wan2.1-1.3B (random weights): one rollout batch per rank, then train-grpo on $ranks ranks"
 t0=$(date +%s)
-goal="move the red circle to the left, then make it grow"
+goals=("move the red circle to the left, then make it grow" "make the blue square smaller, then move it up")
 pids=()
 for r in $(seq 0 $(( ranks - 1 ))); do
-  CUDA_VISIBLE_DEVICES=$r timeout 240 spiral-rt rollout "$goal" --random-weights --config wan2.1-t2v-1.3b \
-    --group-size 4 --chunks 3 --fork-chunk 1 --seed $(( 7 + r )) --planner none --critic world \
+  # one seed for every rank: it is also the random weights' seed, and train-grpo checks they match
+  CUDA_VISIBLE_DEVICES=$r timeout 240 spiral-rt rollout "${goals[$(( r % 2 ))]}" --random-weights --config wan2.1-t2v-1.3b \
+    --group-size 4 --chunks 3 --fork-chunk 1 --seed 7 --planner none --critic world \
     --out /tmp/wan-rollout-$r --no-frames --no-progress > "$OUT/wan_rollout_$r.log" 2>&1 &
   pids+=($!)
 done
