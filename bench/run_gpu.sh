@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build the package, run the GPU tests, run benchmarks.
 #   bash bench/run_gpu.sh [pytest target ...] -- [benchmark ...]
-# A benchmark is a script path, with its arguments in the same quoted word:
+# A benchmark is a script path, with its arguments in the same quoted word (shell-quoted inside it
+# where an argument has spaces: the word is run through eval):
 #   bash bench/run_gpu.sh tests/ops -- bench/bench_sampler_step.py "bench/bench_attention.py --no-ws"
 # Logs and result JSON go to $OUT (when set) so they come back from the device machine.
 set -uo pipefail
@@ -21,7 +22,7 @@ for b in "${benches[@]}"; do
   echo "== $b"
   script=${b%% *}
   if [ "$script" = "-m" ]; then rest=${b#-m }; script=${rest%% *}; fi  # "-m package.module args": log named after the module
-  python3 $b 2>&1 | tee "$OUT/$(basename -- "$script" .py).log" | grep -v '^{' | tail -30
+  eval "python3 $b" 2>&1 | tee "$OUT/$(basename -- "$script" .py).log" | grep -v '^{' | tail -30
 done
 echo "gpu tests exit status: $status; total $(( $(date +%s) - start )) s"
 exit $status

@@ -19,7 +19,7 @@ if [ -d grpo_state ] && [ ! -f /tmp/world-grpo/trainer/trainer.json ]; then
   mkdir -p /tmp/world-grpo && cp -r grpo_state /tmp/world-grpo/trainer
 fi
 bash bench/run_gpu.sh -- "-m spiral_rt.world.grpo --out /tmp/world-grpo --iterations 5000 --time-limit-min $minutes --no-progress ${GRPO_ARGS:-}" \
-  "bench/bench_world.py --grpo-weights /tmp/world-grpo/world.safetensors $*"
+  "bench/bench_world.py --grpo-weights /tmp/world-grpo/world.safetensors$(printf ' %q' "$@")"
 status=$?
 cp /tmp/world-grpo/log.jsonl "$OUT/grpo_log.jsonl" 2>/dev/null
 cp /tmp/world-grpo/summary.json "$OUT/grpo_summary.json" 2>/dev/null

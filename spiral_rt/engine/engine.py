@@ -112,7 +112,9 @@ class Engine:
         if h % mcfg.patch_size[1] or w % mcfg.patch_size[2]:
             raise ValueError(f"Engine: config.latent_size {config.latent_size} must be a multiple of the patch {mcfg.patch_size}")
         self.tokens_per_frame = mcfg.tokens_per_frame(h, w)
+        self._owns_cache = cache is None
         self.cache = cache if cache is not None else self._build_cache()
+        self.closed = False
         if (self.cache.config.num_layers, self.cache.config.num_heads, self.cache.config.head_dim,
                 self.cache.tokens_per_frame) != (mcfg.num_layers, mcfg.num_heads, mcfg.head_dim, self.tokens_per_frame):
             raise ValueError("Engine: 'cache' shape (layers, heads, head_dim, tokens_per_frame) does not match the model")
@@ -169,6 +171,8 @@ class Engine:
             max_chunks: finish after this many chunks (default: when a finite schedule ends).
             noise_id: second field of the noise key (default: the session id).
         """
+        if self.closed:
+            raise ValueError("Engine.open_session: the engine is closed (Engine.close() gave its memory back)")
         schedule = as_schedule(prompts)
         if max_chunks is not None and (isinstance(max_chunks, bool) or not isinstance(max_chunks, int) or max_chunks < 1):
             raise ValueError(f"open_session: 'max_chunks' must be a positive int or None, got {max_chunks!r}")
@@ -198,9 +202,16 @@ class Engine:
         del self._sessions[session.session_id]
 
     def close(self) -> None:
-        """Close every session."""
+        """Close every session and give back the memory the engine holds: its KV pool (unless the cache
+        was passed in), CUDA graphs with their memory pools, the side-stream decoder and cached text.
+        A closed engine opens no sessions; closing twice is harmless."""
         for s in list(self._sessions.values()):
             self.close_session(s)
+        self._graphs = self._decoder = self._batch_text = None
+        self._text_cache.clear()
+        if self._owns_cache:
+            self.cache.kv = self.cache.kv.new_empty((0,))  # bookkeeping stays (page counts, checks)
+        self.closed = True
 
     def fork_session(self, parent: StreamSession, num_children: int = 1, share_noise: bool = False) -> list[StreamSession]:
         """Children of ``parent`` at its current chunk boundary (see ``StreamSession.fork``)."""

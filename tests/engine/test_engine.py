@@ -368,3 +368,15 @@ def test_profile_trace_and_stage_times(tmp_path):
     assert {"text", "plan", "denoise_0", "denoise_3", "clean"} <= set(times)
     assert all(v["count"] >= 1 and v["total_ms"] > 0 for v in times.values())
     assert engine.stage_times() == {}
+
+
+def test_close_gives_the_kv_pool_back_and_refuses_new_sessions():
+    engine = make_engine()
+    s = engine.open_session(prompt(engine.model), max_chunks=2)
+    engine.step([s])
+    assert engine.cache.kv.numel() > 0
+    engine.close()
+    assert s.status == "closed" and engine.cache.kv.numel() == 0 and engine.cache.num_free_pages == engine.cache.num_pages
+    engine.close()  # twice: harmless
+    with pytest.raises(ValueError, match="engine is closed"):
+        engine.open_session(prompt(engine.model))
