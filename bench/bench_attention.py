@@ -5,7 +5,9 @@ Part 1, one Wan chunk: Lq = 4680 (3 latent frames at 832x480), Lk in {4680, 1560
 12 heads x 128, bf16. Ours reads K/V through a page table (1560-token pages, ids shuffled over the
 pool); the competitors read dense contiguous (B, L, H, D) tensors. Every kernel variant in
 VARIANTS is checked against cuDNN's output first (a wrong variant is reported, never timed), then
-timed; "ours" is the best variant per shape, "ours_default" the plan's own choice. TFLOP/s =
+timed; "ours" is the best variant per shape, "ours_default" what the op picks by itself (the CUDA
+kernel where it runs, else the Triton default config). Variants named "cuda-*" run the Hopper
+kernel of csrc/ (backend="cuda"), the others the Triton kernel. TFLOP/s =
 4 * Lq * Lk * H * D / time; ratio = ours / best competitor.
 
 Part 2, shared prefix: G members (G = 4, 8) each with a 3-frame own chunk after a shared prefix of
@@ -52,9 +54,16 @@ LQ = 3 * PAGE
 LKS = [3 * PAGE, 10 * PAGE, 12 * PAGE, 21 * PAGE]
 SMOKE = False
 def _default_variant() -> str | None:
-    """The name of the variant plan_chunk_attention picks for these shapes (its default_config)."""
+    """The name of the variant the op runs for these shapes without being told (auto backend)."""
+    if CUDA_VARIANTS and plan_for_default().cuda_reason is None:
+        return "cuda-n112"
     chosen = default_config(HEAD_DIM, DTYPE, LQ, SMOKE)
     return next((name for name, cfg in VARIANTS.items() if cfg == chosen), None)
+
+
+def plan_for_default():
+    return make_plan([LQ], [list(range(LQ // PAGE))], LQ // PAGE)
+
 
 VARIANTS = {  # name -> AttentionConfig (num_splits 0 = the plan's choice by shape)
     "m128n64w8s3": AttentionConfig(128, 64, 8, 3, 0),
@@ -73,12 +82,21 @@ VARIANTS = {  # name -> AttentionConfig (num_splits 0 = the plan's choice by sha
     "m128n64w8s3-tma-ws": AttentionConfig(128, 64, 8, 3, 0, kv_load="tma", warp_specialize=True),
     "m128n128w8s2-tma-ws": AttentionConfig(128, 128, 8, 2, 0, kv_load="tma", warp_specialize=True),
 }
+CUDA_VARIANTS = {  # name -> AttentionConfig of the CUDA kernel (backend="cuda")
+    "cuda-n112": AttentionConfig(),
+    "cuda-n112-split1": AttentionConfig(num_splits=1, cuda_block_n=112),
+    "cuda-n112-split2": AttentionConfig(num_splits=2, cuda_block_n=112),
+    "cuda-n128": AttentionConfig(cuda_block_n=128),
+    "cuda-n176": AttentionConfig(cuda_block_n=176),
+    "cuda-n176-split2": AttentionConfig(num_splits=2, cuda_block_n=176),
+}
 
 
 def configure_smoke():
     """Toy sizes on CPU (Triton interpreter) to exercise the script end to end."""
-    global DEVICE, PAGE, HEADS, HEAD_DIM, DTYPE, LQ, LKS, SMOKE, VARIANTS
+    global DEVICE, PAGE, HEADS, HEAD_DIM, DTYPE, LQ, LKS, SMOKE, VARIANTS, CUDA_VARIANTS
     DEVICE, PAGE, HEADS, HEAD_DIM, DTYPE, SMOKE = "cpu", 24, 2, 64, torch.float16, True
+    CUDA_VARIANTS = {}
     LQ, LKS = 3 * PAGE, [3 * PAGE, 5 * PAGE]
     VARIANTS = {"m16n16": AttentionConfig(16, 16, 4, 1, 0), "m32n16-split2": AttentionConfig(32, 16, 4, 1, 2),
                 "m16n16-gather": AttentionConfig(16, 16, 4, 1, 1, hoist_pages=False),
@@ -202,15 +220,17 @@ def bench_chunk(args, variants_to_try: dict, rows: list[dict] | None = None) -> 
                                                  v.transpose(1, 2).float())[0].transpose(0, 1).to(DTYPE)
         variants = row["variants"]
         for vname, cfg in variants_to_try.items():
+            backend = "cuda" if vname.startswith("cuda-") else "triton"
             try:
                 plan = make_plan([LQ], [pages], num_pages, cfg)
-                o, _ = chunk_attention(q, k_pages, v_pages, plan)
+                o, _ = chunk_attention(q, k_pages, v_pages, plan, backend=backend)
                 err = (o.float() - ref.float()).abs().max().item() / ref.float().abs().max().item()
                 if not err < 2e-2:  # relative to max |O|; bf16 vs bf16 differ by a few ulps
                     print(f"variant {vname} at Lk={lk}: max error {err:.3g} vs cuDNN, not timed", file=sys.stderr)
                     continue
-                t = time_ms(lambda: chunk_attention(q, k_pages, v_pages, plan), rep_ms=args.rep_ms)
-                variants[vname] = {"tflops": tflops(flops, t["median_ms"]), **t, "num_splits": plan.num_splits,
+                t = time_ms(lambda: chunk_attention(q, k_pages, v_pages, plan, backend=backend), rep_ms=args.rep_ms)
+                splits = plan.cuda_splits if backend == "cuda" else plan.num_splits
+                variants[vname] = {"tflops": tflops(flops, t["median_ms"]), **t, "num_splits": splits,
                                    "max_rel_err_vs_cudnn": err}
             except Exception as err:
                 print(f"variant {vname} failed at Lk={lk}: {type(err).__name__}: {str(err)[:200]}", file=sys.stderr)
@@ -275,14 +295,19 @@ def main():
     parser.add_argument("--rep-ms", type=float, default=150, help="timing budget per measurement (do_bench rep)")
     parser.add_argument("--smoke", action="store_true", help="toy sizes on CPU through the Triton interpreter")
     parser.add_argument("--no-ws", action="store_true", help="skip the warp-specialized variants (last phase)")
+    parser.add_argument("--kernels", default="cuda,triton",
+                        help="comma list of kernel families to time: cuda (the Hopper kernel), triton")
     args = parser.parse_args()
     if args.smoke:
         configure_smoke()
     elif not torch.cuda.is_available():
         sys.exit("bench_attention needs a CUDA GPU (or --smoke)")
     torch.manual_seed(0)
-    plain = {n: c for n, c in VARIANTS.items() if not c.warp_specialize}
-    ws = {n: c for n, c in VARIANTS.items() if c.warp_specialize}
+    families = set(args.kernels.split(","))
+    triton_variants = VARIANTS if "triton" in families else {}
+    plain = {**(CUDA_VARIANTS if "cuda" in families else {}),
+             **{n: c for n, c in triton_variants.items() if not c.warp_specialize}}
+    ws = {n: c for n, c in triton_variants.items() if c.warp_specialize}
     columns = ["Lq", "Lk", "ours_tflops", "ours_variant", "ours_split", "ours_default_tflops", "cudnn_tflops",
                "fa3_tflops", "flash2_sdpa_tflops", "flex_compiled_tflops", "best_competitor", "ratio"]
     chunk_rows = bench_chunk(args, plain)
@@ -292,7 +317,8 @@ def main():
                               "speedup_vs_batched", "shared_tflops", "max_diff_shared_vs_batched"])
     settings = {"Lq": LQ, "Lk": LKS, "heads": HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16", "page_size": PAGE,
                 "tflops_formula": "4*Lq*Lk*H*D/time", "timing": "triton.testing.do_bench median, L2 flushed",
-                "variants": {n: str(c) for n, c in VARIANTS.items()}, "ws_phase": "pending"}
+                "variants": {n: str(c) for n, c in {**CUDA_VARIANTS, **VARIANTS}.items()}, "ws_phase": "pending",
+                "kernels": sorted(families)}
     if not SMOKE:  # written before the experimental phase, so a failure there loses nothing
         write_result("attention", settings, chunk_rows, {"shared_prefix": prefix_rows})
     if ws and not args.no_ws:

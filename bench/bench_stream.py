@@ -40,6 +40,8 @@ from common import print_table, write_result  # noqa: E402
 from spiral_rt.cache import GlobalPolicy, SinkWindowPolicy  # noqa: E402
 from spiral_rt.engine import Engine, EngineConfig, PromptSpan  # noqa: E402
 from spiral_rt.models.config import tiny_test, wan21_t2v_1_3b  # noqa: E402
+from spiral_rt.ops import dispatch  # noqa: E402
+from spiral_rt.ops.chunk_attention import cuda_unavailable_reason  # noqa: E402
 from spiral_rt.models.dit import build_dit  # noqa: E402
 from spiral_rt.models.vae import build_vae_decoder, tiny_vae, wan21_vae  # noqa: E402
 
@@ -270,6 +272,16 @@ def part_f(model, vae, args, clock, prompt, rows, extra):
                  "psnr_db": 10 * math.log10(255.0**2 / mse) if mse > 0 else float("inf")})
 
 
+def attention_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """Which chunk_attention kernel the engine's automatic backend choice runs here."""
+    if device.type != "cuda":
+        return "reference"
+    forced = dispatch.requested_backend("chunk_attention")
+    if forced is not None:
+        return forced
+    return "cuda" if cuda_unavailable_reason(head_dim, dtype, 1560, device) is None else "triton"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks that the script runs)")
@@ -314,7 +326,8 @@ def main(argv=None):
     rows, extra = [], {}
     settings = {"model": dcfg.name, "latent_hw": list(args.latent_hw), "steps": 4, "clean_pass": True,
                 "dtype": str(dtype).replace("torch.", ""), "cuda_graphs": args.graphs, "warmup": args.warmup,
-                "repeats": args.repeats, "parts": sorted(parts), "smoke": args.smoke}
+                "repeats": args.repeats, "parts": sorted(parts), "smoke": args.smoke,
+                "attention_kernel": attention_kernel(torch.device(args.device), dtype, dcfg.head_dim)}
     columns = ["part", "setting", "fps", "psnr_db", "first_frames_ms", "dit_fps", "chunk_ms", "stall_ms", "peak_gib_81",
                "peak_gib", "chunk_latency_ms", "per_stream_fps", "roofline_fraction"]
     runners = {"a": lambda: part_a(model, vae, args, clock, prompts[0], rows, extra),

@@ -302,7 +302,14 @@ def chunk_attention(q, k_pages, v_pages, work, kv_indptr, kv_indices, o, lse, pa
             q.stride(0), q.stride(1), total_q * heads * head_dim, total_q * heads, qk_scale,
             k_pages.shape[0] * page_size, **common)
     if split:
-        rows = total_q * heads
-        block_r = 32 if head_dim <= 64 else 16
-        _merge_splits_kernel[(triton.cdiv(rows, block_r),)](
-            partial_o, partial_lse, o, lse, rows, num_splits, HEAD_DIM=head_dim, BLOCK_R=block_r, num_warps=4)
+        merge_splits(partial_o, partial_lse, o, lse)
+
+
+def merge_splits(partial_o, partial_lse, o, lse):
+    """Merge fp32 split states partial_o (num_splits, T, H, D), partial_lse (num_splits, T, H) into
+    o (T, H, D) and lse (T, H); the second launch of every split kernel (Triton's and CUDA's)."""
+    num_splits, total_q, heads, head_dim = partial_o.shape
+    rows = total_q * heads
+    block_r = 32 if head_dim <= 64 else 16
+    _merge_splits_kernel[(triton.cdiv(rows, block_r),)](
+        partial_o, partial_lse, o, lse, rows, num_splits, HEAD_DIM=head_dim, BLOCK_R=block_r, num_warps=4)

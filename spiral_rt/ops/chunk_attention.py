@@ -23,7 +23,10 @@ shapes and dtypes against the plan (no host sync). ``AttentionConfig`` selects t
 (tile sizes, warps, stages, KV splits, page lookup, pointer or TMA loads); ``default_config``
 picks one by shape and bench/bench_attention.py compares them. Math:
 ``spiral_rt.reference.chunk_attention``.
-Backends: triton (kernels/chunk_attention.py), reference.
+
+Backends: cuda (csrc/chunk_attention_sm90.cu: Hopper, TMA + warpgroup MMAs, D = 128, bf16/fp16;
+the plan lists its key tiles, ``plan.cuda_reason`` says why a plan cannot use it), triton
+(kernels/chunk_attention.py, any supported shape), reference.
 """
 
 from __future__ import annotations
@@ -41,11 +44,14 @@ from . import dispatch
 from .merge_states import AttentionState, merge_states
 
 OP = "chunk_attention"
-IMPLEMENTED = ("triton", "reference")
+IMPLEMENTED = ("cuda", "triton", "reference")
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SUPPORTED_HEAD_DIMS = (64, 128)
 WORK_FIELDS = 6  # seq, q_start, q_end, kv_start, kv_end, split (kernels/chunk_attention.py)
 WORK_FIELDS_TMA = 8  # seq, q_start, q_end, t0, t1, l0, l1, split
+CUDA_BLOCK_M = 128  # query rows per CTA of the CUDA kernel (two consumer warpgroups x 64)
+CUDA_BLOCK_NS = (112, 128, 176)  # key-tile sizes it is compiled for (csrc/chunk_attention.h)
+CUDA_DTYPES = (torch.bfloat16, torch.float16)
 
 # Throughput model used only to choose the number of KV splits (H100 SXM figures, DESIGN.md §4).
 _ATTN_FLOPS = 5.0e14
@@ -77,6 +83,9 @@ class AttentionConfig:
     kv_load: str = "pointer"
     """"pointer": gathered loads over logical key tiles; "tma": the plan cuts the keys into tiles
     whole inside one page (TMA descriptor loads) plus gathered leftovers of partial page tails."""
+    cuda_block_n: int = 112
+    """Keys per tile of the CUDA kernel (112, 128 or 176). 112 wastes least on 1560-token pages
+    (14 tiles, the last 104 keys long); num_splits applies to it as well."""
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -89,6 +98,8 @@ class AttentionConfig:
             raise ValueError(f"AttentionConfig: 'num_stages' must be an int >= 1, got {self.num_stages!r}")
         if self.kv_load not in ("pointer", "tma"):
             raise ValueError(f"AttentionConfig: 'kv_load' must be 'pointer' or 'tma', got {self.kv_load!r}")
+        if self.cuda_block_n not in CUDA_BLOCK_NS:
+            raise ValueError(f"AttentionConfig: 'cuda_block_n' must be one of {CUDA_BLOCK_NS}, got {self.cuda_block_n!r}")
         if not (isinstance(self.num_splits, int) and 0 <= self.num_splits <= 64):
             raise ValueError(f"AttentionConfig: 'num_splits' must be an int in [0, 64] (0 = auto), got {self.num_splits!r}")
 
@@ -147,6 +158,15 @@ class ChunkAttentionPlan:
     """kv_load="tma": int32 flat row (page * page_size + offset) of each whole in-page key tile."""
     left_rows: torch.Tensor | None
     """kv_load="tma": int32 flat rows of the keys left over in partial page tails."""
+    cuda_work: torch.Tensor | None
+    """CUDA kernel: (num_work, 6) int32 seq, q_start, q_end, t0, t1, split over ``cuda_tiles``;
+    None when ``cuda_reason`` is set."""
+    cuda_tiles: torch.Tensor | None
+    """CUDA kernel: (num_tiles, 2) int32 page, row0 | valid << 16 (csrc/chunk_attention.h)."""
+    cuda_splits: int
+    """KV splits of the CUDA kernel's work partition."""
+    cuda_reason: str | None
+    """Why the CUDA kernel cannot run this plan (None when it can)."""
     kv_lens: tuple[int, ...]
     """Keys per sequence (host)."""
     flops: int
@@ -207,6 +227,46 @@ def _choose_splits(q_lens, kv_lens, heads, head_dim, block_m, block_n, num_sms, 
         if best_time is None or t < best_time * 0.97:  # a split must win clearly
             best, best_time = splits, t
     return best
+
+
+def cuda_unavailable_reason(head_dim: int, dtype: torch.dtype, page_size: int, device: torch.device) -> str | None:
+    """Why the CUDA kernel cannot serve a plan with these parameters (None when it can)."""
+    if head_dim != 128:
+        return f"it supports head_dim 128, got {head_dim}"
+    if dtype not in CUDA_DTYPES:
+        return f"it supports bfloat16 and float16, got {str(dtype).replace('torch.', '')}"
+    if page_size > 0xFFFF:
+        return f"it supports page_size <= 65535, got {page_size}"
+    if device.type != "cuda":
+        return f"it needs CUDA tensors, got {device}"
+    if not dispatch.CUDA_KERNELS_BUILT:
+        return "spiral_rt._C was built without CUDA"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if not dispatch.NATIVE.chunk_attention_available(index):
+        return "it needs a compute capability 9.0 (Hopper) GPU and an sm_90a build of spiral_rt._C"
+    return None
+
+
+def cuda_work_tables(q_ptr: list[int], kv_ptr: list[int], pages: list[int], last: list[int], page_size: int,
+                     order: list[int], block_n: int, splits: int) -> tuple[list, list]:
+    """The CUDA kernel's work items and key tiles (csrc/chunk_attention.h): each sequence's keys
+    cut into tiles of ``block_n`` rows that never cross a page (the last tile of a page is short),
+    query rows in blocks of CUDA_BLOCK_M, the tiles split into ``splits`` contiguous ranges."""
+    work, tiles = [], []
+    for s in order:
+        if q_ptr[s + 1] == q_ptr[s]:
+            continue
+        t_start = len(tiles)
+        seq_pages = pages[kv_ptr[s]:kv_ptr[s + 1]]
+        for i, page in enumerate(seq_pages):
+            in_page = page_size if i < len(seq_pages) - 1 else last[s]
+            tiles += [(page, r0 | min(block_n, in_page - r0) << 16) for r0 in range(0, in_page, block_n)]
+        n = len(tiles) - t_start
+        for q0 in range(q_ptr[s], q_ptr[s + 1], CUDA_BLOCK_M):
+            q1 = min(q0 + CUDA_BLOCK_M, q_ptr[s + 1])
+            work += [(s, q0, q1, t_start + n * sp // splits, t_start + n * (sp + 1) // splits, sp)
+                     for sp in range(splits)]
+    return work, tiles
 
 
 def plan_chunk_attention(
@@ -285,12 +345,14 @@ def plan_chunk_attention(
         config = default_config(head_dim, dtype, max(q_lens), dispatch.triton_interpreting())
     if not isinstance(config, AttentionConfig):
         raise ValueError(f"{OP}: argument 'config' must be an AttentionConfig, got {type(config).__name__}")
-    splits = config.num_splits
+    splits = cuda_splits = config.num_splits
+    if num_sms is None:
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
     if splits == 0:
-        if num_sms is None:
-            num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
         ctas = 1 if config.block_m * head_dim >= 128 * 128 else 2
         splits = _choose_splits(q_lens, kv_lens, num_qo_heads, head_dim, config.block_m, config.block_n, num_sms, ctas)
+        cuda_splits = _choose_splits(q_lens, kv_lens, num_qo_heads, head_dim, CUDA_BLOCK_M, config.cuda_block_n,
+                                     num_sms, 1)
     config = dataclasses.replace(config, num_splits=splits)
 
     # work items, longest key range first (fewer stragglers in the last wave)
@@ -332,6 +394,12 @@ def plan_chunk_attention(
                     work.append((s, q0, q1, t0, t1, l0, l1, sp))
         fields = WORK_FIELDS_TMA
 
+    cuda_reason = cuda_unavailable_reason(head_dim, dtype, page_size, device)
+    cuda_work = cuda_tiles = None
+    if cuda_reason is None:
+        cuda_work, cuda_tiles = cuda_work_tables(q_ptr, kv_ptr, pages, last, page_size, order, config.cuda_block_n,
+                                                 cuda_splits)
+
     def table(values):
         return torch.tensor(values, dtype=torch.int32)
 
@@ -341,11 +409,13 @@ def plan_chunk_attention(
         "q_indptr": table(q_ptr), "kv_indptr": table(kv_ptr), "kv_indices": table(pages or [0]),
         "kv_last_page_len": table(last), "work": table(work).reshape(-1, fields),
         "tile_rows": table(tile_rows or [0]) if tma else None, "left_rows": table(left_rows or [0]) if tma else None,
+        "cuda_work": None if cuda_work is None else table(cuda_work).reshape(-1, WORK_FIELDS),
+        "cuda_tiles": None if cuda_tiles is None else table(cuda_tiles or [(0, 0)]).reshape(-1, 2),
     }, device)
     return ChunkAttentionPlan(
         num_seqs=num_seqs, total_q=q_ptr[-1], num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
         head_dim=head_dim, page_size=page_size, num_pages=num_pages, dtype=dtype, device=device, config=config,
-        kv_lens=tuple(kv_lens), flops=sum(4 * ql * kl * num_qo_heads * head_dim for ql, kl in zip(q_lens, kv_lens)),
+        cuda_splits=cuda_splits, cuda_reason=cuda_reason, kv_lens=tuple(kv_lens), flops=sum(4 * ql * kl * num_qo_heads * head_dim for ql, kl in zip(q_lens, kv_lens)),
         **tables,
     )
 
@@ -367,7 +437,8 @@ def chunk_attention(
         k_pages, v_pages: (num_pages, page_size, H_kv, D) contiguous K and V pages of one layer.
         plan: from ``plan_chunk_attention`` for these index tables.
         sm_scale: softmax scale; default 1 / sqrt(D).
-        backend: "triton" | "reference" | "auto"/None (see spiral_rt.ops.dispatch).
+        backend: "cuda" | "triton" | "reference" | "auto"/None (see spiral_rt.ops.dispatch); auto
+            takes cuda when the plan and q's layout allow it, else triton.
     Returns:
         ``AttentionState(o, lse)``: o (total_q, H, D) in q's dtype, lse (total_q, H) fp32.
     """
@@ -385,15 +456,30 @@ def chunk_attention(
         sm_scale = 1.0 / math.sqrt(plan.head_dim)
     elif not (isinstance(sm_scale, (int, float)) and sm_scale > 0):
         raise ValueError(f"{OP}: argument 'sm_scale' must be a positive float, got {sm_scale!r}")
-    chosen = dispatch.select_backend(OP, q.device, IMPLEMENTED, backend)
+    cuda_reason = plan.cuda_reason or _cuda_input_reason(q, k_pages, v_pages)
+    if cuda_reason is not None and dispatch.requested_backend(OP, backend) == "cuda":
+        raise ValueError(f"{OP}: backend 'cuda' cannot run these inputs: {cuda_reason}")
+    chosen = dispatch.select_backend(OP, q.device, IMPLEMENTED if cuda_reason is None else IMPLEMENTED[1:], backend)
     cfg = plan.config
     if cfg.kv_load == "tma" and (k_pages.data_ptr() % 16 or v_pages.data_ptr() % 16):
         raise ValueError(f"{OP}: kv_load='tma' needs 16-byte aligned 'k_pages' and 'v_pages' (TMA descriptors)")
     o, lse = dispatch.invoke(_chunk_attention_op, _chunk_attention_impl, 
         q, k_pages, v_pages, plan.q_indptr, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, plan.work,
         float(sm_scale), cfg.num_splits, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.hoist_pages,
-        cfg.warp_specialize, plan.tile_rows, plan.left_rows, chosen)
+        cfg.warp_specialize, plan.tile_rows, plan.left_rows, plan.cuda_work, plan.cuda_tiles, cfg.cuda_block_n,
+        plan.cuda_splits, chosen)
     return AttentionState(o, lse)
+
+
+def _cuda_input_reason(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor) -> str | None:
+    """Layout limits of the CUDA kernel's TMA descriptors (None when q and the pages fit)."""
+    if q.stride(1) != q.shape[2]:
+        return f"q must have its heads back to back (stride(1) == D), got strides {tuple(q.stride())}"
+    if (q.stride(0) * q.element_size()) % 16:
+        return f"q's row stride must be a multiple of 16 bytes, got {q.stride(0) * q.element_size()}"
+    if not torch.compiler.is_compiling() and any(t.data_ptr() % 16 for t in (q, k_pages, v_pages)):
+        return "q, k_pages and v_pages must be 16-byte aligned"
+    return None
 
 
 def chunk_attention_shared_prefix(
@@ -442,6 +528,10 @@ def _chunk_attention_impl(
     warp_specialize: bool,
     tile_rows: Optional[torch.Tensor],
     left_rows: Optional[torch.Tensor],
+    cuda_work: Optional[torch.Tensor],
+    cuda_tiles: Optional[torch.Tensor],
+    cuda_block_n: int,
+    cuda_splits: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "reference":
@@ -451,12 +541,27 @@ def _chunk_attention_impl(
     total_q, heads, head_dim = q.shape
     o = torch.empty((total_q, heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((total_q, heads), dtype=torch.float32, device=q.device)
+    from spiral_rt.kernels import chunk_attention as kernel
+
+    if backend == "cuda":
+        splits = cuda_splits
+        out_o, out_lse = o, lse
+        if splits > 1:
+            out_o = torch.empty((splits, total_q, heads, head_dim), dtype=torch.float32, device=q.device)
+            out_lse = torch.empty((splits, total_q, heads), dtype=torch.float32, device=q.device)
+        C = dispatch.NATIVE
+        C.chunk_attention(
+            q.data_ptr(), k_pages.data_ptr(), v_pages.data_ptr(), out_o.data_ptr(), out_lse.data_ptr(),
+            cuda_work.data_ptr(), cuda_tiles.data_ptr(), q.stride(0), total_q, cuda_work.shape[0], k_pages.shape[0],
+            k_pages.shape[1], heads, k_pages.shape[2], head_dim, cuda_block_n, splits, sm_scale,
+            C.DTYPES[str(q.dtype).replace("torch.", "")], q.device.index, torch.cuda.current_stream(q.device).cuda_stream)
+        if splits > 1:
+            kernel.merge_splits(out_o, out_lse, o, lse)
+        return o, lse
     partial_o = partial_lse = None
     if num_splits > 1:
         partial_o = torch.empty((num_splits, total_q, heads, head_dim), dtype=torch.float32, device=q.device)
         partial_lse = torch.empty((num_splits, total_q, heads), dtype=torch.float32, device=q.device)
-    from spiral_rt.kernels import chunk_attention as kernel
-
     kernel.chunk_attention(q, k_pages, v_pages, work, kv_indptr, kv_indices, o, lse, partial_o, partial_lse,
                            sm_scale, num_splits, block_m, block_n, num_warps, num_stages, hoist_pages,
                            warp_specialize, tile_rows, left_rows)
@@ -468,6 +573,7 @@ _chunk_attention_op = torch.library.custom_op("spiral_rt::chunk_attention", _chu
 
 @_chunk_attention_op.register_fake
 def _(q, k_pages, v_pages, q_indptr, kv_indptr, kv_indices, kv_last_page_len, work, sm_scale, num_splits,
-      block_m, block_n, num_warps, num_stages, hoist_pages, warp_specialize, tile_rows, left_rows, backend):
+      block_m, block_n, num_warps, num_stages, hoist_pages, warp_specialize, tile_rows, left_rows, cuda_work, cuda_tiles,
+      cuda_block_n, cuda_splits, backend):
     total_q, heads, head_dim = q.shape
     return q.new_empty((total_q, heads, head_dim)), q.new_empty((total_q, heads), dtype=torch.float32)

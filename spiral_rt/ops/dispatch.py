@@ -79,6 +79,13 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
     return None
 
 
+def requested_backend(op: str, requested: str | None = None) -> str | None:
+    """The backend asked for explicitly (the argument, else SPIRAL_RT_BACKEND), None for auto."""
+    if requested in (None, "auto"):
+        requested = _requested_from_env(op)
+    return None if requested in (None, "auto") else requested
+
+
 @torch.compiler.assume_constant_result
 def select_backend(op: str, device: torch.device, implemented: Sequence[str], requested: str | None = None) -> str:
     """The backend that runs ``op`` on tensors on ``device`` (see the module docstring).

@@ -21,11 +21,14 @@ import math
 import pytest
 import torch
 
+from spiral_rt.ops import dispatch
 from spiral_rt.ops.chunk_attention import (
+    CUDA_BLOCK_NS,
     AttentionConfig,
     _choose_splits,
     chunk_attention,
     chunk_attention_shared_prefix,
+    cuda_work_tables,
     plan_chunk_attention,
 )
 from spiral_rt.ops.merge_states import merge_states
@@ -297,6 +300,45 @@ def test_call_checks_against_plan():
         chunk_attention(q, kp, vp, plan, sm_scale=-1.0, backend="reference")
 
 
+@pytest.mark.parametrize("block_n,splits", [(112, 1), (16, 3), (5, 2)])
+def test_cuda_tiles_cover_every_key_once_within_pages(block_n, splits):
+    b = make_batch(VARLEN, page_size=7, num_pages=18)
+    order = [4, 0, 1, 2, 3]
+    work, tiles = cuda_work_tables(b.q_indptr, b.kv_indptr, b.kv_indices, b.last, b.page_size, order, block_n, splits)
+    for s, (q_len, pages, kv_len) in enumerate(b.seqs):
+        items = [w for w in work if w[0] == s]
+        if q_len == 0:
+            assert not items
+            continue
+        q_blocks = sorted({(w[1], w[2]) for w in items})
+        assert q_blocks[0][0] == b.q_indptr[s] and q_blocks[-1][1] == b.q_indptr[s + 1]
+        assert all(q1 - q0 <= 128 for q0, q1 in q_blocks)
+        for q0, q1 in q_blocks:  # the splits of one query block partition the sequence's tiles
+            ranges = sorted((w[3], w[4], w[5]) for w in items if (w[1], w[2]) == (q0, q1))
+            assert [r[2] for r in ranges] == list(range(splits))
+            keys = []
+            for t0, t1, _ in ranges:
+                for page, packed in tiles[t0:t1]:
+                    row0, valid = packed & 0xFFFF, packed >> 16
+                    assert 1 <= valid <= block_n and row0 + valid <= b.page_size
+                    keys += [(page, row0 + r) for r in range(valid)]
+            j = range(kv_len)
+            assert keys == [(pages[i // b.page_size], i % b.page_size) for i in j]
+
+
+def test_cuda_backend_refuses_plans_it_cannot_run():
+    b = make_batch(VARLEN, page_size=7, num_pages=18)
+    q, kp, vp = random_inputs(b, 2, 2, 64, torch.float32, "cpu")
+    plan = plan_for(b, 2, 64, torch.float32, "cpu")
+    assert plan.cuda_work is None and "head_dim 128" in plan.cuda_reason
+    with pytest.raises(ValueError, match="backend 'cuda' cannot run these inputs: it supports head_dim 128"):
+        chunk_attention(q, kp, vp, plan, backend="cuda")
+    with pytest.raises(ValueError, match="cuda_block_n"):
+        AttentionConfig(cuda_block_n=100)
+    if dispatch.CUDA_KERNELS_BUILT:
+        assert tuple(dispatch.NATIVE.CHUNK_ATTENTION_BLOCK_NS) == CUDA_BLOCK_NS
+
+
 def test_custom_op_has_fake_kernel():
     b = make_batch(VARLEN, page_size=7, num_pages=18)
     q, kp, vp = random_inputs(b, 2, 2, 64, torch.float32, "cpu")
@@ -306,7 +348,8 @@ def test_custom_op_has_fake_kernel():
     with FakeTensorMode() as mode:
         args = [mode.from_tensor(t) for t in (q, kp, vp, plan.q_indptr, plan.kv_indptr, plan.kv_indices,
                                                plan.kv_last_page_len, plan.work)]
-        o, lse = torch.ops.spiral_rt.chunk_attention(*args, 0.125, 1, 16, 16, 4, 1, True, False, None, None, "triton")
+        o, lse = torch.ops.spiral_rt.chunk_attention(*args, 0.125, 1, 16, 16, 4, 1, True, False, None, None, None, None,
+                                                      112, 1, "triton")
         assert o.shape == q.shape and lse.shape == q.shape[:2] and lse.dtype == torch.float32
 
 
@@ -400,12 +443,71 @@ def test_gpu_bench_configs_correct(config, layout):
         b = make_batch([(300, [4, 0, 2], 2 * 200 + 77), (130, [1], 200), (5, [], 0)], page_size=200, num_pages=5)
     q, kp, vp = random_inputs(b, 4, 2, 128, torch.bfloat16, "cuda")
     try:
-        o, lse = chunk_attention(q, kp, vp, plan_for(b, 4, 128, torch.bfloat16, "cuda", kv_heads=2, config=config))
+        o, lse = chunk_attention(q, kp, vp, plan_for(b, 4, 128, torch.bfloat16, "cuda", kv_heads=2, config=config),
+                                 backend="triton")
     except Exception as err:  # a config over the shared-memory budget is skipped by the benchmark too
         if "OutOfResources" in type(err).__name__ or "out of resource" in str(err):
             pytest.skip(f"{config} exceeds this GPU's shared memory: {err}")
         raise
     check_against_fp64(o, lse, q, kp, vp, b, 1.6e-2, 2e-2)
+
+
+def _poison_unused_rows(pages, b: Batch):
+    """NaN in every page row that no sequence lists as a key: a kernel that reads one (instead of
+    masking it) turns its output into NaN."""
+    used = torch.zeros(pages.shape[:2], dtype=torch.bool)
+    for _, plist, kv_len in b.seqs:
+        for i, page in enumerate(plist):
+            used[page, :min(b.page_size, kv_len - i * b.page_size)] = True
+    pages[~used.to(pages.device)] = float("nan")
+
+
+CUDA_LAYOUTS = {
+    "page7": lambda: make_batch(VARLEN, page_size=7, num_pages=18),
+    "page200": lambda: make_batch([(300, [4, 0, 2], 2 * 200 + 77), (130, [1], 200), (5, [], 0)], page_size=200,
+                                  num_pages=6),
+    "wan": lambda: _wan_batch(1, 2, num_seqs=3, shared_ctx=True),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", list(CUDA_LAYOUTS))
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("block_n", CUDA_BLOCK_NS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_cuda_kernel_matches_fp64(layout, splits, block_n, dtype):
+    """The Hopper kernel: varlen, GQA, partial and one-page tiles, empty sequences, splits; unused
+    page rows hold NaN. bf16: O within 1.6e-2 of max |O| (fp16 4e-3), LSE within 2e-2."""
+    b = CUDA_LAYOUTS[layout]()
+    q, kp, vp = random_inputs(b, 4, 2, 128, dtype, "cuda")
+    _poison_unused_rows(kp, b)
+    _poison_unused_rows(vp, b)
+    plan = plan_for(b, 4, 128, dtype, "cuda", kv_heads=2, config=AttentionConfig(num_splits=splits, cuda_block_n=block_n))
+    if plan.cuda_reason is not None:
+        pytest.skip(plan.cuda_reason)
+    o, lse = chunk_attention(q, kp, vp, plan, backend="cuda")
+    o_tol = 1.6e-2 if dtype == torch.bfloat16 else 4e-3
+    check_against_fp64(o, lse, q, kp.nan_to_num(0.0), vp.nan_to_num(0.0), b, o_tol, 2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_kernel_error_within_twice_sdpa_and_graph_replay():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    b = _wan_batch(3, 7)
+    plan = plan_for(b, 12, 128, torch.bfloat16, "cuda")
+    if plan.cuda_reason is not None:
+        pytest.skip(plan.cuda_reason)
+    err_ours, err_pt, lse_err = _sdpa_error_ratio(torch.bfloat16, b, 12, 128)  # auto picks cuda
+    assert err_ours <= 2 * err_pt + 1e-6, (err_ours, err_pt)
+    assert lse_err < 2e-2
+    q, kp, vp = random_inputs(b, 12, 12, 128, torch.bfloat16, "cuda")
+    o, lse = chunk_attention(q, kp, vp, plan, backend="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        og, lg = chunk_attention(q, kp, vp, plan, backend="cuda")
+    graph.replay()
+    torch.testing.assert_close(og, o, rtol=0, atol=0)  # deterministic: same inputs, same bits
+    torch.testing.assert_close(lg, lse, rtol=0, atol=0)
 
 
 @pytest.mark.gpu

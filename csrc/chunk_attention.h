@@ -1,0 +1,56 @@
+// Chunk attention over paged K/V on Hopper: the launcher's interface. Framework-free (no CUDA or
+// torch types), so the pybind11 bindings include it without the CUDA headers.
+//
+// Math and contract: spiral_rt/reference/chunk_attention.py. Inputs (all device pointers):
+//   q        (total_q, H, D) rows of q_row_stride elements, heads contiguous (stride D), D = 128;
+//   k, v     (num_pages, page_size, H_kv, D) contiguous pages;
+//   work     (num_work, 6) int32: seq, q_start, q_end, t0, t1, split. The work item covers query
+//            rows [q_start, q_end) (at most 128) against key tiles [t0, t1) of `tiles`;
+//   tiles    (num_tiles, 2) int32: page, row0 | valid << 16. A tile is `block_n` consecutive
+//            rows of one page starting at row0, of which the first `valid` are keys (the rest
+//            are masked; rows past the page end read as zeros).
+// Outputs: with num_splits == 1, o (total_q, H, D) in q's dtype and lse (total_q, H) fp32
+// (natural log; a row without keys gets O = 0, LSE = -inf); with num_splits > 1, the fp32
+// partial states o_split (num_splits, total_q, H, D) and lse_split (num_splits, total_q, H) for
+// the merge kernel.
+#pragma once
+
+#include <cstdint>
+
+#include "sampler_step.h"  // DType
+
+namespace spiral_rt {
+
+struct ChunkAttentionArgs {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* o = nullptr;
+  float* lse = nullptr;
+  const int32_t* work = nullptr;
+  const int32_t* tiles = nullptr;
+  int64_t q_row_stride = 0;  // elements between consecutive query rows
+  int64_t total_q = 0;
+  int64_t num_work = 0;
+  int64_t num_pages = 0;
+  int page_size = 0;
+  int num_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  int block_n = 0;
+  int num_splits = 1;
+  float sm_scale = 0.f;
+  DType dtype = DType::kBFloat16;
+};
+
+// Key-tile sizes the kernel is compiled for (block_n must be one of them).
+constexpr int kChunkAttentionBlockNs[] = {112, 128, 176};
+
+// Whether the kernel can run on `device`: built for sm_90a and the device is compute 9.0.
+bool chunk_attention_sm90_available(int device);
+
+// Launches on `stream` (a cudaStream_t) after making `device` current. Returns a cudaError_t,
+// or cudaErrorInvalidValue for arguments the kernel does not support (checked in spiral_rt/ops).
+int chunk_attention_sm90_launch(const ChunkAttentionArgs& args, int device, void* stream);
+
+}  // namespace spiral_rt

@@ -1,0 +1,509 @@
+// Chunk attention over paged K/V for Hopper (sm_90a): TMA loads, warpgroup MMAs, warp
+// specialization. Interface and contract: chunk_attention.h; the work partition and key tiles come
+// from spiral_rt/ops/chunk_attention.py; the reference is spiral_rt/reference/chunk_attention.py.
+//
+// One CTA = one work item x one query head: 128 query rows against the item's key tiles.
+// Three warpgroups: WG0 is the producer (one thread issues every TMA load; the others idle with
+// few registers), WG1 and WG2 are consumers owning 64 query rows each. Per key tile:
+//   S = Q K^T      wgmma m64 n{BN} k16, Q and K from shared memory (K-major, 128B swizzle)
+//   online softmax in registers (exp2, scale folded in), S -> P (bf16/f16) stays in registers
+//   O += P V       wgmma m64 n128 k16, P from registers, V from shared memory (N-major)
+// K and V tiles go through STAGES-deep rings of shared-memory buffers with mbarriers: "full"
+// (TMA bytes landed) and "free" (both consumers done reading), separate for K and V, so S = Q K^T
+// starts before V has landed and a K buffer is reloaded as soon as its S is computed. Within a consumer, S of tile t+1 and P V of
+// tile t are issued together and the softmax of tile t+1 runs while P V is on the tensor cores.
+//
+// Paged keys: a 3-D tensor map views the pool as (pages, page_size, H_kv * D); a tile is a box of
+// BN rows at (page, row0). Rows past the page end come back as zeros (TMA out-of-bounds fill),
+// rows past the sequence's last key are masked in S and zeroed in the V buffer (they may hold
+// stale data, even NaN). Shared-memory tiles are stored as two 64-column halves of 128-byte rows,
+// the layout of TMA's 128B swizzle and of the wgmma descriptors below.
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "chunk_attention.h"
+#include "wgmma.h"
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define SPIRAL_RT_SM90A 1
+#endif
+
+namespace spiral_rt {
+namespace {
+
+constexpr int kHeadDim = 128;
+constexpr int kRowsPerConsumer = 64;
+constexpr int kThreads = 384;         // producer + 2 consumer warpgroups
+constexpr int kHalfBytes = 64 * 2;    // one 64-column half of a 16-bit row: the swizzle span
+constexpr int kQHalfBytes = kRowsPerConsumer * kHalfBytes;  // 8 KiB: one TMA box of Q
+
+struct Params {
+  void* o;
+  float* lse;
+  const int32_t* work;
+  const int32_t* tiles;
+  int64_t total_q;
+  int num_heads;
+  int group;  // query heads per KV head
+  int num_splits;
+  float scale_log2;  // sm_scale * log2(e)
+};
+
+template <int BN, int STAGES>
+struct Layout {
+  static constexpr int kTileBytes = 2 * BN * kHalfBytes;  // one K or V tile (two halves)
+  static constexpr int kQ = 0;                            // [consumer][half][64 rows][128 B]
+  static constexpr int kK = 4 * kQHalfBytes;
+  static constexpr int kV = kK + STAGES * kTileBytes;
+  static constexpr int kBarriers = kV + STAGES * kTileBytes;
+  static constexpr int kBytes = kBarriers + 8 * (1 + 4 * STAGES);
+  static constexpr int kAlloc = kBytes + 1024;  // slack to align the base to 1 KiB (swizzle atoms)
+};
+
+#ifdef SPIRAL_RT_SM90A
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\n"
+      "WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
+      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2,
+                                            uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];"
+      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+      : "memory");
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accumulator reads/writes across an asynchronous MMA.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void fence_regs(uint32_t (&r)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+}
+
+// Shared-memory matrix descriptor, 128B swizzle. K-major operands (Q, K): rows of 128 B, groups
+// of 8 rows 1 KiB apart (stride byte offset); stepping k by 16 elements adds 32 B to the start.
+// N-major V: `lead` is the distance between the two 64-column halves, groups of 8 key rows are
+// 1 KiB apart.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lead_bytes) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lead_bytes >> 4) << 16) |
+         (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float a, float b);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+  __half2 v = __floats2half2_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+#endif  // SPIRAL_RT_SM90A
+
+template <typename T, int BN, int STAGES>
+__global__ void __launch_bounds__(kThreads, 1)
+    chunk_attention_sm90_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
+                                const __grid_constant__ CUtensorMap v_map, const Params p) {
+#ifdef SPIRAL_RT_SM90A
+  using L = Layout<BN, STAGES>;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t base = (raw + 1023) & ~1023u;
+  uint8_t* smem = smem_raw + (base - raw);
+  const uint32_t bar_q = base + L::kBarriers;
+  auto bar_k = [&](int s) { return bar_q + 8 * (1 + s); };
+  auto bar_v = [&](int s) { return bar_q + 8 * (1 + STAGES + s); };
+  auto bar_k_free = [&](int s) { return bar_q + 8 * (1 + 2 * STAGES + s); };
+  auto bar_v_free = [&](int s) { return bar_q + 8 * (1 + 3 * STAGES + s); };
+
+  const int32_t* work = p.work + 6 * blockIdx.x;
+  const int q_start = work[1], q_end = work[2], t0 = work[3], t1 = work[4], split = work[5];
+  const int head = blockIdx.y;
+  const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
+
+  if (threadIdx.x == 0) {
+    mbar_init(bar_q, 1);
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(bar_k(s), 1);
+      mbar_init(bar_v(s), 1);
+      mbar_init(bar_k_free(s), 2 * 128);  // every consumer thread releases the buffer
+      mbar_init(bar_v_free(s), 2 * 128);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // ---------------------------------------------------------------- producer
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (tid == 0) {
+      asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&k_map)) : "memory");
+      asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&v_map)) : "memory");
+      mbar_expect_tx(bar_q, 4 * kQHalfBytes);
+      for (int c = 0; c < 2; ++c)
+        for (int h = 0; h < 2; ++h)
+          tma_load_2d(base + L::kQ + (2 * c + h) * kQHalfBytes, &q_map, head * kHeadDim + 64 * h,
+                      q_start + kRowsPerConsumer * c, bar_q);
+      const int kv_col = (head / p.group) * kHeadDim;
+      for (int t = t0; t < t1; ++t) {
+        const int i = t - t0, s = i % STAGES;
+        const uint32_t phase = (i / STAGES) & 1;
+        const int page = p.tiles[2 * t], row0 = p.tiles[2 * t + 1] & 0xFFFF;
+        const uint32_t k_dst = base + L::kK + s * L::kTileBytes, v_dst = base + L::kV + s * L::kTileBytes;
+        mbar_wait(bar_k_free(s), phase ^ 1);  // a fresh barrier passes parity 1 at once
+        mbar_expect_tx(bar_k(s), L::kTileBytes);
+        tma_load_3d(k_dst, &k_map, kv_col, row0, page, bar_k(s));
+        tma_load_3d(k_dst + BN * kHalfBytes, &k_map, kv_col + 64, row0, page, bar_k(s));
+        mbar_wait(bar_v_free(s), phase ^ 1);
+        mbar_expect_tx(bar_v(s), L::kTileBytes);
+        tma_load_3d(v_dst, &v_map, kv_col, row0, page, bar_v(s));
+        tma_load_3d(v_dst + BN * kHalfBytes, &v_map, kv_col + 64, row0, page, bar_v(s));
+      }
+    }
+    return;
+  }
+
+  // ------------------------------------------------------------------ consumers
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  const int c = wg - 1;
+  const int warp = tid / 32, lane = tid % 32;
+  const int row_lo = warp * 16 + lane / 4;  // this thread's rows: row_lo and row_lo + 8
+  const int col0 = 2 * (lane % 4);          // and columns col0, col0 + 1 of every 8
+  const float scale = p.scale_log2;
+
+  float o[kHeadDim / 2];
+#pragma unroll
+  for (int i = 0; i < kHeadDim / 2; ++i) o[i] = 0.f;
+  float s_acc[BN / 2];
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) s_acc[i] = 0.f;
+  uint32_t pf[BN / 16][4];  // P of the previous tile as A fragments of P V
+  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
+  const uint32_t q_addr = base + L::kQ + 2 * c * kQHalfBytes;
+
+  auto stage_of = [&](int t) { return (t - t0) % STAGES; };
+  auto phase_of = [&](int t) { return static_cast<uint32_t>(((t - t0) / STAGES) & 1); };
+  auto valid_of = [&](int t) { return p.tiles[2 * t + 1] >> 16; };
+
+  // S = Q K^T over D = 128: 8 k-steps, 4 in each 64-column half (issued, not waited for).
+  auto issue_s = [&](int t) {
+    const uint32_t k_addr = base + L::kK + stage_of(t) * L::kTileBytes;
+    mbar_wait(bar_k(stage_of(t)), phase_of(t));
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      const uint32_t off = (kk % 4) * 32;  // 16 elements = 32 B within the 128 B row
+      Wgmma<T, BN, Operands::kSS>::run(s_acc, smem_desc(q_addr + (kk / 4) * kQHalfBytes + off, 16),
+                                       smem_desc(k_addr + (kk / 4) * BN * kHalfBytes + off, 16), kk > 0);
+    }
+    wgmma_commit();
+  };
+  // O += P V: BN / 16 k-steps of 16 key rows (2 KiB of each half apart).
+  auto issue_pv = [&](int t) {
+    const uint32_t v_addr = base + L::kV + stage_of(t) * L::kTileBytes;
+    mbar_wait(bar_v(stage_of(t)), phase_of(t));
+    const int valid = valid_of(t);
+    if (valid < BN) {
+      // Rows past the last key may hold stale values (NaN * 0 = NaN): zero them in this buffer.
+      for (int idx = valid * 8 + tid; idx < BN * 8; idx += 128) {
+        const int row = idx / 8, chunk = idx % 8;
+        uint8_t* v_tile = smem + (v_addr - base);
+        *reinterpret_cast<uint4*>(v_tile + row * kHalfBytes + chunk * 16) = make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4*>(v_tile + (BN + row) * kHalfBytes + chunk * 16) = make_uint4(0, 0, 0, 0);
+      }
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      asm volatile("bar.sync %0, 128;" ::"r"(1 + c) : "memory");
+    }
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+      Wgmma<T, kHeadDim, Operands::kRS>::run(o, pf[kk], smem_desc(v_addr + kk * 16 * kHalfBytes, BN * kHalfBytes), 1);
+    wgmma_commit();
+  };
+  // Online softmax of the S of tile t in the log2 domain, in place (s_acc becomes P in fp32);
+  // returns the factors by which O must be rescaled. Each row lives in the 4 threads of a quad.
+  auto softmax = [&](int t, float& alpha_lo, float& alpha_hi) {
+    const int valid = valid_of(t);
+    if (valid < BN) {
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+        const int col = 8 * j + col0;
+        if (col >= valid) s_acc[4 * j] = s_acc[4 * j + 2] = -INFINITY;
+        if (col + 1 >= valid) s_acc[4 * j + 1] = s_acc[4 * j + 3] = -INFINITY;
+      }
+    }
+    float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      mx_lo = fmaxf(mx_lo, fmaxf(s_acc[4 * j], s_acc[4 * j + 1]));
+      mx_hi = fmaxf(mx_hi, fmaxf(s_acc[4 * j + 2], s_acc[4 * j + 3]));
+    }
+#pragma unroll
+    for (int sh = 1; sh <= 2; sh <<= 1) {
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, sh));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, sh));
+    }
+    const float new_lo = fmaxf(m_lo, mx_lo * scale), new_hi = fmaxf(m_hi, mx_hi * scale);
+    alpha_lo = exp2_approx(m_lo - new_lo);  // 0 on the first tile (m = -inf)
+    alpha_hi = exp2_approx(m_hi - new_hi);
+    m_lo = new_lo;
+    m_hi = new_hi;
+    float sum_lo = 0.f, sum_hi = 0.f;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      s_acc[4 * j] = exp2_approx(fmaf(s_acc[4 * j], scale, -new_lo));
+      s_acc[4 * j + 1] = exp2_approx(fmaf(s_acc[4 * j + 1], scale, -new_lo));
+      s_acc[4 * j + 2] = exp2_approx(fmaf(s_acc[4 * j + 2], scale, -new_hi));
+      s_acc[4 * j + 3] = exp2_approx(fmaf(s_acc[4 * j + 3], scale, -new_hi));
+      sum_lo += s_acc[4 * j] + s_acc[4 * j + 1];
+      sum_hi += s_acc[4 * j + 2] + s_acc[4 * j + 3];
+    }
+    l_lo = l_lo * alpha_lo + sum_lo;
+    l_hi = l_hi * alpha_hi + sum_hi;
+  };
+  auto rescale_o = [&](float alpha_lo, float alpha_hi) {
+#pragma unroll
+    for (int j = 0; j < kHeadDim / 8; ++j) {
+      o[4 * j] *= alpha_lo;
+      o[4 * j + 1] *= alpha_lo;
+      o[4 * j + 2] *= alpha_hi;
+      o[4 * j + 3] *= alpha_hi;
+    }
+  };
+  // P (fp32, in s_acc) -> A fragments: S columns 16 kk .. 16 kk + 15 are k-step kk of P V.
+  auto pack_p = [&]() {
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      pf[j / 2][(j % 2) * 2] = pack2<T>(s_acc[4 * j], s_acc[4 * j + 1]);
+      pf[j / 2][(j % 2) * 2 + 1] = pack2<T>(s_acc[4 * j + 2], s_acc[4 * j + 3]);
+    }
+  };
+
+  // Pins the MMA operands' last writes before the wgmma fence (the compiler may otherwise sink
+  // them past it, and ptxas then injects a fence of its own).
+  auto fence_operands = [&]() {
+    fence_regs(s_acc);
+    fence_regs(o);
+    fence_regs(pf);
+    wgmma_fence();
+  };
+
+  mbar_wait(bar_q, 0);
+  if (t0 < t1) {
+    float alpha_lo, alpha_hi;
+    fence_operands();
+    issue_s(t0);
+    wgmma_wait<0>();
+    fence_regs(s_acc);
+    mbar_arrive(bar_k_free(stage_of(t0)));
+    softmax(t0, alpha_lo, alpha_hi);
+    pack_p();
+    // Steady state: S of tile t and P V of tile t - 1 run on the tensor cores while this
+    // warpgroup does the softmax of tile t (FA3's intra-warpgroup overlap).
+    for (int t = t0 + 1; t < t1; ++t) {
+      fence_operands();
+      issue_s(t);
+      issue_pv(t - 1);
+      wgmma_wait<1>();  // S of tile t (committed first) is done: its K buffer is free
+      fence_regs(s_acc);
+      mbar_arrive(bar_k_free(stage_of(t)));
+      softmax(t, alpha_lo, alpha_hi);
+      wgmma_wait<0>();  // P V of tile t - 1 is done: its V buffer and the P registers are free
+      fence_regs(o);
+      mbar_arrive(bar_v_free(stage_of(t - 1)));
+      rescale_o(alpha_lo, alpha_hi);
+      pack_p();
+    }
+    fence_operands();
+    issue_pv(t1 - 1);
+    wgmma_wait<0>();
+    fence_regs(o);
+    mbar_arrive(bar_v_free(stage_of(t1 - 1)));
+  }
+
+  // Finish the row sums across the quad, normalize, store.
+#pragma unroll
+  for (int sh = 1; sh <= 2; sh <<= 1) {
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, sh);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, sh);
+  }
+  const int D = kHeadDim, H = p.num_heads;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = q_start + kRowsPerConsumer * c + row_lo + 8 * half;
+    if (row >= q_end) continue;
+    const float l = half ? l_hi : l_lo, m = half ? m_hi : m_lo;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float lse = l > 0.f ? (m + __log2f(l)) * 0.6931471805599453f : -INFINITY;
+    if (p.num_splits == 1) {
+      T* out = static_cast<T*>(p.o) + (static_cast<int64_t>(row) * H + head) * D;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j)
+        *reinterpret_cast<uint32_t*>(out + 8 * j + col0) = pack2<T>(o[4 * j + 2 * half] * inv, o[4 * j + 2 * half + 1] * inv);
+      if (lane % 4 == 0) p.lse[static_cast<int64_t>(row) * H + head] = lse;
+    } else {
+      const int64_t r = (static_cast<int64_t>(split) * p.total_q + row) * H + head;
+      float* out = static_cast<float*>(p.o) + r * D;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j)
+        *reinterpret_cast<float2*>(out + 8 * j + col0) = make_float2(o[4 * j + 2 * half] * inv, o[4 * j + 2 * half + 1] * inv);
+      if (lane % 4 == 0) p.lse[r] = lse;
+    }
+  }
+#endif  // SPIRAL_RT_SM90A
+}
+
+// ---------------------------------------------------------------------- host side
+
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// cuTensorMapEncodeTiled from the driver, found through the runtime (no -lcuda at link time).
+EncodeTiled encode_tiled() {
+  static const EncodeTiled fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &status) !=
+            cudaSuccess ||
+        status != cudaDriverEntryPointSuccess)
+      return static_cast<EncodeTiled>(nullptr);
+    return reinterpret_cast<EncodeTiled>(f);
+  }();
+  return fn;
+}
+
+// A tensor map over `rank` dims (innermost first) of 16-bit elements, 128B swizzle, zero fill.
+bool make_map(CUtensorMap* map, DType dtype, const void* ptr, int rank, const cuuint64_t* dims,
+              const cuuint64_t* byte_strides, const cuuint32_t* box) {
+  const EncodeTiled encode = encode_tiled();
+  if (encode == nullptr) return false;
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  const auto type = dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return encode(map, type, rank, const_cast<void*>(ptr), dims, byte_strides, box, elem_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <typename T, int BN, int STAGES>
+cudaError_t launch(const ChunkAttentionArgs& a, cudaStream_t stream) {
+  using L = Layout<BN, STAGES>;
+  auto kernel = chunk_attention_sm90_kernel<T, BN, STAGES>;
+  static const cudaError_t attr =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kAlloc);
+  if (attr != cudaSuccess) return attr;
+
+  CUtensorMap q_map, k_map, v_map;
+  const cuuint64_t q_dims[2] = {static_cast<cuuint64_t>(a.num_heads) * kHeadDim, static_cast<cuuint64_t>(a.total_q)};
+  const cuuint64_t q_strides[1] = {static_cast<cuuint64_t>(a.q_row_stride) * 2};
+  const cuuint32_t q_box[2] = {64, kRowsPerConsumer};
+  const cuuint64_t kv_row = static_cast<cuuint64_t>(a.num_kv_heads) * kHeadDim;
+  const cuuint64_t kv_dims[3] = {kv_row, static_cast<cuuint64_t>(a.page_size), static_cast<cuuint64_t>(a.num_pages)};
+  const cuuint64_t kv_strides[2] = {kv_row * 2, kv_row * 2 * a.page_size};
+  const cuuint32_t kv_box[3] = {64, BN, 1};
+  if (!make_map(&q_map, a.dtype, a.q, 2, q_dims, q_strides, q_box) ||
+      !make_map(&k_map, a.dtype, a.k, 3, kv_dims, kv_strides, kv_box) ||
+      !make_map(&v_map, a.dtype, a.v, 3, kv_dims, kv_strides, kv_box))
+    return cudaErrorInvalidValue;
+
+  Params p;
+  p.o = a.o;
+  p.lse = a.lse;
+  p.work = a.work;
+  p.tiles = a.tiles;
+  p.total_q = a.total_q;
+  p.num_heads = a.num_heads;
+  p.group = a.num_heads / a.num_kv_heads;
+  p.num_splits = a.num_splits;
+  p.scale_log2 = a.sm_scale * 1.4426950408889634f;
+  const dim3 grid(static_cast<unsigned>(a.num_work), static_cast<unsigned>(a.num_heads));
+  kernel<<<grid, kThreads, L::kAlloc, stream>>>(q_map, k_map, v_map, p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_typed(const ChunkAttentionArgs& a, cudaStream_t stream) {
+  switch (a.block_n) {
+    case 112: return launch<T, 112, 3>(a, stream);
+    case 128: return launch<T, 128, 3>(a, stream);
+    case 176: return launch<T, 176, 2>(a, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+bool chunk_attention_sm90_available(int device) {
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess)
+    return false;
+  return major == 9 && minor == 0 && encode_tiled() != nullptr;
+}
+
+int chunk_attention_sm90_launch(const ChunkAttentionArgs& a, int device, void* stream) {
+  if (a.num_work == 0) return cudaSuccess;
+  if (a.head_dim != kHeadDim || a.num_kv_heads <= 0 || a.num_heads % a.num_kv_heads != 0 ||
+      a.page_size <= 0 || a.page_size > 0xFFFF || a.num_splits < 1 ||
+      (a.dtype != DType::kBFloat16 && a.dtype != DType::kFloat16))
+    return cudaErrorInvalidValue;
+  int current = -1;
+  cudaError_t err = cudaGetDevice(&current);
+  if (err != cudaSuccess) return err;
+  if (current != device && (err = cudaSetDevice(device)) != cudaSuccess) return err;
+  auto s = static_cast<cudaStream_t>(stream);
+  return a.dtype == DType::kBFloat16 ? launch_typed<__nv_bfloat16>(a, s) : launch_typed<__half>(a, s);
+}
+
+}  // namespace spiral_rt
