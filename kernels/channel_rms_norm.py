@@ -1,12 +1,13 @@
 """RMS norm over the channel dim of (B, C, *spatial) activations with an optional fused SiLU, in
 Triton (math and contract: ``spiral_rt.reference.channel_rms_norm``).
 
-x is viewed as (B, C, N), N = prod(spatial), contiguous: the C values of one position lie N
-elements apart, the positions of one channel are consecutive. One program takes BLOCK_N
+x is viewed as (B, C, N), N = prod(spatial), either contiguous (the C values of one position lie N
+elements apart, the positions of one channel are consecutive) or channels-last (the C values of
+one position are consecutive: PyTorch's channels_last / channels_last_3d). One program takes BLOCK_N
 consecutive positions of one batch item and walks the channels in blocks of BLOCK_C twice: first
 accumulating the sum of squares in fp32, then re-reading x to write
 y = x * scale / max(sqrt(ss), eps) * gamma[c] (SiLU'd when asked) in x's dtype. Every load and
-store is a run of BLOCK_N consecutive elements (coalesced). Traffic: two reads of x and one write
+store is a run of BLOCK_N (channels-last: BLOCK_C) consecutive elements. Traffic: two reads of x and one write
 of y (the second read hits L2 only when the resident programs' C x BLOCK_N tiles fit there, i.e.
 at small C); the unfused eager path makes about eight passes. Keeping the whole tile in registers
 (one read) would need C x BLOCK_N fp32 values per program: not done, the two-pass form has no
@@ -18,12 +19,22 @@ import triton.language as tl
 
 BLOCK_N = 256
 MAX_BLOCK_C = 16
+CL_BLOCK_N = 128  # channels-last tiles: 32 channels (64 B of bf16 runs) x 128 positions
+CL_MAX_BLOCK_C = 32
+
+
+@triton.jit
+def _offsets(c, pos, num_channels, num_positions, CHANNELS_LAST: tl.constexpr):
+    """(BLOCK_C, BLOCK_N) element offsets within one batch item."""
+    if CHANNELS_LAST:
+        return pos.to(tl.int64)[None, :] * num_channels + c[:, None]
+    return c.to(tl.int64)[:, None] * num_positions + pos[None, :]
 
 
 @triton.jit
 def _channel_rms_norm_kernel(
     x_ptr, gamma_ptr, y_ptr, num_channels, num_positions, scale, eps,
-    SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    SILU: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     batch = tl.program_id(1).to(tl.int64)
     pos = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -37,7 +48,7 @@ def _channel_rms_norm_kernel(
     for c0 in range(0, num_channels, BLOCK_C):
         c = c0 + chans
         mask = (c < num_channels)[:, None] & pos_mask[None, :]
-        offs = base + c.to(tl.int64)[:, None] * num_positions + pos[None, :]
+        offs = base + _offsets(c, pos, num_channels, num_positions, CHANNELS_LAST)
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         acc += v * v
     norm = tl.sqrt(tl.sum(acc, axis=0))
@@ -48,7 +59,7 @@ def _channel_rms_norm_kernel(
         c = c0 + chans
         c_mask = c < num_channels
         mask = c_mask[:, None] & pos_mask[None, :]
-        offs = base + c.to(tl.int64)[:, None] * num_positions + pos[None, :]
+        offs = base + _offsets(c, pos, num_channels, num_positions, CHANNELS_LAST)
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(gamma_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
         y = v * factor[None, :] * g[:, None]
@@ -57,14 +68,16 @@ def _channel_rms_norm_kernel(
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def channel_rms_norm(x, gamma, y, scale: float, eps: float, silu: bool,
-                     block_n: int = BLOCK_N, block_c: int | None = None, num_warps: int = 4):
-    """Launch on checked tensors: x, y (B, C, *spatial) contiguous, same shape; gamma (C,) contiguous."""
+def channel_rms_norm(x, gamma, y, scale: float, eps: float, silu: bool, channels_last: bool = False,
+                     block_n: int | None = None, block_c: int | None = None, num_warps: int = 4):
+    """Launch on checked tensors: x, y (B, C, *spatial) of the same shape and layout, contiguous
+    or (channels_last=True) channels-last dense; gamma (C,) contiguous."""
     batch, channels = x.shape[0], x.shape[1]
     positions = x.numel() // (batch * channels)
-    block_c = block_c or min(MAX_BLOCK_C, triton.next_power_of_2(channels))
+    block_n = block_n or (CL_BLOCK_N if channels_last else BLOCK_N)
+    block_c = block_c or min(CL_MAX_BLOCK_C if channels_last else MAX_BLOCK_C, triton.next_power_of_2(channels))
     grid = (triton.cdiv(positions, block_n), batch)
     _channel_rms_norm_kernel[grid](
         x, gamma, y, channels, positions, scale, eps,
-        SILU=silu, BLOCK_C=block_c, BLOCK_N=block_n, num_warps=num_warps,
+        SILU=silu, CHANNELS_LAST=channels_last, BLOCK_C=block_c, BLOCK_N=block_n, num_warps=num_warps,
     )

@@ -37,7 +37,10 @@ from spiral_rt.models.vae import DecoderState
 
 logger = logging.getLogger(__name__)
 
-_PLAN_TENSORS = ("q_indptr", "kv_indptr", "kv_indices", "kv_last_page_len", "work", "tile_rows", "left_rows")
+# Every device table of a ChunkAttentionPlan that a kernel reads (the Triton kernels' and the CUDA
+# kernel's): each is copied into the bucket's static copy before a replay.
+_PLAN_TENSORS = ("q_indptr", "kv_indptr", "kv_indices", "kv_last_page_len", "work", "tile_rows", "left_rows",
+                 "cuda_work", "cuda_tiles")
 
 
 class SideStreamDecoder:

@@ -23,7 +23,14 @@ convolution of the sequence that starts at the second frame (2 frames out).
 
 Boundaries: decoder only (the runtime never encodes); weights via
 ``spiral_rt.models.checkpoints.load_vae``. Activations run in the parameters' dtype; the RMS norm
-and the upsampling are computed in fp32. Each RMS norm and the SiLU after it run as one
+and the upsampling are computed in fp32.
+
+Layout: on a GPU the activations, conv weights and stream state are channels-last
+(torch.channels_last_3d, and channels_last for the per-frame 2D convs): cuDNN's Hopper
+convolutions read that layout natively, so no NCDHW <-> NDHWC transposes run around every conv
+(measured on the H100: the full-resolution 3x3x3 convs 9.6 -> 7.6 ms, the resample 2D convs
+5.6 -> 3.1 ms). ``WanVAEDecoder.channels_last`` overrides the choice (None: on CUDA only); the
+output is returned contiguous either way. Each RMS norm and the SiLU after it run as one
 ``spiral_rt.ops.channel_rms_norm`` (Triton on a GPU, the PyTorch reference on a CPU), rounded once
 to the activation dtype; the ``nn.SiLU`` modules stay in their ``nn.Sequential``s only so that the
 indices, hence the checkpoint keys, stay Wan's.
@@ -38,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.channel_rms_norm import channel_rms_norm
+from ..ops.channel_rms_norm import channel_rms_norm, is_channels_last
 
 logger = logging.getLogger(__name__)
 
@@ -160,13 +167,20 @@ class CausalConv3d(nn.Conv3d):
         if self.time_context == 0:
             return super().forward(x)
         if state is None:
-            past = x.new_zeros(x.shape[0], x.shape[1], self.time_context, x.shape[3], x.shape[4])
+            past = torch.empty((x.shape[0], x.shape[1], self.time_context, x.shape[3], x.shape[4]), dtype=x.dtype,
+                               device=x.device, memory_format=_layout_of(x)).zero_()
             return super().forward(torch.cat([past, x], dim=2))
         buf = state.buffers[self.cache_index]
         xin = torch.cat([buf, x], dim=2)
         out = super().forward(xin)
         buf.copy_(xin[:, :, -CACHE_FRAMES:])
         return out
+
+
+def _layout_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last_3d for a 5-D channels-last tensor, else contiguous_format."""
+    cl = x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+    return torch.channels_last_3d if cl else torch.contiguous_format
 
 
 class RMSNorm3d(nn.Module):
@@ -179,8 +193,11 @@ class RMSNorm3d(nn.Module):
         self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
 
     def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
-        # a Resample's output is a permuted view: the op reads (B, C, N) contiguous
-        return channel_rms_norm(x.contiguous(), self.gamma, scale=self.scale, silu=silu)
+        # the op reads contiguous or channels-last tensors; a contiguous-mode Resample's output is a
+        # permuted view of neither kind
+        if not (x.is_contiguous() or is_channels_last(x)):
+            x = x.contiguous()
+        return channel_rms_norm(x, self.gamma, scale=self.scale, silu=silu)
 
 
 class ResidualBlock(nn.Module):
@@ -245,7 +262,11 @@ class Resample(nn.Module):
             if rest.shape[2]:
                 B, C, T, H, W = rest.shape
                 y = self.time_conv(rest, state).view(B, 2, C, T, H, W)
-                parts.append(torch.stack((y[:, 0], y[:, 1]), dim=3).reshape(B, C, 2 * T, H, W))
+                # interleave the two halves in time (frame t -> 2t, 2t + 1), keeping the layout
+                doubled = torch.empty((B, C, 2 * T, H, W), dtype=y.dtype, device=y.device, memory_format=_layout_of(rest))
+                doubled[:, :, 0::2] = y[:, 0]
+                doubled[:, :, 1::2] = y[:, 1]
+                parts.append(doubled)
             x = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
         B, C, T, H, W = x.shape
         y = self.resample(x.permute(0, 2, 1, 3, 4).reshape(B * T, C, H, W))
@@ -303,6 +324,20 @@ class WanVAEDecoder(nn.Module):
         self.decoder = Decoder3d(cfg)
         # fp32 per-channel mean/std, one copy per device (not buffers: model.to(bf16) must not round them)
         self._scale_by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.channels_last: bool | None = None
+        """Activation layout: True channels-last, False contiguous, None channels-last on CUDA only."""
+
+    def _use_channels_last(self, device: torch.device) -> bool:
+        return device.type == "cuda" if self.channels_last is None else bool(self.channels_last)
+
+    def _set_weight_layout(self, channels_last: bool) -> None:
+        """Conv weights in the activations' layout (cuDNN then picks its native NHWC kernels)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv3d, nn.Conv2d)):
+                fmt = (torch.channels_last_3d if m.weight.dim() == 5 else torch.channels_last) if channels_last \
+                    else torch.contiguous_format
+                if not m.weight.is_contiguous(memory_format=fmt):
+                    m.weight.data = m.weight.data.contiguous(memory_format=fmt)
 
     def _latent_scale(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) as fp32 (1, z_dim, 1, 1, 1) tensors on ``device``, copied there once."""
@@ -320,11 +355,12 @@ class WanVAEDecoder(nn.Module):
 
     def new_state(self, batch: int, latent_height: int, latent_width: int, device=None, dtype=None) -> DecoderState:
         """Zeroed conv caches for decoding one batch of videos of (latent_height, latent_width) latents."""
-        device = device if device is not None else self.conv2.weight.device
+        device = torch.device(device if device is not None else self.conv2.weight.device)
         dtype = dtype or self.dtype
+        fmt = torch.channels_last_3d if self._use_channels_last(device) else torch.contiguous_format
         bufs = [
-            torch.zeros(batch, c.in_channels, CACHE_FRAMES, latent_height * c.spatial_scale, latent_width * c.spatial_scale,
-                        device=device, dtype=dtype)
+            torch.empty((batch, c.in_channels, CACHE_FRAMES, latent_height * c.spatial_scale,
+                         latent_width * c.spatial_scale), device=device, dtype=dtype, memory_format=fmt).zero_()
             for c in self.decoder.cached_convs
         ]
         return DecoderState(buffers=bufs, latent_size=(latent_height, latent_width))
@@ -358,11 +394,19 @@ class WanVAEDecoder(nn.Module):
             (B, 3, T_out, 8H, 8W) frames in [-1, 1] (clamped), T_out = 1 + 4 (T - 1) for the first chunk, else 4 T.
         """
         self._check(z, state)
+        channels_last = self._use_channels_last(z.device)
+        if state.buffers and is_channels_last(state.buffers[0]) != channels_last:
+            raise ValueError("WanVAEDecoder: 'state' was made for the other activation layout (channels_last "
+                             f"is now {channels_last}); make a new one with new_state()")
+        self._set_weight_layout(channels_last)
         mean, std = self._latent_scale(z.device)
         x = (z.float() * std + mean).to(self.dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         out = self.decoder(self.conv2(x), state)
         state.started = True
-        return out.clamp(-1.0, 1.0) if clamp else out
+        out = out.clamp(-1.0, 1.0) if clamp else out
+        return out.contiguous()
 
     def decode(self, z: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """Decode a whole clip (B, z_dim, T, H, W) -> (B, 3, 1 + 4 (T - 1), 8H, 8W)."""

@@ -9,10 +9,12 @@ this differs from the unfused bf16 path). One read-reduce pass and one read-writ
 instead of the eager path's normalize, cast, two multiplies and SiLU.
 
 Shapes: x (B, C, *spatial), any number >= 1 of trailing dims (VAE: (B, C, T, H, W) in the residual
-blocks and head, (B*T, C, H, W) in the attention block), contiguous, bf16/fp16/fp32; gamma any
-shape with C elements ((C, 1, 1, 1) / (C, 1, 1) in the VAE), bf16/fp16/fp32; scale (sqrt(C) in the
-VAE) and eps positive floats. Returns a new contiguous tensor of x's shape and dtype.
-Boundaries: inference only (no autograd formula); the caller makes x contiguous.
+blocks and head, (B*T, C, H, W) in the attention block), bf16/fp16/fp32, dense in one of two
+layouts: contiguous, or channels-last (the channels innermost, as torch.channels_last /
+channels_last_3d lay them out; the VAE's layout on a GPU); gamma any shape with C elements
+((C, 1, 1, 1) / (C, 1, 1) in the VAE), bf16/fp16/fp32; scale (sqrt(C) in the VAE) and eps positive
+floats. Returns a new tensor of x's shape, dtype and layout.
+Boundaries: inference only (no autograd formula); the caller brings x into one of the two layouts.
 Backends: triton (kernels/channel_rms_norm.py), reference.
 """
 
@@ -40,14 +42,17 @@ def channel_rms_norm(
     """RMS norm over dim 1 times scale * gamma, optionally followed by SiLU, in one pass.
 
     Args:
-        x: (B, C, *spatial) activations, bf16/fp16/fp32, contiguous, at least 3 dims.
+        x: (B, C, *spatial) activations, bf16/fp16/fp32, contiguous or channels-last, at least 3 dims.
         gamma: per-channel weight, any shape with C elements, bf16/fp16/fp32, on x's device.
         scale: positive multiplier of the normalized value (the VAE's sqrt(C)).
         silu: apply SiLU to the result (fused).
         eps: lower bound of the channel norm (> 0; F.normalize's default 1e-12).
         backend: "triton" | "reference" | "auto"/None (see spiral_rt.ops.dispatch).
     """
-    x = dispatch.check_tensor(OP, "x", x, dtypes=FLOAT_DTYPES, min_dim=3)
+    x = dispatch.check_tensor(OP, "x", x, dtypes=FLOAT_DTYPES, min_dim=3, contiguous=False)
+    if not (x.is_contiguous() or is_channels_last(x)):
+        raise ValueError(f"{OP}: argument 'x' must be contiguous or channels-last (strides {tuple(x.stride())} "
+                         f"for shape {tuple(x.shape)} are neither); pass x.contiguous()")
     channels = x.shape[1]
     gamma = dispatch.check_tensor(OP, "gamma", gamma, dtypes=FLOAT_DTYPES, device=x.device, contiguous=False)
     if gamma.numel() != channels:
@@ -64,6 +69,12 @@ def channel_rms_norm(
                            x, gamma.reshape(channels).contiguous(), float(scale), float(eps), silu, chosen)
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether x (B, C, *spatial) is dense with the channels innermost (and is not also plainly
+    contiguous, as tensors with C == 1 or no spatial extent are)."""
+    return not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
 # ------------------------------------------------------------------ torch.library registration
 
 
@@ -71,11 +82,11 @@ def _channel_rms_norm_impl(x: torch.Tensor, gamma: torch.Tensor, scale: float, e
                            backend: str) -> torch.Tensor:
     if backend == "reference":
         return _reference.channel_rms_norm(x, gamma, scale=scale, silu=silu, eps=eps)
-    y = torch.empty_like(x)
+    y = torch.empty_like(x)  # same layout as x
     if x.numel():
         from spiral_rt.kernels import channel_rms_norm as kernel
 
-        kernel.channel_rms_norm(x, gamma, y, scale, eps, silu)
+        kernel.channel_rms_norm(x, gamma, y, scale, eps, silu, channels_last=is_channels_last(x))
     return y
 
 

@@ -29,4 +29,4 @@ def channel_rms_norm(x: torch.Tensor, gamma: torch.Tensor, *, scale: float, silu
     y = xf / norm.clamp_min(eps) * (scale * g)
     if silu:
         y = F.silu(y)
-    return y.to(x.dtype)
+    return torch.empty_like(x).copy_(y)  # x's dtype and layout (contiguous or channels-last)

@@ -380,3 +380,17 @@ def test_close_gives_the_kv_pool_back_and_refuses_new_sessions():
     engine.close()  # twice: harmless
     with pytest.raises(ValueError, match="engine is closed"):
         engine.open_session(prompt(engine.model))
+
+
+def test_graph_runner_refreshes_every_plan_table():
+    """A CUDA graph replay must refresh every device table a kernel reads: each tensor field of
+    ChunkAttentionPlan is in the runner's list (a missing one replays the captured page ids)."""
+    import dataclasses
+    import typing
+
+    from spiral_rt.engine.cuda_paths import _PLAN_TENSORS
+    from spiral_rt.ops.chunk_attention import ChunkAttentionPlan
+
+    hints = typing.get_type_hints(ChunkAttentionPlan)
+    tensor_fields = {f.name for f in dataclasses.fields(ChunkAttentionPlan) if "Tensor" in str(hints[f.name])}
+    assert tensor_fields == set(_PLAN_TENSORS)

@@ -51,6 +51,25 @@ def test_chunked_equals_whole(chunks):
 
 
 @torch.no_grad()
+def test_channels_last_layout_equals_contiguous():
+    """The GPU's channels-last activation path (forced here on the CPU) decodes the same frames,
+    whole and chunk by chunk; the output is contiguous; a state of the other layout is refused."""
+    model = _vae()
+    z = torch.randn(1, 16, 4, 3, 5)
+    whole = model.decode(z, clamp=False)
+    model.channels_last = True
+    cl = model.decode(z, clamp=False)
+    assert cl.is_contiguous() and rel_err(cl, whole) <= 1e-5
+    state = model.new_state(1, 3, 5)
+    assert all(b.is_contiguous(memory_format=torch.channels_last_3d) for b in state.buffers)
+    parts = [model.decode_chunk(z[:, :, :1], state, clamp=False), model.decode_chunk(z[:, :, 1:], state, clamp=False)]
+    assert rel_err(torch.cat(parts, dim=2), whole) <= 1e-5
+    model.channels_last = False
+    with pytest.raises(ValueError, match="'state'.*layout"):
+        model.decode_chunk(z[:, :, :1], state)
+
+
+@torch.no_grad()
 def test_state_reset_and_mismatch():
     model = _vae()
     z = torch.randn(1, 16, 2, 3, 4)
@@ -184,6 +203,31 @@ def test_norm_silu_fusion_keeps_wan_key_layout():
     residual = model.decoder.upsamples[0].residual
     assert isinstance(residual[1], torch.nn.SiLU) and isinstance(residual[4], torch.nn.SiLU)
     assert isinstance(model.decoder.head[1], torch.nn.SiLU)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_channels_last_end_to_end(monkeypatch):
+    """On the GPU every conv and norm output is channels-last (no layout round trips), and the
+    frames equal the contiguous path's (fp32, TF32 off)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = randomize_(build_vae_decoder(tiny_vae(base_dim=16), device="cuda", dtype=torch.float32), std=0.15)
+    z = torch.randn(1, 16, 3, 6, 10, device="cuda")
+    layouts = []
+
+    def record(module, inputs, out):
+        if isinstance(out, torch.Tensor) and out.dim() >= 4 and out.shape[1] > 1:
+            layouts.append((type(module).__name__, out.movedim(1, -1).is_contiguous()))
+
+    hooks = [m.register_forward_hook(record) for m in model.modules()
+             if isinstance(m, (torch.nn.Conv3d, torch.nn.Conv2d, RMSNorm3d))]
+    cl = model.decode(z, clamp=False)
+    for h in hooks:
+        h.remove()
+    assert layouts and all(ok for _, ok in layouts), [name for name, ok in layouts if not ok]
+    model.channels_last = False
+    plain = model.decode(z, clamp=False)
+    assert rel_err(cl, plain) <= 1e-5
 
 
 @pytest.mark.gpu

@@ -69,6 +69,22 @@ def test_triton_matches_reference(triton_device, shape, gamma_shape, silu):
     _close(y, channel_rms_norm_ref(x, gamma, scale=scale, silu=silu), torch.float32)
 
 
+@pytest.mark.parametrize("backend", IMPLEMENTED)
+@pytest.mark.parametrize("shape,layout", [
+    ((2, 13, 3, 5, 7), torch.channels_last_3d),  # the VAE's GPU layout; C not a multiple of 32
+    ((2, 40, 9, 35), torch.channels_last),       # attention block's images; C = 1.25 x 32
+])
+def test_channels_last_equals_contiguous(triton_device, backend, shape, layout):
+    """Channels-last x gives the contiguous result, in x's layout."""
+    device = triton_device if backend == "triton" else "cpu"
+    x, gamma, scale = _inputs(shape, torch.float32, device)
+    xc = x.contiguous(memory_format=layout)
+    for silu in (False, True):
+        y = channel_rms_norm(xc, gamma, scale=scale, silu=silu, backend=backend)
+        assert y.is_contiguous(memory_format=layout) and not y.is_contiguous()
+        _close(y, channel_rms_norm_ref(x, gamma, scale=scale, silu=silu), torch.float32)
+
+
 @pytest.mark.parametrize("silu", [False, True])
 def test_triton_small_blocks_cover_every_tail(triton_device, silu):
     """Blocks much smaller than the shape: several position blocks per batch item (the last one
@@ -117,8 +133,10 @@ def test_bad_arguments_name_the_argument():
         channel_rms_norm(x.double(), gamma, scale=scale)
     with pytest.raises(ValueError, match="'x'.*dtype"):
         channel_rms_norm(x.to(torch.int32), gamma, scale=scale)
-    with pytest.raises(ValueError, match="'x'.*contiguous"):
+    with pytest.raises(ValueError, match="'x'.*contiguous or channels-last"):
         channel_rms_norm(x.transpose(2, 3), gamma, scale=scale)
+    with pytest.raises(ValueError, match="'x'.*contiguous or channels-last"):
+        channel_rms_norm(x.contiguous(memory_format=torch.channels_last)[..., ::2], gamma, scale=scale)
     with pytest.raises(ValueError, match="'x'.*Tensor"):
         channel_rms_norm(x.tolist(), gamma, scale=scale)
     with pytest.raises(ValueError, match="'gamma'.*4 elements"):
