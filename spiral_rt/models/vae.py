@@ -23,7 +23,7 @@ convolution of the sequence that starts at the second frame (2 frames out).
 
 Boundaries: decoder only (the runtime never encodes); weights via
 ``spiral_rt.models.checkpoints.load_vae``. Activations run in the parameters' dtype; the RMS norm
-and the upsampling are computed in fp32.
+is computed in fp32.
 
 Layout: on a GPU the activations, conv weights and stream state are channels-last
 (torch.channels_last_3d, and channels_last for the per-frame 2D convs): cuDNN's Hopper
@@ -239,7 +239,8 @@ class AttentionBlock(nn.Module):
 
 class Upsample2x(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x.float(), scale_factor=2.0, mode="nearest-exact").to(x.dtype)
+        # nearest copies values, so the activation dtype gives the fp32 result bit for bit
+        return F.interpolate(x, scale_factor=2.0, mode="nearest-exact")
 
 
 class Resample(nn.Module):
