@@ -50,7 +50,6 @@ struct Params {
   int num_heads;
   int group;  // query heads per KV head
   int num_splits;
-  int page_size;
   float scale_log2;  // sm_scale * log2(e)
 };
 
@@ -180,8 +179,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(bar_k(s), 1);
       mbar_init(bar_v(s), 1);
-      mbar_init(bar_k_free(s), 2 * 4);  // one arrival per consumer warp
-      mbar_init(bar_v_free(s), 2 * 4);
+      mbar_init(bar_k_free(s), 2 * 128);  // every consumer thread releases the buffer
+      mbar_init(bar_v_free(s), 2 * 128);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -238,10 +237,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto stage_of = [&](int t) { return (t - t0) % STAGES; };
   auto phase_of = [&](int t) { return static_cast<uint32_t>(((t - t0) / STAGES) & 1); };
   auto valid_of = [&](int t) { return p.tiles[2 * t + 1] >> 16; };
-  // A warp's wgmma.wait_group returns in all its lanes together: lane 0 releases for the warp.
-  auto release = [&](uint32_t bar) {
-    if (lane == 0) mbar_arrive(bar);
-  };
 
   // S = Q K^T over D = 128: 8 k-steps, 4 in each 64-column half (issued, not waited for).
   auto issue_s = [&](int t) {
@@ -259,10 +254,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto issue_pv = [&](int t) {
     const uint32_t v_addr = base + L::kV + stage_of(t) * L::kTileBytes;
     mbar_wait(bar_v(stage_of(t)), phase_of(t));
-    const int packed = p.tiles[2 * t + 1], valid = packed >> 16;
-    if (valid < BN && (packed & 0xFFFF) + valid < p.page_size) {
-      // Rows past the last key inside the page may hold stale values (NaN * 0 = NaN): zero them in
-      // this buffer. Rows past the page end are TMA's zero fill already.
+    const int valid = valid_of(t);
+    if (valid < BN) {
+      // Rows past the last key may hold stale values (NaN * 0 = NaN): zero them in this buffer.
       for (int idx = valid * 8 + tid; idx < BN * 8; idx += 128) {
         const int row = idx / 8, chunk = idx % 8;
         uint8_t* v_tile = smem + (v_addr - base);
@@ -352,7 +346,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     issue_s(t0);
     wgmma_wait<0>();
     fence_regs(s_acc);
-    release(bar_k_free(stage_of(t0)));
+    mbar_arrive(bar_k_free(stage_of(t0)));
     softmax(t0, alpha_lo, alpha_hi);
     pack_p();
     // Steady state: S of tile t and P V of tile t - 1 run on the tensor cores while this
@@ -363,11 +357,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       issue_pv(t - 1);
       wgmma_wait<1>();  // S of tile t (committed first) is done: its K buffer is free
       fence_regs(s_acc);
-      release(bar_k_free(stage_of(t)));
+      mbar_arrive(bar_k_free(stage_of(t)));
       softmax(t, alpha_lo, alpha_hi);
       wgmma_wait<0>();  // P V of tile t - 1 is done: its V buffer and the P registers are free
       fence_regs(o);
-      release(bar_v_free(stage_of(t - 1)));
+      mbar_arrive(bar_v_free(stage_of(t - 1)));
       rescale_o(alpha_lo, alpha_hi);
       pack_p();
     }
@@ -375,7 +369,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     issue_pv(t1 - 1);
     wgmma_wait<0>();
     fence_regs(o);
-    release(bar_v_free(stage_of(t1 - 1)));
+    mbar_arrive(bar_v_free(stage_of(t1 - 1)));
   }
 
   // Finish the row sums across the quad, normalize, store.
@@ -472,7 +466,6 @@ cudaError_t launch(const ChunkAttentionArgs& a, cudaStream_t stream) {
   p.num_heads = a.num_heads;
   p.group = a.num_heads / a.num_kv_heads;
   p.num_splits = a.num_splits;
-  p.page_size = a.page_size;
   p.scale_log2 = a.sm_scale * 1.4426950408889634f;
   const dim3 grid(static_cast<unsigned>(a.num_work), static_cast<unsigned>(a.num_heads));
   kernel<<<grid, kThreads, L::kAlloc, stream>>>(q_map, k_map, v_map, p);
