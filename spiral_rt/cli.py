@@ -58,6 +58,7 @@ import torch
 
 import spiral_rt
 from spiral_rt.ops import OP_BACKENDS, available_backends, dispatch
+from spiral_rt.ops.chunk_attention import cuda_unavailable_reason
 
 
 def _info(_: argparse.Namespace) -> int:
@@ -79,6 +80,9 @@ def _info(_: argparse.Namespace) -> int:
         per_device = []
         for dev in devices[:2]:
             usable = [b for b in available_backends(backends, dev) if not (b == "triton" and dev == "cpu")]
+            if op == "chunk_attention" and "cuda" in usable and \
+                    cuda_unavailable_reason(128, torch.bfloat16, 1, torch.device(dev)) is not None:
+                usable.remove("cuda")  # the CUDA kernel is Hopper-only (compute 9.0, sm_90a build)
             per_device.append(f"{dev}: {'/'.join(usable) or '-'}")
         lines.append(f"  {op:<24} " + "   ".join(per_device))
     print("\n".join(lines))
