@@ -10,8 +10,10 @@
 //   O += P V       wgmma m64 n128 k16, P from registers, V from shared memory (N-major)
 // K and V tiles go through STAGES-deep rings of shared-memory buffers with mbarriers: "full"
 // (TMA bytes landed) and "free" (both consumers done reading), separate for K and V, so S = Q K^T
-// starts before V has landed and a K buffer is reloaded as soon as its S is computed. Within a consumer, S of tile t+1 and P V of
-// tile t are issued together and the softmax of tile t+1 runs while P V is on the tensor cores.
+// starts before V has landed and a K buffer is reloaded as soon as its S is computed. Within a
+// consumer, S of tile t+1 and P V of tile t are issued together and the softmax of tile t+1 runs
+// while P V is on the tensor cores (FA3's intra-warpgroup overlap; its ping-pong between the two
+// consumers measured 20% slower here, bench/NOTES.md).
 //
 // Paged keys: a 3-D tensor map views the pool as (pages, page_size, H_kv * D); a tile is a box of
 // BN rows at (page, row0). Rows past the page end come back as zeros (TMA out-of-bounds fill),
