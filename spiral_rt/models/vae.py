@@ -179,8 +179,7 @@ class CausalConv3d(nn.Conv3d):
 
 def _layout_of(x: torch.Tensor) -> torch.memory_format:
     """channels_last_3d for a 5-D channels-last tensor, else contiguous_format."""
-    cl = x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
-    return torch.channels_last_3d if cl else torch.contiguous_format
+    return torch.channels_last_3d if x.dim() == 5 and is_channels_last(x) else torch.contiguous_format
 
 
 class RMSNorm3d(nn.Module):
@@ -327,12 +326,17 @@ class WanVAEDecoder(nn.Module):
         self._scale_by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.channels_last: bool | None = None
         """Activation layout: True channels-last, False contiguous, None channels-last on CUDA only."""
+        self._weights_channels_last: bool | None = None  # the layout _set_weight_layout last applied
 
     def _use_channels_last(self, device: torch.device) -> bool:
         return device.type == "cuda" if self.channels_last is None else bool(self.channels_last)
 
     def _set_weight_layout(self, channels_last: bool) -> None:
-        """Conv weights in the activations' layout (cuDNN then picks its native NHWC kernels)."""
+        """Conv weights in the activations' layout (cuDNN then picks its native NHWC kernels); once
+        per layout change, not per chunk (copies, dtype and device moves keep the layout)."""
+        if self._weights_channels_last == channels_last:
+            return
+        self._weights_channels_last = channels_last
         for m in self.modules():
             if isinstance(m, (nn.Conv3d, nn.Conv2d)):
                 fmt = (torch.channels_last_3d if m.weight.dim() == 5 else torch.channels_last) if channels_last \

@@ -92,10 +92,9 @@ def select_backend(op: str, device: torch.device, implemented: Sequence[str], re
 
     Under torch.compile the choice is made once, at trace time, and baked into the graph.
     """
-    source = "backend"
-    if requested in (None, "auto"):
-        requested, source = _requested_from_env(op), ENV_VAR
-    if requested not in (None, "auto"):
+    source = "backend" if requested not in (None, "auto") else ENV_VAR
+    requested = requested_backend(op, requested)
+    if requested is not None:
         if requested not in BACKENDS:
             raise ValueError(f"{op}: {source}={requested!r} is not a backend; choose one of {BACKENDS} or 'auto'")
         if requested not in implemented:
