@@ -1,4 +1,5 @@
-// Variant timing of the sampler step: graph of 16 calls on distinct buffers at B = 8, bf16, Philox.
+// Variant timing of the sampler step: graph of 16 calls on distinct buffers, bf16.
+// Usage: bench [B=8] [noise: 2 = Philox (default), 0 = none]
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <algorithm>
@@ -9,6 +10,7 @@ using namespace spiral_rt;
 #define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__); return 1; } } while (0)
 int main(int argc, char** argv) {
   const int B = argc > 1 ? atoi(argv[1]) : 8, SETS = 16;
+  const NoiseMode mode = argc > 2 && atoi(argv[2]) == 0 ? NoiseMode::kNone : NoiseMode::kPhilox;
   const int64_t N = 16LL * 3 * 60 * 104, numel = B * N;
   const int64_t blocks = sampler_step_blocks_per_seq(N, DType::kBFloat16);
   std::vector<void*> x(SETS), m(SETS), xn(SETS), mu(SETS);
@@ -30,7 +32,7 @@ int main(int argc, char** argv) {
   auto args = [&](int s) {
     SamplerStepArgs p; p.x = x[s]; p.m = m[s]; p.a = a; p.b = b; p.c = c; p.noise_key = keys; p.x_next = xn[s]; p.mu = mu[s];
     p.partials = partials + s * B * blocks; p.tickets = tickets + s * B; p.sq_sum = sq; p.num_seqs = B; p.seq_len = N;
-    p.dtype = DType::kBFloat16; p.noise_mode = NoiseMode::kPhilox; return p; };
+    p.dtype = DType::kBFloat16; p.noise_mode = mode; return p; };
   void* flush; CK(cudaMalloc(&flush, 256 << 20));
   auto time_graph = [&](auto body) {
     cudaGraph_t g; cudaGraphExec_t ge;
@@ -55,7 +57,7 @@ int main(int argc, char** argv) {
   std::vector<float> hsq(B); CK(cudaMemcpy(hsq.data(), sq, B * 4, cudaMemcpyDeviceToHost));
   double cs = 0; for (int64_t i = 0; i < numel; ++i) cs += __bfloat162float(out[i]);
   const double mb = 4.0 * numel * 2 / 1e6;
-  printf("B=%d blocks/seq=%lld  step %.2f us (%.0f GB/s)  2 copies of x,m %.2f us  frac %.3f  checksum %.6g sq0 %.6g\n",
-         B, (long long)blocks, us, mb * 1e3 / us, copy_us, copy_us / us, cs, hsq[0]);
+  printf("B=%d noise=%d blocks/seq=%lld  step %.2f us (%.0f GB/s)  2 copies of x,m %.2f us  frac %.3f  checksum %.6g sq0 %.6g\n",
+         B, int(mode), (long long)blocks, us, mb * 1e3 / us, copy_us, copy_us / us, cs, hsq[0]);
   return 0;
 }

@@ -150,6 +150,17 @@ PYBIND11_MODULE(_C, m) {
           return spiral_rt::sampler_step_blocks_per_seq(seq_len, static_cast<DType>(dtype));
         },
         py::arg("seq_len"), py::arg("dtype"));
+  m.def("stream_capture_id",
+        [](uintptr_t stream) {
+          uint64_t id = 0;
+          const int err = spiral_rt::stream_capture_id(ptr<void>(stream), &id);
+          if (err != 0)
+            throw std::runtime_error(std::string("cudaStreamGetCaptureInfo failed: ") +
+                                     spiral_rt::cuda_error_string(err));
+          return id;
+        },
+        "The id of the graph capture the stream is recording, 0 when it is not capturing",
+        py::arg("stream"));
   m.def("chunk_attention", &chunk_attention,
         "Launch the Hopper chunk attention over paged K/V (see csrc/chunk_attention.h)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("work"),

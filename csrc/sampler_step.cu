@@ -1,9 +1,10 @@
 // Fused sampler step kernel (see sampler_step.h for the math and the contract).
 //
-// Grid (blocks_per_seq, num_seqs), 256 threads. Each block covers kElemsPerThread * 256 elements
-// of one sequence: 32 bytes per thread, as two 16-byte vectors loaded before any math so that
-// both are in flight at once. Rows whose length or pointers do not allow 16-byte vectors take the
-// scalar path over the same block ranges, so the partial sums (and sq_sum) do not depend on it.
+// Grid (blocks_per_seq, num_seqs), 256 threads. Each block covers kUnroll 16-byte vectors a
+// thread of one sequence, all loaded before any math so that they are in flight at once; the
+// Philox noise is generated while they arrive. Rows whose length or pointers do not allow
+// 16-byte vectors take the scalar path over the same block ranges, so the partial sums (and
+// sq_sum) do not depend on it.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -15,11 +16,13 @@ namespace spiral_rt {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kUnroll = 2;
-// 4 resident blocks per SM (<= 64 registers a thread, no spills in any variant). Measured on the
-// H100 at 8 sequences: one vector a thread at 8 blocks/SM was slower (14.4 vs 12.5 us): the
-// per-block reduction handshake, not occupancy, is the cost.
-constexpr int kMinBlocksPerSM = 4;
+// Three 16-byte vectors a thread at 3 resident blocks per SM (80 registers, no spills): at the
+// engine's 8 sequences of one chunk that is 392 blocks, a single wave on 132 SMs, so no block
+// waits for a second wave. Measured on the H100 at 8 sequences (graph of 16 calls, bench/
+// sampler_variants.sh): 9.90 us, against 10.44 us for two vectors at 4 blocks/SM (1.12 waves)
+// and 10.0 us for either without noise; one vector at 8 blocks/SM spills and takes 21 us.
+constexpr int kUnroll = 3;
+constexpr int kMinBlocksPerSM = 3;
 
 template <typename T>
 struct Elem;
@@ -165,29 +168,34 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) sampler_step_kernel
       if constexpr (kNoise == NoiseMode::kTensor) ns[it] = load_pack<Pack<T, kVec>>(noise + first[it]);
     }
   }
-  Pack<T, kVec> xo[kIters], mo[kIters];
+  // The noise depends on nothing loaded: generate all of it while the loads are in flight, so the
+  // Philox and Box-Muller math overlaps the memory latency instead of following it.
+  float eps[kIters][kVec];
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
     if (first[it] >= n) continue;
-    float eps[kVec];
     if constexpr (kNoise == NoiseMode::kPhilox && kVec >= 4) {
       // A vector starts at a multiple of 4 elements: one Philox block per 4 elements.
 #pragma unroll
       for (int q = 0; q < kVec / 4; ++q)
         philox_normal4(key.seed, static_cast<uint32_t>((first[it] >> 2) + q), key.sequence,
-                       key.chunk, key.step, eps + 4 * q);
-    } else {
+                       key.chunk, key.step, eps[it] + 4 * q);
+    } else if constexpr (kNoise == NoiseMode::kPhilox) {
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        if constexpr (kNoise == NoiseMode::kPhilox) eps[j] = philox_eps(key, first[it] + j);
-        else if constexpr (kNoise == NoiseMode::kTensor) eps[j] = E::load(ns[it].v[j]);
-        else eps[j] = 0.f;
-      }
+      for (int j = 0; j < kVec; ++j) eps[it][j] = philox_eps(key, first[it] + j);
     }
+  }
+  Pack<T, kVec> xo[kIters], mo[kIters];
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    if (first[it] >= n) continue;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
+      float e = 0.f;
+      if constexpr (kNoise == NoiseMode::kPhilox) e = eps[it][j];
+      else if constexpr (kNoise == NoiseMode::kTensor) e = E::load(ns[it].v[j]);
       const float mu = A * E::load(xs[it].v[j]) + B * E::load(ms[it].v[j]);
-      xo[it].v[j] = E::store(mu + C * eps[j]);
+      xo[it].v[j] = E::store(mu + C * e);
       mo[it].v[j] = E::store(mu);
       const float d = E::load(xo[it].v[j]) - mu;  // the density of the stored (rounded) sample
       sq += d * d;
@@ -287,5 +295,13 @@ int sampler_step_launch(const SamplerStepArgs& p, int device, void* stream) {
 }
 
 const char* cuda_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+
+int stream_capture_id(void* stream, uint64_t* id) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  unsigned long long capture = 0;
+  const cudaError_t err = cudaStreamGetCaptureInfo(static_cast<cudaStream_t>(stream), &status, &capture);
+  *id = err == cudaSuccess && status == cudaStreamCaptureStatusActive ? capture : 0;
+  return err;
+}
 
 }  // namespace spiral_rt

@@ -46,4 +46,9 @@ int sampler_step_launch(const SamplerStepArgs& args, int device, void* stream);
 // cudaGetErrorString for a code returned above.
 const char* cuda_error_string(int code);
 
+// The id of the CUDA graph capture that `stream` (a cudaStream_t) is recording, or 0 when it is
+// not capturing; the return value is a cudaError_t. Lets the caller keep one zeroed ticket buffer
+// per capture instead of zeroing one inside the graph before every launch.
+int stream_capture_id(void* stream, uint64_t* id);
+
 }  // namespace spiral_rt

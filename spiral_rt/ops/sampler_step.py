@@ -156,23 +156,24 @@ def _(x, m, a, b, c, noise, noise_key, return_mu, backend):
 
 # ------------------------------------------------------------------------------ backend glue
 
-_TICKETS: dict[tuple[int, int], torch.Tensor] = {}
+_TICKETS: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}
 
 
 def _tickets(device: torch.device, stream: torch.cuda.Stream, n: int) -> torch.Tensor:
     """Zeroed uint32 tickets for the CUDA kernel's last-block reduction (it leaves them zero).
 
     One buffer per (device, stream), so concurrent streams never share tickets. Under CUDA graph
-    capture a missing buffer is allocated (and zeroed) inside the graph and not cached, since it
-    lives in the graph's private memory pool.
+    capture the buffer is allocated and zeroed inside the graph (it lives in the graph's private
+    memory pool) once per capture, not once per launch: the launches of one graph run in stream
+    order and each leaves the tickets zero for the next.
     """
     key = (device.index, stream.cuda_stream)
-    buf = _TICKETS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
-        if not torch.cuda.is_current_stream_capturing():
-            _TICKETS[key] = buf
-    return buf
+    capture = dispatch.NATIVE.stream_capture_id(stream.cuda_stream) if torch.cuda.is_current_stream_capturing() else 0
+    cached = _TICKETS.get(key)
+    if cached is None or cached[0] != capture or cached[1].numel() < n:
+        cached = (capture, torch.zeros(max(n, 64), dtype=torch.int32, device=device))
+        _TICKETS[key] = cached
+    return cached[1]
 
 
 def _run_cuda(x, m, a, b, c, noise, noise_key, x_next, mu, sq_sum, mode):

@@ -98,6 +98,37 @@ def test_cuda_graph_capture_and_replay(backend):
         assert torch.equal(out.sq_sum, eager.sq_sum)
 
 
+def test_cuda_graphs_sharing_a_pool_keep_their_tickets():
+    """Two graphs captured one after the other on one stream, sharing a memory pool, each with
+    two launches: the second capture may reuse the first one's ticket memory for its own tensors,
+    so each graph must zero its tickets itself. Interleaved replays must match eager calls."""
+    shape = (3, 2000)
+    x, m, a, b, c = _inputs(shape, torch.bfloat16, "cuda")
+    key = noise_key(5, range(3), 0, 0, device="cuda")
+    sampler_step(x, m, a, b, c, noise_key=key, backend="cuda")
+    torch.cuda.synchronize()
+    pool = torch.cuda.graph_pool_handle()
+    stream = torch.cuda.Stream()
+    graphs, outs = [], []
+    with torch.cuda.stream(stream):
+        for scale in (1.0, 3.0):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                first = sampler_step(x * scale, m, a, b, c, noise_key=key, backend="cuda")
+                second = sampler_step(first.x_next, m, a, b, c, noise_key=key, backend="cuda")
+            graphs.append(graph)
+            outs.append((scale, second))
+    for order in ([0, 1], [1, 0], [1, 1, 0]):
+        for g in order:
+            x.copy_(torch.randn(shape, device="cuda"))
+            graphs[g].replay()
+            scale, got = outs[g]
+            first = sampler_step(x * scale, m, a, b, c, noise_key=key, backend="cuda")
+            want = sampler_step(first.x_next, m, a, b, c, noise_key=key, backend="cuda")
+            assert torch.equal(got.x_next, want.x_next)
+            assert torch.equal(got.sq_sum, want.sq_sum)
+
+
 def test_torch_compile_inductor_on_gpu():
     x, m, a, b, c = _inputs((2, 4, 1000), torch.bfloat16, "cuda")
     key = noise_key(3, [0, 1], 0, 1, device="cuda")
