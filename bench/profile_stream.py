@@ -30,7 +30,7 @@ from spiral_rt.models.vae import build_vae_decoder, wan21_vae  # noqa: E402
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--frames", type=int, default=81, help="video frames (1 + 4k)")
+    ap.add_argument("--frames", type=int, default=81, help="video frames (12k - 3)")
     ap.add_argument("--warmup", type=int, default=2, help="videos before the profiled one")
     ap.add_argument("--graphs", action="store_true", help="profile the CUDA-graph path")
     ap.add_argument("--no-vae", action="store_true", help="latents only (DiT work alone)")
@@ -39,9 +39,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
-    if (args.frames - 1) % 12:
-        ap.error("--frames must be 1 + 12k (chunks of 3 latent frames)")
-    chunks = (args.frames - 1) // 12
+    # chunks of 3 latent frames: the first decodes to 1 + 4 * 2 = 9 frames, each later one to 12
+    if args.frames < 9 or (args.frames + 3) % 12:
+        ap.error("--frames must be 12k - 3 (k chunks of 3 latent frames: 9, 21, ..., 81)")
+    chunks = (args.frames + 3) // 12
     torch.manual_seed(0)
     dcfg = wan21_t2v_1_3b()
     model = build_dit(dcfg, device="cuda", dtype=torch.bfloat16)

@@ -124,6 +124,25 @@ class Block(nn.Module):
         return ca.heads(ca.norm_k(ca.k(context))), ca.heads(ca.v(context))
 
 
+def _rms_norm_fused(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` as one kernel (F.rms_norm: fp32 math, the weight applied before the one rounding,
+    where RMSNorm rounds before it); the fused path's cross-attention query norm."""
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+
+
+def _ffn_fused(ffn: nn.Sequential, y: torch.Tensor) -> torch.Tensor:
+    """``ffn(y)`` with the bias and tanh-GELU of the first linear in its GEMM epilogue
+    (torch._addmm_activation: cuBLASLt's GELU_BIAS on CUDA), saving a pass over the (L, ffn_dim)
+    hidden activations. CUDA only: the CPU kernel applies the erf GELU, not tanh's. Other layer
+    types (LoRA wrappers, FP8 linears) run as modules."""
+    up, act, down = ffn
+    if (y.device.type != "cuda" or type(up) is not nn.Linear or up.bias is None
+            or getattr(act, "approximate", None) != "tanh"):
+        return ffn(y)
+    hidden = torch._addmm_activation(up.bias, y.reshape(-1, y.shape[-1]), up.weight.t(), use_gelu=True)
+    return down(hidden.view(*y.shape[:-1], -1))
+
+
 def _modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm(x) * (1 + scale) + shift per frame, in fp32. x: (B, F, T, C); shift, scale: (B, F, 1, C)."""
     xn = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
@@ -467,13 +486,13 @@ class CausalWanDiT(nn.Module):
                 y = x
 
             ca = block.cross_attn
-            q = ca.heads(ca.norm_q(ca.q(y)))
+            q = ca.heads(_rms_norm_fused(ca.norm_q, ca.q(y)))
             k, v = text.cross_k[i], text.cross_v[i]
             if k.shape[0] != B:
                 k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
             branch = ca.o(sdpa_blhd(q, k, v).flatten(2))
             y, x = modulated_norm(x, c_shift, c_scale, gate=ones, branch=branch, eps=block.eps)
-            carry = (block.ffn(y), c_gate)
+            carry = (_ffn_fused(block.ffn, y), c_gate)
 
         mod = self.head.modulation.float()[:, None] + e[:, :, None]  # (B, F, 2, dim)
         shift, scale = mod[:, :, 0].contiguous(), mod[:, :, 1].contiguous()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from model_helpers import randomize_, rel_err
 from spiral_rt.models.checkpoints import CheckpointError, export_vae_state_dict, load_vae, save_checkpoint
-from spiral_rt.models.vae import RMSNorm3d, WanVAEConfig, build_vae_decoder, tiny_vae, wan21_vae
+from spiral_rt.models.vae import CausalConv3d, RMSNorm3d, WanVAEConfig, build_vae_decoder, tiny_vae, wan21_vae
 
 
 def _vae(cfg=None):
@@ -67,6 +67,29 @@ def test_channels_last_layout_equals_contiguous():
     model.channels_last = False
     with pytest.raises(ValueError, match="'state'.*layout"):
         model.decode_chunk(z[:, :, :1], state)
+
+
+@torch.no_grad()
+def test_time_folded_convolutions_equal_conv3d(monkeypatch):
+    """Every norm-fed causal conv run time-folded (a 2-D conv over three time-shifted channel
+    blocks; automatic on the GPU below 128 channels), forced here on the CPU with channels-last
+    activations: the same frames as the plain path, whole and chunk by chunk, with 1-frame chunks
+    (fewer frames than the cached context) and a batch of two."""
+    model = _vae()
+    z = torch.randn(2, 16, 4, 3, 5)
+    whole = model.decode(z, clamp=False)
+    model.channels_last = True
+    folded = [m for m in model.modules() if isinstance(m, CausalConv3d) and m.time_context]
+    for m in folded:
+        m.fold_time = True
+    calls = []
+    original = CausalConv3d._forward_time_folded
+    monkeypatch.setattr(CausalConv3d, "_forward_time_folded", lambda self, *a: calls.append(self) or original(self, *a))
+    assert rel_err(model.decode(z, clamp=False), whole) <= 1e-5
+    assert len(calls) == sum(1 for m in folded if m is not model.decoder.conv1 and m.kernel_size[1] == 3) > 0
+    state = model.new_state(2, 3, 5)
+    parts = [model.decode_chunk(z[:, :, a:b], state, clamp=False) for a, b in ((0, 1), (1, 3), (3, 4))]
+    assert rel_err(torch.cat(parts, dim=2), whole) <= 1e-5
 
 
 @torch.no_grad()
@@ -161,10 +184,15 @@ def test_vae_config_errors():
         WanVAEConfig(z_dim=4)
 
 
-def _former_rms_norm_forward(self, x, silu=False):
+def _former_rms_norm_forward(self, x, silu=False, out=None):
     """RMSNorm3d + nn.SiLU before the fused op: fp32 normalize, cast, * scale * gamma in x's dtype, SiLU."""
     y = F.normalize(x.float(), dim=1).to(x.dtype) * self.scale * self.gamma
-    return F.silu(y) if silu else y
+    y = F.silu(y) if silu else y
+    if out is None:
+        return y
+    for o in [out] if isinstance(out, torch.Tensor) else out:  # the op's destinations: x's first T_k frames each
+        o.copy_(y[:, :, : o.shape[2]])
+    return out
 
 
 @torch.no_grad()

@@ -85,6 +85,57 @@ def test_channels_last_equals_contiguous(triton_device, backend, shape, layout):
         _close(y, channel_rms_norm_ref(x, gamma, scale=scale, silu=silu), torch.float32)
 
 
+@pytest.mark.parametrize("backend", IMPLEMENTED)
+def test_out_writes_a_time_slice_of_a_larger_buffer(triton_device, backend):
+    """``out`` as the VAE passes it: frames 2.. of a channels-last buffer with two extra frames
+    (batch items 2 apart in memory); the two leading frames stay untouched."""
+    device = triton_device if backend == "triton" else "cpu"
+    x, gamma, scale = _inputs((3, 13, 4, 5, 7), torch.float32, device)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    buf = torch.full((3, 13, 6, 5, 7), 7.0, device=device).contiguous(memory_format=torch.channels_last_3d)
+    out = buf[:, :, 2:]
+    got = channel_rms_norm(x, gamma, scale=scale, silu=True, out=out, backend=backend)
+    assert got is out
+    _close(out, channel_rms_norm_ref(x, gamma, scale=scale, silu=True), torch.float32)
+    assert torch.all(buf[:, :, :2] == 7.0)
+
+
+def test_bad_out_names_the_argument():
+    x, gamma, scale = _inputs((2, 4, 3, 5), torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"'out'.*shape \(2, 4, 'T_k <= 3', 5\)"):
+        channel_rms_norm(x, gamma, scale=scale, out=torch.empty(2, 4, 3, 6))
+    with pytest.raises(ValueError, match="'out'.*shape"):
+        channel_rms_norm(x, gamma, scale=scale, out=torch.empty(2, 4, 4, 5))
+    with pytest.raises(ValueError, match="'out'.*dtype"):
+        channel_rms_norm(x, gamma, scale=scale, out=torch.empty_like(x, dtype=torch.float16))
+    with pytest.raises(ValueError, match="'out'.*positions contiguous"):
+        channel_rms_norm(x, gamma, scale=scale, out=torch.empty_like(x, memory_format=torch.channels_last))
+    with pytest.raises(ValueError, match=r"'out\[1\]'.*channels innermost"):
+        xc = x.contiguous(memory_format=torch.channels_last)
+        channel_rms_norm(xc, gamma, scale=scale, out=[torch.empty_like(xc), torch.empty_like(x)])
+    with pytest.raises(ValueError, match="'out'.*overlapping"):
+        channel_rms_norm(x, gamma, scale=scale, out=torch.empty(1, 4, 3, 5).expand(2, 4, 3, 5))
+    with pytest.raises(ValueError, match="'out'.*1 to 3 tensors"):
+        channel_rms_norm(x, gamma, scale=scale, out=[torch.empty_like(x)] * 4)
+
+
+@pytest.mark.parametrize("backend", IMPLEMENTED)
+def test_out_into_three_time_shifted_channel_blocks(triton_device, backend):
+    """Three destinations, as the VAE's time-folded convolution uses them: channel block k of a
+    (B, 3C, T, H, W) channels-last buffer, frames 2 - k .. T - 1, receives x's first T - 2 + k frames."""
+    device = triton_device if backend == "triton" else "cpu"
+    B, C, T, H, W = 2, 13, 4, 3, 5
+    x, gamma, scale = _inputs((B, C, T, H, W), torch.float32, device)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    buf = torch.full((B, 3 * C, T, H, W), 7.0, device=device).contiguous(memory_format=torch.channels_last_3d)
+    outs = [buf[:, k * C:(k + 1) * C, 2 - k:] for k in range(3)]
+    channel_rms_norm(x, gamma, scale=scale, out=outs, backend=backend)
+    want = channel_rms_norm_ref(x, gamma, scale=scale, silu=False)
+    for k in range(3):
+        _close(buf[:, k * C:(k + 1) * C, 2 - k:], want[:, :, :T - 2 + k], torch.float32)
+        assert torch.all(buf[:, k * C:(k + 1) * C, :2 - k] == 7.0)
+
+
 @pytest.mark.parametrize("silu", [False, True])
 def test_triton_small_blocks_cover_every_tail(triton_device, silu):
     """Blocks much smaller than the shape: several position blocks per batch item (the last one
