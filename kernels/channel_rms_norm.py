@@ -41,10 +41,10 @@ def _store(y_ptr, y, c, pos, mask, batch, stride_b, stride_c, stride_p, position
 
 @triton.jit
 def _channel_rms_norm_kernel(
-    x_ptr, gamma_ptr, num_channels, num_positions, scale, eps,
+    x_ptr, gamma_ptr, bias_ptr, num_channels, num_positions, scale, eps,
     y0_ptr, y0_sb, y0_sc, y0_sp, y0_n, y1_ptr, y1_sb, y1_sc, y1_sp, y1_n, y2_ptr, y2_sb, y2_sc, y2_sp, y2_n,
-    NUM_OUT: tl.constexpr, SILU: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    NUM_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     batch = tl.program_id(1).to(tl.int64)
     pos = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -60,6 +60,8 @@ def _channel_rms_norm_kernel(
         mask = (c < num_channels)[:, None] & pos_mask[None, :]
         offs = _offsets(c, pos, num_channels, num_positions, CHANNELS_LAST)
         v = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            v += tl.load(bias_ptr + c, mask=c < num_channels, other=0.0).to(tl.float32)[:, None]
         acc += v * v
     norm = tl.sqrt(tl.sum(acc, axis=0))
     factor = scale / tl.maximum(norm, eps)  # (BLOCK_N,): F.normalize's x / max(||x||, eps), times scale
@@ -71,6 +73,8 @@ def _channel_rms_norm_kernel(
         mask = c_mask[:, None] & pos_mask[None, :]
         offs = _offsets(c, pos, num_channels, num_positions, CHANNELS_LAST)
         v = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            v += tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[:, None]
         g = tl.load(gamma_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
         y = v * factor[None, :] * g[:, None]
         if SILU:
@@ -83,11 +87,12 @@ def _channel_rms_norm_kernel(
 
 
 def channel_rms_norm(x, gamma, y, scale: float, eps: float, silu: bool, channels_last: bool = False,
-                     block_n: int | None = None, block_c: int | None = None, num_warps: int = 4):
+                     block_n: int | None = None, block_c: int | None = None, num_warps: int = 4, bias=None):
     """Launch on checked tensors: x (B, C, *spatial) contiguous or (channels_last=True)
     channels-last dense; gamma (C,) contiguous; y a tensor of x's shape and layout, or 1 to 3
     destinations (tensor, channel stride, position stride), each (B, C, T_k, *spatial[1:]) with
-    evenly strided positions, receiving x's first T_k * prod(spatial[1:]) positions."""
+    evenly strided positions, receiving x's first T_k * prod(spatial[1:]) positions; bias (C,)
+    contiguous or None, added to x first."""
     batch, channels = x.shape[0], x.shape[1]
     positions = x.numel() // (batch * channels)
     if isinstance(y, torch.Tensor):
@@ -100,6 +105,7 @@ def channel_rms_norm(x, gamma, y, scale: float, eps: float, silu: bool, channels
     block_c = block_c or min(CL_MAX_BLOCK_C if channels_last else MAX_BLOCK_C, triton.next_power_of_2(channels))
     grid = (triton.cdiv(positions, block_n), batch)
     _channel_rms_norm_kernel[grid](
-        x, gamma, channels, positions, scale, eps, *args,
-        NUM_OUT=len(y), SILU=silu, CHANNELS_LAST=channels_last, BLOCK_C=block_c, BLOCK_N=block_n, num_warps=num_warps,
+        x, gamma, gamma if bias is None else bias, channels, positions, scale, eps, *args,
+        NUM_OUT=len(y), HAS_BIAS=bias is not None, SILU=silu, CHANNELS_LAST=channels_last, BLOCK_C=block_c,
+        BLOCK_N=block_n, num_warps=num_warps,
     )

@@ -38,6 +38,7 @@ indices, hence the checkpoint keys, stay Wan's.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -168,17 +169,22 @@ class CausalConv3d(nn.Conv3d):
         # channels conv3d is the faster, 4.6 vs 5.0 ms)
         self.fold_time: bool | None = None
 
-    def forward(self, x: torch.Tensor, state: DecoderState | None = None, norm: "RMSNorm3d | None" = None) -> torch.Tensor:
-        """Convolve x (B, C, T, H, W), or ``silu(norm(x))`` when ``norm`` is given: with channels-last
-        activations the norm then writes straight into the convolution's input buffer, behind the
-        cached frames, instead of into a tensor that a concatenation would copy again."""
+    def forward(self, x: torch.Tensor, state: DecoderState | None = None, norm: "RMSNorm3d | None" = None,
+                norm_bias: torch.Tensor | None = None, add_bias: bool = True) -> torch.Tensor:
+        """Convolve x (B, C, T, H, W), or ``silu(norm(x + norm_bias))`` when ``norm`` is given: with
+        channels-last activations the norm then writes straight into the convolution's input buffer,
+        behind the cached frames, instead of into a tensor that a concatenation would copy again.
+        ``add_bias=False`` leaves this conv's bias out, for a following norm to add (``norm_bias``)."""
+        bias = self.bias if add_bias else None
+        if norm is not None:
+            norm = functools.partial(norm, silu=True, bias=norm_bias)
         if self.time_context == 0:
-            return super().forward(norm(x, silu=True) if norm is not None else x)
+            return self._conv_forward(norm(x) if norm is not None else x, self.weight, bias)
         if norm is not None and not is_channels_last(x):
-            x, norm = norm(x, silu=True), None  # a time slice of a contiguous buffer is not per-item dense
+            x, norm = norm(x), None  # a time slice of a contiguous buffer is not per-item dense
         fold = self.fold_time if self.fold_time is not None else self.in_channels < 128
         if fold and norm is not None:
-            return self._forward_time_folded(x, state, norm)
+            return self._forward_time_folded(x, state, norm, bias)
         B, C, T, H, W = x.shape
         xin = torch.empty((B, C, self.time_context + T, H, W), dtype=x.dtype, device=x.device, memory_format=_layout_of(x))
         past, current = xin[:, :, : self.time_context], xin[:, :, self.time_context :]
@@ -189,14 +195,14 @@ class CausalConv3d(nn.Conv3d):
         if norm is None:
             current.copy_(x)
         else:
-            norm(x, silu=True, out=current)
-        out = super().forward(xin)
+            norm(x, out=current)
+        out = self._conv_forward(xin, self.weight, bias)
         if state is not None:
             state.buffers[self.cache_index].copy_(xin[:, :, -CACHE_FRAMES:])
         return out
 
 
-    def _forward_time_folded(self, x: torch.Tensor, state: DecoderState | None, norm: "RMSNorm3d") -> torch.Tensor:
+    def _forward_time_folded(self, x: torch.Tensor, state: DecoderState | None, norm, bias: torch.Tensor | None) -> torch.Tensor:
         """The same convolution of silu(norm(x)) behind the cached frames, as a 2-D convolution
         over (B * T) frames of 3 C channels: channel block k of frame t holds input frame t + k (of
         the cached frames followed by x's), so the three time taps become one GEMM with a K three
@@ -213,13 +219,13 @@ class CausalConv3d(nn.Conv3d):
                 blocks[k][:, :, :n].zero_()
             else:
                 blocks[k][:, :, :n].copy_(past[:, :, k : k + n])
-        norm(x, silu=True, out=[blocks[k][:, :, ctx - k :] for k in range(ctx + 1) if T > ctx - k])
+        norm(x, out=[blocks[k][:, :, ctx - k :] for k in range(ctx + 1) if T > ctx - k])
         if past is not None:  # the next chunk's cached frames: inputs T and T + 1, in blocks 1, 2 of frame T - 1
             for i in range(ctx):
                 past[:, :, i : i + 1].copy_(blocks[i + 1][:, :, T - 1 :])
         weight = self.weight.permute(0, 2, 1, 3, 4).reshape(self.out_channels, (ctx + 1) * C, *self.kernel_size[1:])
         frames = folded.permute(0, 2, 1, 3, 4).reshape(B * T, (ctx + 1) * C, H, W)
-        y = F.conv2d(frames, weight.contiguous(memory_format=torch.channels_last), self.bias, padding=self.padding[1:])
+        y = F.conv2d(frames, weight.contiguous(memory_format=torch.channels_last), bias, padding=self.padding[1:])
         return y.view(B, T, *y.shape[1:]).permute(0, 2, 1, 3, 4)
 
 
@@ -237,12 +243,12 @@ class RMSNorm3d(nn.Module):
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
 
-    def forward(self, x: torch.Tensor, silu: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu: bool = False, out=None, bias: torch.Tensor | None = None) -> torch.Tensor:
         # the op reads contiguous or channels-last tensors; a contiguous-mode Resample's output is a
         # permuted view of neither kind
         if not (x.is_contiguous() or is_channels_last(x)):
             x = x.contiguous()
-        return channel_rms_norm(x, self.gamma, scale=self.scale, silu=silu, out=out)
+        return channel_rms_norm(x, self.gamma, scale=self.scale, silu=silu, bias=bias, out=out)
 
 
 class ResidualBlock(nn.Module):
@@ -257,9 +263,10 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor, state: DecoderState | None) -> torch.Tensor:
         h = self.shortcut(x)
         r = self.residual
-        # norm + SiLU (r[0] + r[1], r[3] + r[4]) run as one fused op inside each conv's input; r[5] is Dropout(0)
-        x = r[2](x, state, norm=r[0])
-        x = r[6](x, state, norm=r[3])
+        # norm + SiLU (r[0] + r[1], r[3] + r[4]) run as one fused op inside each conv's input, the
+        # second adding the first conv's bias (a separate pass over the conv output otherwise); r[5] is Dropout(0)
+        x = r[2](x, state, norm=r[0], add_bias=False)
+        x = r[6](x, state, norm=r[3], norm_bias=r[2].bias)
         return x + h
 
 

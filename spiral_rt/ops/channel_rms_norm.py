@@ -1,6 +1,7 @@
 """``channel_rms_norm``: the Wan VAE's RMS norm over channels, optionally fused with the SiLU that
 follows it in every residual block and in the decoder head.
 
+    x = x + bias[c]                                              (when a bias is given)
     y = x / max(||x||_2 over dim 1, eps) * scale * gamma[c]      (F.normalize(x, dim=1), eps=1e-12)
     y = silu(y)                                                  (when silu=True)
 
@@ -45,6 +46,7 @@ def channel_rms_norm(
     scale: float,
     silu: bool = False,
     eps: float = 1e-12,
+    bias: torch.Tensor | None = None,
     out: torch.Tensor | Sequence[torch.Tensor] | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
@@ -56,6 +58,8 @@ def channel_rms_norm(
         scale: positive multiplier of the normalized value (the VAE's sqrt(C)).
         silu: apply SiLU to the result (fused).
         eps: lower bound of the channel norm (> 0; F.normalize's default 1e-12).
+        bias: optional per-channel value added to x first (C elements, on x's device): the bias of
+            the convolution that produced x, deferred into this pass (the VAE's residual blocks).
         out: optional destination tensor or tensors (module docstring); returned when given.
         backend: "triton" | "reference" | "auto"/None (see spiral_rt.ops.dispatch).
     """
@@ -74,16 +78,21 @@ def channel_rms_norm(
         raise ValueError(f"{OP}: argument 'eps' must be a positive float, got {eps!r}")
     if not isinstance(silu, bool):
         raise ValueError(f"{OP}: argument 'silu' must be a bool, got {silu!r}")
+    if bias is not None:
+        bias = dispatch.check_tensor(OP, "bias", bias, dtypes=FLOAT_DTYPES, device=x.device, contiguous=False)
+        if bias.numel() != channels:
+            raise ValueError(f"{OP}: argument 'bias' must have C = {channels} elements, got shape {tuple(bias.shape)}")
+        bias = bias.reshape(channels).contiguous()
     chosen = dispatch.select_backend(OP, x.device, IMPLEMENTED, backend)
     gamma = gamma.reshape(channels).contiguous()
     if out is None:
-        return dispatch.invoke(_channel_rms_norm_op, _channel_rms_norm_impl, x, gamma, float(scale), float(eps), silu, chosen)
+        return dispatch.invoke(_channel_rms_norm_op, _channel_rms_norm_impl, x, gamma, bias, float(scale), float(eps), silu, chosen)
     outs = [out] if isinstance(out, torch.Tensor) else list(out)
     if not 1 <= len(outs) <= MAX_OUTPUTS:
         raise ValueError(f"{OP}: argument 'out' must be a tensor or 1 to {MAX_OUTPUTS} tensors, got {len(outs)}")
     for k, o in enumerate(outs):
         _out_strides(x, o, "out" if isinstance(out, torch.Tensor) else f"out[{k}]")
-    dispatch.invoke(_channel_rms_norm_out_op, _channel_rms_norm_out_impl, x, gamma, outs, float(scale), float(eps), silu, chosen)
+    dispatch.invoke(_channel_rms_norm_out_op, _channel_rms_norm_out_impl, x, gamma, bias, outs, float(scale), float(eps), silu, chosen)
     return out
 
 
@@ -129,10 +138,10 @@ def is_channels_last(x: torch.Tensor) -> bool:
 # ------------------------------------------------------------------ torch.library registration
 
 
-def _channel_rms_norm_out_impl(x: torch.Tensor, gamma: torch.Tensor, out: list[torch.Tensor], scale: float, eps: float,
-                               silu: bool, backend: str) -> None:
+def _channel_rms_norm_out_impl(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None, out: list[torch.Tensor],
+                               scale: float, eps: float, silu: bool, backend: str) -> None:
     if backend == "reference":
-        y = _reference.channel_rms_norm(x, gamma, scale=scale, silu=silu, eps=eps)
+        y = _reference.channel_rms_norm(x, gamma, scale=scale, silu=silu, eps=eps, bias=bias)
         for o in out:
             o.copy_(y[:, :, : o.shape[2]])
     elif x.numel():
@@ -140,15 +149,15 @@ def _channel_rms_norm_out_impl(x: torch.Tensor, gamma: torch.Tensor, out: list[t
 
         dests = [(o, *_out_strides(x, o, "out")) for o in out if o.numel()]
         if dests:
-            kernel.channel_rms_norm(x, gamma, dests, scale, eps, silu, channels_last=is_channels_last(x))
+            kernel.channel_rms_norm(x, gamma, dests, scale, eps, silu, channels_last=is_channels_last(x), bias=bias)
 
 
-def _channel_rms_norm_impl(x: torch.Tensor, gamma: torch.Tensor, scale: float, eps: float, silu: bool,
-                           backend: str) -> torch.Tensor:
+def _channel_rms_norm_impl(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None, scale: float, eps: float,
+                           silu: bool, backend: str) -> torch.Tensor:
     if backend == "reference":
-        return _reference.channel_rms_norm(x, gamma, scale=scale, silu=silu, eps=eps)
+        return _reference.channel_rms_norm(x, gamma, scale=scale, silu=silu, eps=eps, bias=bias)
     y = torch.empty_like(x)  # same layout as x
-    _channel_rms_norm_out_impl(x, gamma, [y], scale, eps, silu, backend)
+    _channel_rms_norm_out_impl(x, gamma, bias, [y], scale, eps, silu, backend)
     return y
 
 
@@ -156,7 +165,7 @@ _channel_rms_norm_op = torch.library.custom_op("spiral_rt::channel_rms_norm", _c
 
 
 @_channel_rms_norm_op.register_fake
-def _(x, gamma, scale, eps, silu, backend):
+def _(x, gamma, bias, scale, eps, silu, backend):
     return torch.empty_like(x)
 
 
@@ -165,5 +174,5 @@ _channel_rms_norm_out_op = torch.library.custom_op("spiral_rt::channel_rms_norm_
 
 
 @_channel_rms_norm_out_op.register_fake
-def _(x, gamma, out, scale, eps, silu, backend):
+def _(x, gamma, bias, out, scale, eps, silu, backend):
     return None

@@ -3,6 +3,7 @@ reference implementation (eager PyTorch). The Wan VAE's ``RMSNorm3d`` (+ ``nn.Si
 
 For x (B, C, *spatial), gamma with C elements, in fp32 (fp64 for fp64 inputs)::
 
+    x = x + bias[c]                                             # when a bias is given
     y = x / max(||x||_2 over dim 1, eps) * scale * gamma[c]     # F.normalize(x, dim=1) * scale * gamma
     y = silu(y)                                                  # when silu
     return round_to(x.dtype, y)
@@ -20,11 +21,14 @@ import torch
 import torch.nn.functional as F
 
 
-def channel_rms_norm(x: torch.Tensor, gamma: torch.Tensor, *, scale: float, silu: bool, eps: float = 1e-12) -> torch.Tensor:
-    """Reference of ``spiral_rt.ops.channel_rms_norm``: y = x / max(||x||, eps) * scale * gamma (+ SiLU)."""
+def channel_rms_norm(x: torch.Tensor, gamma: torch.Tensor, *, scale: float, silu: bool, eps: float = 1e-12,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference of ``spiral_rt.ops.channel_rms_norm``: y = x' / max(||x'||, eps) * scale * gamma (+ SiLU),
+    x' = x + bias (per channel, when given)."""
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xf = x.to(work)
-    g = gamma.to(work).reshape(1, x.shape[1], *([1] * (x.dim() - 2)))
+    per_channel = (1, x.shape[1], *([1] * (x.dim() - 2)))
+    xf = x.to(work) if bias is None else x.to(work) + bias.to(work).reshape(per_channel)
+    g = gamma.to(work).reshape(per_channel)
     norm = torch.linalg.vector_norm(xf, dim=1, keepdim=True)  # (B, 1, *spatial)
     y = xf / norm.clamp_min(eps) * (scale * g)
     if silu:

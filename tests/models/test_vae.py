@@ -184,8 +184,11 @@ def test_vae_config_errors():
         WanVAEConfig(z_dim=4)
 
 
-def _former_rms_norm_forward(self, x, silu=False, out=None):
-    """RMSNorm3d + nn.SiLU before the fused op: fp32 normalize, cast, * scale * gamma in x's dtype, SiLU."""
+def _former_rms_norm_forward(self, x, silu=False, out=None, bias=None):
+    """RMSNorm3d + nn.SiLU before the fused op: fp32 normalize, cast, * scale * gamma in x's dtype, SiLU
+    (a deferred conv bias added first in x's dtype, as the conv itself did)."""
+    if bias is not None:
+        x = x + bias.reshape(1, -1, *([1] * (x.dim() - 2)))
     y = F.normalize(x.float(), dim=1).to(x.dtype) * self.scale * self.gamma
     y = F.silu(y) if silu else y
     if out is None:

@@ -115,6 +115,10 @@ def test_bad_out_names_the_argument():
         channel_rms_norm(xc, gamma, scale=scale, out=[torch.empty_like(xc), torch.empty_like(x)])
     with pytest.raises(ValueError, match="'out'.*overlapping"):
         channel_rms_norm(x, gamma, scale=scale, out=torch.empty(1, 4, 3, 5).expand(2, 4, 3, 5))
+    with pytest.raises(ValueError, match="'bias'.*4 elements"):
+        channel_rms_norm(x, gamma, scale=scale, bias=torch.ones(3))
+    with pytest.raises(ValueError, match="'bias'.*dtype"):
+        channel_rms_norm(x, gamma, scale=scale, bias=torch.ones(4, dtype=torch.int32))
     with pytest.raises(ValueError, match="'out'.*1 to 3 tensors"):
         channel_rms_norm(x, gamma, scale=scale, out=[torch.empty_like(x)] * 4)
 
@@ -122,15 +126,17 @@ def test_bad_out_names_the_argument():
 @pytest.mark.parametrize("backend", IMPLEMENTED)
 def test_out_into_three_time_shifted_channel_blocks(triton_device, backend):
     """Three destinations, as the VAE's time-folded convolution uses them: channel block k of a
-    (B, 3C, T, H, W) channels-last buffer, frames 2 - k .. T - 1, receives x's first T - 2 + k frames."""
+    (B, 3C, T, H, W) channels-last buffer, frames 2 - k .. T - 1, receives x's first T - 2 + k frames;
+    with a per-channel bias added to x first."""
     device = triton_device if backend == "triton" else "cpu"
     B, C, T, H, W = 2, 13, 4, 3, 5
     x, gamma, scale = _inputs((B, C, T, H, W), torch.float32, device)
     x = x.contiguous(memory_format=torch.channels_last_3d)
     buf = torch.full((B, 3 * C, T, H, W), 7.0, device=device).contiguous(memory_format=torch.channels_last_3d)
     outs = [buf[:, k * C:(k + 1) * C, 2 - k:] for k in range(3)]
-    channel_rms_norm(x, gamma, scale=scale, out=outs, backend=backend)
-    want = channel_rms_norm_ref(x, gamma, scale=scale, silu=False)
+    bias = torch.randn(C, device=device)  # a deferred conv bias, added before the norm
+    channel_rms_norm(x, gamma, scale=scale, bias=bias, out=outs, backend=backend)
+    want = channel_rms_norm_ref(x + bias.reshape(1, C, 1, 1, 1), gamma, scale=scale, silu=False)
     for k in range(3):
         _close(buf[:, k * C:(k + 1) * C, 2 - k:], want[:, :, :T - 2 + k], torch.float32)
         assert torch.all(buf[:, k * C:(k + 1) * C, :2 - k] == 7.0)
