@@ -33,7 +33,11 @@ convolutions read that layout natively, so no NCDHW <-> NDHWC transposes run aro
 output is returned contiguous either way. Each RMS norm and the SiLU after it run as one
 ``spiral_rt.ops.channel_rms_norm`` (Triton on a GPU, the PyTorch reference on a CPU), rounded once
 to the activation dtype; the ``nn.SiLU`` modules stay in their ``nn.Sequential``s only so that the
-indices, hence the checkpoint keys, stay Wan's.
+indices, hence the checkpoint keys, stay Wan's. With channels-last activations each norm writes
+straight into its convolution's input (behind the cached frames; for the full-resolution convs,
+into the three time-shifted channel blocks of the time-folded 2-D conv, see
+``CausalConv3d._forward_time_folded``), and a residual block's first conv leaves its bias to the
+second norm, so no concatenation or bias pass runs over those activations.
 """
 
 from __future__ import annotations
@@ -201,7 +205,6 @@ class CausalConv3d(nn.Conv3d):
             state.buffers[self.cache_index].copy_(xin[:, :, -CACHE_FRAMES:])
         return out
 
-
     def _forward_time_folded(self, x: torch.Tensor, state: DecoderState | None, norm, bias: torch.Tensor | None) -> torch.Tensor:
         """The same convolution of silu(norm(x)) behind the cached frames, as a 2-D convolution
         over (B * T) frames of 3 C channels: channel block k of frame t holds input frame t + k (of
@@ -295,7 +298,8 @@ class Upsample2x(nn.Module):
         if not is_channels_last(x):
             return F.interpolate(x, scale_factor=2.0, mode="nearest-exact")
         # channels-last (N, H, W, C) memory: each pixel's channel vector written to a 2 x 2 block is
-        # one broadcast copy into (N, H, 2, W, 2, C), several times faster than interpolate's NHWC kernel
+        # one broadcast copy into (N, H, 2, W, 2, C), twice as fast as interpolate's NHWC kernel
+        # (H100, 12 x 192 x 240 x 416: 5.4 -> 2.5 ms)
         N, C, H, W = x.shape
         y = x.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(N, H, 2, W, 2, C).reshape(N, 2 * H, 2 * W, C)
         return y.permute(0, 3, 1, 2)

@@ -147,6 +147,7 @@ def _channel_rms_norm_out_impl(x: torch.Tensor, gamma: torch.Tensor, bias: torch
     elif x.numel():
         from spiral_rt.kernels import channel_rms_norm as kernel
 
+        # the strides again (checked in channel_rms_norm): the registered op carries tensors only
         dests = [(o, *_out_strides(x, o, "out")) for o in out if o.numel()]
         if dests:
             kernel.channel_rms_norm(x, gamma, dests, scale, eps, silu, channels_last=is_channels_last(x), bias=bias)
