@@ -56,7 +56,7 @@ SMOKE = False
 def _default_variant() -> str | None:
     """The name of the variant the op runs for these shapes without being told (auto backend)."""
     if CUDA_VARIANTS and plan_for_default().cuda_reason is None:
-        return "cuda-n112"
+        return "cuda-n176"
     chosen = default_config(HEAD_DIM, DTYPE, LQ, SMOKE)
     return next((name for name, cfg in VARIANTS.items() if cfg == chosen), None)
 
@@ -83,12 +83,12 @@ VARIANTS = {  # name -> AttentionConfig (num_splits 0 = the plan's choice by sha
     "m128n128w8s2-tma-ws": AttentionConfig(128, 128, 8, 2, 0, kv_load="tma", warp_specialize=True),
 }
 CUDA_VARIANTS = {  # name -> AttentionConfig of the CUDA kernel (backend="cuda")
-    "cuda-n112": AttentionConfig(),
-    "cuda-n112-split1": AttentionConfig(num_splits=1, cuda_block_n=112),
+    "cuda-n176": AttentionConfig(),
+    "cuda-n176-split1": AttentionConfig(num_splits=1, cuda_block_n=176),
+    "cuda-n176-split2": AttentionConfig(num_splits=2, cuda_block_n=176),
+    "cuda-n112": AttentionConfig(cuda_block_n=112),
     "cuda-n112-split2": AttentionConfig(num_splits=2, cuda_block_n=112),
     "cuda-n128": AttentionConfig(cuda_block_n=128),
-    "cuda-n176": AttentionConfig(cuda_block_n=176),
-    "cuda-n176-split2": AttentionConfig(num_splits=2, cuda_block_n=176),
 }
 
 
@@ -229,7 +229,7 @@ def bench_chunk(args, variants_to_try: dict, rows: list[dict] | None = None) -> 
                     print(f"variant {vname} at Lk={lk}: max error {err:.3g} vs cuDNN, not timed", file=sys.stderr)
                     continue
                 t = time_ms(lambda: chunk_attention(q, k_pages, v_pages, plan, backend=backend), rep_ms=args.rep_ms)
-                splits = plan.cuda_splits if backend == "cuda" else plan.num_splits
+                splits = f"{plan.cuda_pieces} pieces" if backend == "cuda" else plan.num_splits
                 variants[vname] = {"tflops": tflops(flops, t["median_ms"]), **t, "num_splits": splits,
                                    "max_rel_err_vs_cudnn": err}
             except Exception as err:

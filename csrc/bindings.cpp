@@ -86,16 +86,18 @@ void sampler_step(uintptr_t x, uintptr_t m, uintptr_t a, uintptr_t b, uintptr_t 
                              spiral_rt::cuda_error_string(err));
 }
 
-void chunk_attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, uintptr_t work,
-                     uintptr_t tiles, int64_t q_row_stride, int64_t total_q, int64_t num_work, int64_t num_pages,
-                     int page_size, int num_heads, int num_kv_heads, int head_dim, int block_n, int num_splits,
-                     float sm_scale, int dtype, int device, uintptr_t stream) {
+void chunk_attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, uintptr_t partial_o,
+                     uintptr_t partial_lse, uintptr_t work, uintptr_t tiles, int64_t q_row_stride, int64_t total_q,
+                     int64_t num_work, int64_t num_pages, int page_size, int num_heads, int num_kv_heads,
+                     int head_dim, int block_n, float sm_scale, int dtype, int device, uintptr_t stream) {
   spiral_rt::ChunkAttentionArgs args;
   args.q = ptr<const void>(q);
   args.k = ptr<const void>(k);
   args.v = ptr<const void>(v);
   args.o = ptr<void>(o);
   args.lse = ptr<float>(lse);
+  args.partial_o = ptr<float>(partial_o);
+  args.partial_lse = ptr<float>(partial_lse);
   args.work = ptr<const int32_t>(work);
   args.tiles = ptr<const int32_t>(tiles);
   args.q_row_stride = q_row_stride;
@@ -107,7 +109,6 @@ void chunk_attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr
   args.num_kv_heads = num_kv_heads;
   args.head_dim = head_dim;
   args.block_n = block_n;
-  args.num_splits = num_splits;
   args.sm_scale = sm_scale;
   args.dtype = static_cast<DType>(dtype);
   const int err = spiral_rt::chunk_attention_sm90_launch(args, device, ptr<void>(stream));
@@ -163,11 +164,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stream"));
   m.def("chunk_attention", &chunk_attention,
         "Launch the Hopper chunk attention over paged K/V (see csrc/chunk_attention.h)",
-        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("work"),
-        py::arg("tiles"), py::arg("q_row_stride"), py::arg("total_q"), py::arg("num_work"),
-        py::arg("num_pages"), py::arg("page_size"), py::arg("num_heads"), py::arg("num_kv_heads"),
-        py::arg("head_dim"), py::arg("block_n"), py::arg("num_splits"), py::arg("sm_scale"),
-        py::arg("dtype"), py::arg("device"), py::arg("stream"));
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("partial_o"),
+        py::arg("partial_lse"), py::arg("work"), py::arg("tiles"), py::arg("q_row_stride"), py::arg("total_q"),
+        py::arg("num_work"), py::arg("num_pages"), py::arg("page_size"), py::arg("num_heads"),
+        py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("block_n"), py::arg("sm_scale"), py::arg("dtype"),
+        py::arg("device"), py::arg("stream"));
   m.def("chunk_attention_available", &spiral_rt::chunk_attention_sm90_available,
         "Whether the Hopper chunk attention kernel runs on this device (sm_90a build, compute 9.0)",
         py::arg("device"));

@@ -46,12 +46,12 @@ constexpr int kQHalfBytes = kRowsPerConsumer * kHalfBytes;  // 8 KiB: one TMA bo
 struct Params {
   void* o;
   float* lse;
+  float* partial_o;
+  float* partial_lse;
   const int32_t* work;
   const int32_t* tiles;
-  int64_t total_q;
   int num_heads;
   int group;  // query heads per KV head
-  int num_splits;
   float scale_log2;  // sm_scale * log2(e)
 };
 
@@ -172,8 +172,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto bar_v_free = [&](int s) { return bar_q + 8 * (1 + 3 * STAGES + s); };
 
   const int32_t* work = p.work + 6 * blockIdx.x;
-  const int q_start = work[1], q_end = work[2], t0 = work[3], t1 = work[4], split = work[5];
-  const int head = blockIdx.y;
+  const int q_start = work[0], q_end = work[1], t0 = work[2], t1 = work[3], head = work[4], slot = work[5];
   const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
 
   if (threadIdx.x == 0) {
@@ -191,7 +190,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (wg == 0) {
     // ---------------------------------------------------------------- producer
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
     if (tid == 0) {
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&k_map)) : "memory");
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&v_map)) : "memory");
@@ -220,7 +219,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // ------------------------------------------------------------------ consumers
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
   const int c = wg - 1;
   const int warp = tid / 32, lane = tid % 32;
   const int row_lo = warp * 16 + lane / 4;  // this thread's rows: row_lo and row_lo + 8
@@ -235,7 +234,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int i = 0; i < BN / 2; ++i) s_acc[i] = 0.f;
   uint32_t pf[BN / 16][4];  // P of the previous tile as A fragments of P V
   float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
-  const uint32_t q_addr = base + L::kQ + 2 * c * kQHalfBytes;
+  // Descriptors of this consumer's Q and of stage 0's K and V buffers: an offset of n bytes adds
+  // n >> 4 to the start-address field (the low 14 bits; shared addresses stay below 256 KiB, so
+  // the sum never carries out of it).
+  const uint64_t q_desc = smem_desc(base + L::kQ + 2 * c * kQHalfBytes, 16);
+  const uint64_t k_desc = smem_desc(base + L::kK, 16);
+  const uint64_t v_desc = smem_desc(base + L::kV, BN * kHalfBytes);
 
   auto stage_of = [&](int t) { return (t - t0) % STAGES; };
   auto phase_of = [&](int t) { return static_cast<uint32_t>(((t - t0) / STAGES) & 1); };
@@ -243,41 +247,44 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // S = Q K^T over D = 128: 8 k-steps, 4 in each 64-column half (issued, not waited for).
   auto issue_s = [&](int t) {
-    const uint32_t k_addr = base + L::kK + stage_of(t) * L::kTileBytes;
+    const uint64_t k_stage = k_desc + ((stage_of(t) * L::kTileBytes) >> 4);
     mbar_wait(bar_k(stage_of(t)), phase_of(t));
+    fence_regs(s_acc);
+    wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
       const uint32_t off = (kk % 4) * 32;  // 16 elements = 32 B within the 128 B row
-      Wgmma<T, BN, Operands::kSS>::run(s_acc, smem_desc(q_addr + (kk / 4) * kQHalfBytes + off, 16),
-                                       smem_desc(k_addr + (kk / 4) * BN * kHalfBytes + off, 16), kk > 0);
+      Wgmma<T, BN, Operands::kSS>::run(s_acc, q_desc + (((kk / 4) * kQHalfBytes + off) >> 4),
+                                       k_stage + (((kk / 4) * BN * kHalfBytes + off) >> 4), kk > 0);
     }
     wgmma_commit();
   };
   // O += P V: BN / 16 k-steps of 16 key rows (2 KiB of each half apart).
-  auto issue_pv = [&](int t) {
-    const uint32_t v_addr = base + L::kV + stage_of(t) * L::kTileBytes;
+  auto issue_pv = [&](int t, int valid) {
+    const uint32_t v_offset = stage_of(t) * L::kTileBytes;
     mbar_wait(bar_v(stage_of(t)), phase_of(t));
-    const int valid = valid_of(t);
     if (valid < BN) {
       // Rows past the last key may hold stale values (NaN * 0 = NaN): zero them in this buffer.
       for (int idx = valid * 8 + tid; idx < BN * 8; idx += 128) {
         const int row = idx / 8, chunk = idx % 8;
-        uint8_t* v_tile = smem + (v_addr - base);
+        uint8_t* v_tile = smem + L::kV + v_offset;
         *reinterpret_cast<uint4*>(v_tile + row * kHalfBytes + chunk * 16) = make_uint4(0, 0, 0, 0);
         *reinterpret_cast<uint4*>(v_tile + (BN + row) * kHalfBytes + chunk * 16) = make_uint4(0, 0, 0, 0);
       }
       asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
       asm volatile("bar.sync %0, 128;" ::"r"(1 + c) : "memory");
     }
+    fence_regs(o);
+    fence_regs(pf);
+    wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk)
-      Wgmma<T, kHeadDim, Operands::kRS>::run(o, pf[kk], smem_desc(v_addr + kk * 16 * kHalfBytes, BN * kHalfBytes), 1);
+      Wgmma<T, kHeadDim, Operands::kRS>::run(o, pf[kk], v_desc + ((v_offset + kk * 16 * kHalfBytes) >> 4), 1);
     wgmma_commit();
   };
   // Online softmax of the S of tile t in the log2 domain, in place (s_acc becomes P in fp32);
   // returns the factors by which O must be rescaled. Each row lives in the 4 threads of a quad.
-  auto softmax = [&](int t, float& alpha_lo, float& alpha_hi) {
-    const int valid = valid_of(t);
+  auto softmax = [&](int valid, float& alpha_lo, float& alpha_hi) {
     if (valid < BN) {
 #pragma unroll
       for (int j = 0; j < BN / 8; ++j) {
@@ -333,43 +340,48 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
 
-  // Pins the MMA operands' last writes before the wgmma fence (the compiler may otherwise sink
-  // them past it, and ptxas then injects a fence of its own).
-  auto fence_operands = [&]() {
-    fence_regs(s_acc);
-    fence_regs(o);
-    fence_regs(pf);
-    wgmma_fence();
-  };
+  // FA3's scheduler barrier between the two consumers: a consumer issues its MMAs of a tile only
+  // after the other has issued its own, so one consumer's softmax runs while the other's MMAs
+  // own the tensor cores (named barriers 3 and 4, consumer 0 starts).
+  auto wait_turn = [&]() { asm volatile("bar.sync %0, 256;" ::"r"(3 + c) : "memory"); };
+  auto pass_turn = [&]() { asm volatile("bar.arrive %0, 256;" ::"r"(4 - c) : "memory"); };
+  if (c == 0) asm volatile("bar.arrive 3, 256;" ::: "memory");
 
   mbar_wait(bar_q, 0);
   if (t0 < t1) {
     float alpha_lo, alpha_hi;
-    fence_operands();
+    int valid = valid_of(t0);
+    wait_turn();
     issue_s(t0);
+    pass_turn();
     wgmma_wait<0>();
     fence_regs(s_acc);
     mbar_arrive(bar_k_free(stage_of(t0)));
-    softmax(t0, alpha_lo, alpha_hi);
+    softmax(valid, alpha_lo, alpha_hi);
     pack_p();
     // Steady state: S of tile t and P V of tile t - 1 run on the tensor cores while this
-    // warpgroup does the softmax of tile t (FA3's intra-warpgroup overlap).
+    // warpgroup does the softmax of tile t (FA3's intra-warpgroup overlap); O is rescaled for
+    // tile t - 1 in the shadow of S, before P V of t - 1 is issued.
     for (int t = t0 + 1; t < t1; ++t) {
-      fence_operands();
+      const int valid_prev = valid;
+      valid = valid_of(t);  // loaded early: used after S of tile t is done
+      mbar_wait(bar_k(stage_of(t)), phase_of(t));  // outside the turn: data first
+      wait_turn();
       issue_s(t);
-      issue_pv(t - 1);
+      rescale_o(alpha_lo, alpha_hi);  // O is idle: P V of tile t - 2 is done
+      issue_pv(t - 1, valid_prev);
+      pass_turn();
       wgmma_wait<1>();  // S of tile t (committed first) is done: its K buffer is free
       fence_regs(s_acc);
       mbar_arrive(bar_k_free(stage_of(t)));
-      softmax(t, alpha_lo, alpha_hi);
+      softmax(valid, alpha_lo, alpha_hi);
       wgmma_wait<0>();  // P V of tile t - 1 is done: its V buffer and the P registers are free
       fence_regs(o);
       mbar_arrive(bar_v_free(stage_of(t - 1)));
-      rescale_o(alpha_lo, alpha_hi);
       pack_p();
     }
-    fence_operands();
-    issue_pv(t1 - 1);
+    rescale_o(alpha_lo, alpha_hi);
+    issue_pv(t1 - 1, valid);
     wgmma_wait<0>();
     fence_regs(o);
     mbar_arrive(bar_v_free(stage_of(t1 - 1)));
@@ -384,24 +396,24 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int D = kHeadDim, H = p.num_heads;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    const int row = q_start + kRowsPerConsumer * c + row_lo + 8 * half;
+    const int r = kRowsPerConsumer * c + row_lo + 8 * half, row = q_start + r;
     if (row >= q_end) continue;
     const float l = half ? l_hi : l_lo, m = half ? m_hi : m_lo;
     const float inv = l > 0.f ? 1.f / l : 0.f;
     const float lse = l > 0.f ? (m + __log2f(l)) * 0.6931471805599453f : -INFINITY;
-    if (p.num_splits == 1) {
+    if (slot < 0) {
       T* out = static_cast<T*>(p.o) + (static_cast<int64_t>(row) * H + head) * D;
 #pragma unroll
       for (int j = 0; j < D / 8; ++j)
         *reinterpret_cast<uint32_t*>(out + 8 * j + col0) = pack2<T>(o[4 * j + 2 * half] * inv, o[4 * j + 2 * half + 1] * inv);
       if (lane % 4 == 0) p.lse[static_cast<int64_t>(row) * H + head] = lse;
     } else {
-      const int64_t r = (static_cast<int64_t>(split) * p.total_q + row) * H + head;
-      float* out = static_cast<float*>(p.o) + r * D;
+      const int64_t pr = static_cast<int64_t>(slot) * 2 * kRowsPerConsumer + r;
+      float* out = p.partial_o + pr * D;
 #pragma unroll
       for (int j = 0; j < D / 8; ++j)
         *reinterpret_cast<float2*>(out + 8 * j + col0) = make_float2(o[4 * j + 2 * half] * inv, o[4 * j + 2 * half + 1] * inv);
-      if (lane % 4 == 0) p.lse[r] = lse;
+      if (lane % 4 == 0) p.partial_lse[pr] = lse;
     }
   }
 #endif  // SPIRAL_RT_SM90A
@@ -463,15 +475,14 @@ cudaError_t launch(const ChunkAttentionArgs& a, cudaStream_t stream) {
   Params p;
   p.o = a.o;
   p.lse = a.lse;
+  p.partial_o = a.partial_o;
+  p.partial_lse = a.partial_lse;
   p.work = a.work;
   p.tiles = a.tiles;
-  p.total_q = a.total_q;
   p.num_heads = a.num_heads;
   p.group = a.num_heads / a.num_kv_heads;
-  p.num_splits = a.num_splits;
   p.scale_log2 = a.sm_scale * 1.4426950408889634f;
-  const dim3 grid(static_cast<unsigned>(a.num_work), static_cast<unsigned>(a.num_heads));
-  kernel<<<grid, kThreads, L::kAlloc, stream>>>(q_map, k_map, v_map, p);
+  kernel<<<static_cast<unsigned>(a.num_work), kThreads, L::kAlloc, stream>>>(q_map, k_map, v_map, p);
   return cudaGetLastError();
 }
 
@@ -498,7 +509,7 @@ bool chunk_attention_sm90_available(int device) {
 int chunk_attention_sm90_launch(const ChunkAttentionArgs& a, int device, void* stream) {
   if (a.num_work == 0) return cudaSuccess;
   if (a.head_dim != kHeadDim || a.num_kv_heads <= 0 || a.num_heads % a.num_kv_heads != 0 ||
-      a.page_size <= 0 || a.page_size > 0xFFFF || a.num_splits < 1 ||
+      a.page_size <= 0 || a.page_size > 0xFFFF ||
       (a.dtype != DType::kBFloat16 && a.dtype != DType::kFloat16))
     return cudaErrorInvalidValue;
   int current = -1;

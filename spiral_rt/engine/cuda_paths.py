@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 # Every device table of a ChunkAttentionPlan that a kernel reads (the Triton kernels' and the CUDA
 # kernel's): each is copied into the bucket's static copy before a replay.
 _PLAN_TENSORS = ("q_indptr", "kv_indptr", "kv_indices", "kv_last_page_len", "work", "tile_rows", "left_rows",
-                 "cuda_work", "cuda_tiles")
+                 "cuda_work", "cuda_tiles", "cuda_merge")
 
 
 class SideStreamDecoder:

@@ -32,6 +32,7 @@ the plan lists its key tiles, ``plan.cuda_reason`` says why a plan cannot use it
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 from typing import Optional
 
@@ -50,6 +51,12 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 WORK_FIELDS = 6  # seq, q_start, q_end, kv_start, kv_end, split (kernels/chunk_attention.py)
 WORK_FIELDS_TMA = 8  # seq, q_start, q_end, t0, t1, l0, l1, split
 CUDA_BLOCK_M = 128  # query rows per CTA of the CUDA kernel (two consumer warpgroups x 64)
+CUDA_WORK_FIELDS = 6  # q_start, q_end, t0, t1, head, slot (csrc/chunk_attention.h)
+CUDA_MERGE_FIELDS = 5  # q_start, q_end, head, first slot, pieces (kernels/chunk_attention.py merge_pieces)
+# Work-partition model of the CUDA kernel: a CTA costs its key tiles plus this many tiles of fixed
+# work (Q load, pipeline fill, epilogue); a split unit's pieces add the merge's traffic.
+_CUDA_CTA_OVERHEAD_TILES = 2.0
+_CUDA_MIN_TILES_PER_PIECE = 4
 CUDA_BLOCK_NS = (112, 128, 176)  # key-tile sizes it is compiled for (csrc/chunk_attention.h)
 CUDA_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -73,7 +80,8 @@ class AttentionConfig:
     num_stages: int = 3
     """Software-pipelining depth of the K/V loads."""
     num_splits: int = 0
-    """KV splits per sequence (> 1: partial states merged by a second kernel); 0 = choose by shape."""
+    """KV splits per sequence (> 1: partial states merged by a second kernel); 0 = choose by shape
+    (Triton: one split count for all; CUDA: only the units of the last waves are split)."""
     hoist_pages: bool = True
     """Look pages up with two scalar loads per key tile (when block_n <= page_size) instead of a
     per-row gather from the page list."""
@@ -83,9 +91,10 @@ class AttentionConfig:
     kv_load: str = "pointer"
     """"pointer": gathered loads over logical key tiles; "tma": the plan cuts the keys into tiles
     whole inside one page (TMA descriptor loads) plus gathered leftovers of partial page tails."""
-    cuda_block_n: int = 112
-    """Keys per tile of the CUDA kernel (112, 128 or 176). 112 wastes least on 1560-token pages
-    (14 tiles, the last 104 keys long); num_splits applies to it as well."""
+    cuda_block_n: int = 176
+    """Keys per tile of the CUDA kernel (112, 128 or 176). 176 (FA3's tile) measured fastest on
+    Wan shapes (bench/NOTES.md, session 7), though 1560-token pages end in a 152-key tile;
+    num_splits applies to it as well."""
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -159,12 +168,15 @@ class ChunkAttentionPlan:
     left_rows: torch.Tensor | None
     """kv_load="tma": int32 flat rows of the keys left over in partial page tails."""
     cuda_work: torch.Tensor | None
-    """CUDA kernel: (num_work, 6) int32 seq, q_start, q_end, t0, t1, split over ``cuda_tiles``;
-    None when ``cuda_reason`` is set."""
+    """CUDA kernel: (num_work, 6) int32 q_start, q_end, t0, t1, head, slot over ``cuda_tiles``, one
+    CTA each in launch order (csrc/chunk_attention.h); None when ``cuda_reason`` is set."""
     cuda_tiles: torch.Tensor | None
     """CUDA kernel: (num_tiles, 2) int32 page, row0 | valid << 16 (csrc/chunk_attention.h)."""
-    cuda_splits: int
-    """KV splits of the CUDA kernel's work partition."""
+    cuda_merge: torch.Tensor | None
+    """CUDA kernel: (num_split_units, 5) int32 q_start, q_end, head, first slot, pieces: the
+    units whose keys were split into pieces, merged after the kernel; None without pieces."""
+    cuda_pieces: int
+    """Partial-state slots the CUDA work partition writes (0: no merge)."""
     cuda_reason: str | None
     """Why the CUDA kernel cannot run this plan (None when it can)."""
     kv_lens: tuple[int, ...]
@@ -248,11 +260,16 @@ def cuda_unavailable_reason(head_dim: int, dtype: torch.dtype, page_size: int, d
 
 
 def cuda_work_tables(q_ptr: list[int], kv_ptr: list[int], pages: list[int], last: list[int], page_size: int,
-                     order: list[int], block_n: int, splits: int) -> tuple[list, list]:
-    """The CUDA kernel's work items and key tiles (csrc/chunk_attention.h): each sequence's keys
-    cut into tiles of ``block_n`` rows that never cross a page (the last tile of a page is short),
-    query rows in blocks of CUDA_BLOCK_M, the tiles split into ``splits`` contiguous ranges."""
-    work, tiles = [], []
+                     order: list[int], block_n: int, heads: int, splits: int, num_sms: int):
+    """The CUDA kernel's work partition (csrc/chunk_attention.h): each sequence's keys cut into
+    tiles of ``block_n`` rows that never cross a page (the last tile of a page is short); units of
+    CUDA_BLOCK_M query rows x one head, listed longest sequence first; a unit runs whole, or its
+    tiles split into contiguous pieces whose partial states ``merge_pieces`` combines.
+
+    ``splits`` >= 1 splits every unit that many ways; 0 chooses by shape (``_tail_split``). Whole
+    units are listed (launched) first, in order, then the pieces.
+    Returns (work rows, tiles, merge rows, number of pieces)."""
+    units, tiles = [], []
     for s in order:
         if q_ptr[s + 1] == q_ptr[s]:
             continue
@@ -261,12 +278,55 @@ def cuda_work_tables(q_ptr: list[int], kv_ptr: list[int], pages: list[int], last
         for i, page in enumerate(seq_pages):
             in_page = page_size if i < len(seq_pages) - 1 else last[s]
             tiles += [(page, r0 | min(block_n, in_page - r0) << 16) for r0 in range(0, in_page, block_n)]
-        n = len(tiles) - t_start
-        for q0 in range(q_ptr[s], q_ptr[s + 1], CUDA_BLOCK_M):
-            q1 = min(q0 + CUDA_BLOCK_M, q_ptr[s + 1])
-            work += [(s, q0, q1, t_start + n * sp // splits, t_start + n * (sp + 1) // splits, sp)
-                     for sp in range(splits)]
-    return work, tiles
+        for head in range(heads):  # one head's row blocks back to back: they stream the same K/V
+            units += [(q0, min(q0 + CUDA_BLOCK_M, q_ptr[s + 1]), head, t_start, len(tiles))
+                      for q0 in range(q_ptr[s], q_ptr[s + 1], CUDA_BLOCK_M)]
+    pieces_of = [splits] * len(units) if splits >= 1 else _tail_split([u[4] - u[3] for u in units], num_sms)
+    work, merge, slots = [], [], 0
+    for (q0, q1, head, t0, t1), pieces in zip(units, pieces_of):  # whole units first, pieces last
+        if pieces == 1:
+            work.append((q0, q1, t0, t1, head, -1))
+    for (q0, q1, head, t0, t1), pieces in zip(units, pieces_of):
+        if pieces == 1:
+            continue
+        n = t1 - t0
+        work += [(q0, q1, t0 + n * i // pieces, t0 + n * (i + 1) // pieces, head, slots + i) for i in range(pieces)]
+        merge.append((q0, q1, head, slots, pieces))
+        slots += pieces
+    return work, tiles, merge, slots
+
+
+def _makespan(durations, slots: int) -> float:
+    """Finish time of CTAs started in list order, each on the first free one of ``slots`` SMs."""
+    free = [0.0] * min(slots, len(durations))
+    heapq.heapify(free)
+    for d in durations:
+        heapq.heappush(free, heapq.heappop(free) + d)
+    return max(free, default=0.0)
+
+
+def _tail_split(unit_tiles: list[int], slots: int) -> list[int]:
+    """Pieces per unit (1 = whole) for units launched in this order on ``slots`` SMs: the split
+    whose modelled makespan beats running every unit whole by > 3%. The candidates split the
+    units of the last wave (or last two, three) that have at least 4 tiles a piece into 2-4
+    pieces; a piece costs its tiles plus the fixed per-CTA work and 1 tile-equivalent of merge."""
+    n = len(unit_tiles)
+    whole = [1] * n
+    if n == 0 or n >= 8 * slots:  # eight or more waves: the tail is too small to matter
+        return whole
+    cost = _CUDA_CTA_OVERHEAD_TILES
+    best, best_time = whole, _makespan([t + cost for t in unit_tiles], slots)
+    tail = n % slots or slots
+    for m in (tail, tail + slots, tail + 2 * slots):
+        if m > n:
+            break
+        for k in (2, 3, 4):
+            pieces = [1] * (n - m) + [k if t >= k * _CUDA_MIN_TILES_PER_PIECE else 1 for t in unit_tiles[n - m:]]
+            durations = [t / p + cost + (p > 1) for t, p in zip(unit_tiles, pieces) for _ in range(p)]
+            t = _makespan(durations, slots)
+            if t < best_time * 0.97:
+                best, best_time = pieces, t
+    return best
 
 
 def plan_chunk_attention(
@@ -351,8 +411,6 @@ def plan_chunk_attention(
     if splits == 0:
         ctas = 1 if config.block_m * head_dim >= 128 * 128 else 2
         splits = _choose_splits(q_lens, kv_lens, num_qo_heads, head_dim, config.block_m, config.block_n, num_sms, ctas)
-        cuda_splits = _choose_splits(q_lens, kv_lens, num_qo_heads, head_dim, CUDA_BLOCK_M, config.cuda_block_n,
-                                     num_sms, 1)
     config = dataclasses.replace(config, num_splits=splits)
 
     # work items, longest key range first (fewer stragglers in the last wave)
@@ -395,10 +453,11 @@ def plan_chunk_attention(
         fields = WORK_FIELDS_TMA
 
     cuda_reason = cuda_unavailable_reason(head_dim, dtype, page_size, device)
-    cuda_work = cuda_tiles = None
+    cuda_work = cuda_tiles = cuda_merge = None
+    cuda_pieces = 0
     if cuda_reason is None:
-        cuda_work, cuda_tiles = cuda_work_tables(q_ptr, kv_ptr, pages, last, page_size, order, config.cuda_block_n,
-                                                 cuda_splits)
+        cuda_work, cuda_tiles, cuda_merge, cuda_pieces = cuda_work_tables(
+            q_ptr, kv_ptr, pages, last, page_size, order, config.cuda_block_n, num_qo_heads, cuda_splits, num_sms)
 
     def table(values):
         return torch.tensor(values, dtype=torch.int32)
@@ -409,13 +468,14 @@ def plan_chunk_attention(
         "q_indptr": table(q_ptr), "kv_indptr": table(kv_ptr), "kv_indices": table(pages or [0]),
         "kv_last_page_len": table(last), "work": table(work).reshape(-1, fields),
         "tile_rows": table(tile_rows or [0]) if tma else None, "left_rows": table(left_rows or [0]) if tma else None,
-        "cuda_work": None if cuda_work is None else table(cuda_work).reshape(-1, WORK_FIELDS),
+        "cuda_work": None if cuda_work is None else table(cuda_work).reshape(-1, CUDA_WORK_FIELDS),
         "cuda_tiles": None if cuda_tiles is None else table(cuda_tiles or [(0, 0)]).reshape(-1, 2),
+        "cuda_merge": table(cuda_merge).reshape(-1, CUDA_MERGE_FIELDS) if cuda_merge else None,
     }, device)
     return ChunkAttentionPlan(
         num_seqs=num_seqs, total_q=q_ptr[-1], num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
         head_dim=head_dim, page_size=page_size, num_pages=num_pages, dtype=dtype, device=device, config=config,
-        cuda_splits=cuda_splits, cuda_reason=cuda_reason, kv_lens=tuple(kv_lens), flops=sum(4 * ql * kl * num_qo_heads * head_dim for ql, kl in zip(q_lens, kv_lens)),
+        cuda_pieces=cuda_pieces, cuda_reason=cuda_reason, kv_lens=tuple(kv_lens), flops=sum(4 * ql * kl * num_qo_heads * head_dim for ql, kl in zip(q_lens, kv_lens)),
         **tables,
     )
 
@@ -467,7 +527,7 @@ def chunk_attention(
         q, k_pages, v_pages, plan.q_indptr, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, plan.work,
         float(sm_scale), cfg.num_splits, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.hoist_pages,
         cfg.warp_specialize, plan.tile_rows, plan.left_rows, plan.cuda_work, plan.cuda_tiles, cfg.cuda_block_n,
-        plan.cuda_splits, chosen)
+        plan.cuda_merge, plan.cuda_pieces, chosen)
     return AttentionState(o, lse)
 
 
@@ -531,7 +591,8 @@ def _chunk_attention_impl(
     cuda_work: Optional[torch.Tensor],
     cuda_tiles: Optional[torch.Tensor],
     cuda_block_n: int,
-    cuda_splits: int,
+    cuda_merge: Optional[torch.Tensor],
+    cuda_pieces: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "reference":
@@ -544,19 +605,18 @@ def _chunk_attention_impl(
     from spiral_rt.kernels import chunk_attention as kernel
 
     if backend == "cuda":
-        splits = cuda_splits
-        out_o, out_lse = o, lse
-        if splits > 1:
-            out_o = torch.empty((splits, total_q, heads, head_dim), dtype=torch.float32, device=q.device)
-            out_lse = torch.empty((splits, total_q, heads), dtype=torch.float32, device=q.device)
+        part_o = part_lse = None
+        if cuda_pieces:  # fp32 partial states of split units, (pieces, rows, D) and (pieces, rows)
+            part_o = torch.empty((cuda_pieces, CUDA_BLOCK_M, head_dim), dtype=torch.float32, device=q.device)
+            part_lse = torch.empty((cuda_pieces, CUDA_BLOCK_M), dtype=torch.float32, device=q.device)
         C = dispatch.NATIVE
         C.chunk_attention(
-            q.data_ptr(), k_pages.data_ptr(), v_pages.data_ptr(), out_o.data_ptr(), out_lse.data_ptr(),
-            cuda_work.data_ptr(), cuda_tiles.data_ptr(), q.stride(0), total_q, cuda_work.shape[0], k_pages.shape[0],
-            k_pages.shape[1], heads, k_pages.shape[2], head_dim, cuda_block_n, splits, sm_scale,
+            q.data_ptr(), k_pages.data_ptr(), v_pages.data_ptr(), o.data_ptr(), lse.data_ptr(),
+            part_o.data_ptr() if cuda_pieces else 0, part_lse.data_ptr() if cuda_pieces else 0, cuda_work.data_ptr(), cuda_tiles.data_ptr(), q.stride(0), total_q, cuda_work.shape[0],
+            k_pages.shape[0], k_pages.shape[1], heads, k_pages.shape[2], head_dim, cuda_block_n, sm_scale,
             C.DTYPES[str(q.dtype).replace("torch.", "")], q.device.index, torch.cuda.current_stream(q.device).cuda_stream)
-        if splits > 1:
-            kernel.merge_splits(out_o, out_lse, o, lse)
+        if cuda_pieces:
+            kernel.merge_pieces(part_o, part_lse, cuda_merge, o, lse)
         return o, lse
     partial_o = partial_lse = None
     if num_splits > 1:
@@ -574,6 +634,6 @@ _chunk_attention_op = torch.library.custom_op("spiral_rt::chunk_attention", _chu
 @_chunk_attention_op.register_fake
 def _(q, k_pages, v_pages, q_indptr, kv_indptr, kv_indices, kv_last_page_len, work, sm_scale, num_splits,
       block_m, block_n, num_warps, num_stages, hoist_pages, warp_specialize, tile_rows, left_rows, cuda_work, cuda_tiles,
-      cuda_block_n, cuda_splits, backend):
+      cuda_block_n, cuda_merge, cuda_pieces, backend):
     total_q, heads, head_dim = q.shape
     return q.new_empty((total_q, heads, head_dim)), q.new_empty((total_q, heads), dtype=torch.float32)

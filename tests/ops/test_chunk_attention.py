@@ -26,6 +26,7 @@ from spiral_rt.ops.chunk_attention import (
     CUDA_BLOCK_NS,
     AttentionConfig,
     _choose_splits,
+    _tail_split,
     chunk_attention,
     chunk_attention_shared_prefix,
     cuda_work_tables,
@@ -188,6 +189,45 @@ def test_shared_prefix_equals_full_attention(triton_device):
     check_against_fp64(merged.o, merged.lse, q, kp, vp, full, 1e-5, 1e-5)
 
 
+def test_merge_pieces_combines_split_key_ranges_exactly(triton_device):
+    """The CUDA path's merge (kernels/chunk_attention.py merge_pieces) on states computed in fp32
+    over key pieces (one of them empty) equals attention over all keys; rows of other units and
+    heads are left alone. fp32: within 1e-5."""
+    from spiral_rt.kernels.chunk_attention import merge_pieces
+
+    torch.manual_seed(7)
+    total_q, heads, d, rows = 21, 3, 64, 16  # piece slots of 16 rows (the CUDA kernel's are 128)
+    q = torch.randn(total_q, heads, d, device=triton_device)
+    k = torch.randn(40, heads, d, device=triton_device)
+    v = torch.randn(40, heads, d, device=triton_device)
+
+    def state(q0, q1, head, k0, k1):
+        s = q[q0:q1, head] @ k[k0:k1, head].T / math.sqrt(d)
+        lse = torch.logsumexp(s, dim=1) if k1 > k0 else torch.full((q1 - q0,), float("-inf"), device=q.device)
+        o = torch.softmax(s, dim=1) @ v[k0:k1, head] if k1 > k0 else torch.zeros(q1 - q0, d, device=q.device)
+        return o, lse
+
+    units = [(0, 16, 1, [0, 13, 13, 40]), (16, 21, 2, [0, 25, 40]), (0, 16, 0, [0, 40])]  # key cuts per unit
+    part_o = torch.full((6, rows, d), float("nan"), device=q.device)
+    part_lse = torch.full((6, rows), float("nan"), device=q.device)
+    merge, slot = [], 0
+    for q0, q1, head, cuts in units:
+        for i in range(len(cuts) - 1):
+            part_o[slot + i, :q1 - q0], part_lse[slot + i, :q1 - q0] = state(q0, q1, head, cuts[i], cuts[i + 1])
+        merge.append((q0, q1, head, slot, len(cuts) - 1))
+        slot += len(cuts) - 1
+    o = torch.full((total_q, heads, d), 5.0, device=q.device)
+    lse = torch.full((total_q, heads), 5.0, device=q.device)
+    merge_pieces(part_o, part_lse, torch.tensor(merge, dtype=torch.int32, device=q.device), o, lse)
+    covered = torch.zeros(total_q, heads, dtype=torch.bool)
+    for q0, q1, head, _ in units:
+        o_ref, lse_ref = state(q0, q1, head, 0, 40)
+        torch.testing.assert_close(o[q0:q1, head], o_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[q0:q1, head], lse_ref, atol=1e-5, rtol=1e-5)
+        covered[q0:q1, head] = True
+    assert (o[~covered] == 5.0).all() and (lse[~covered] == 5.0).all()
+
+
 def test_empty_context_merges_exactly(triton_device):
     """A launch over no keys gives (0, -inf); merging it with a real state returns that state."""
     b_empty = make_batch([(11, [], 0)], 6, 4)
@@ -300,30 +340,58 @@ def test_call_checks_against_plan():
         chunk_attention(q, kp, vp, plan, sm_scale=-1.0, backend="reference")
 
 
-@pytest.mark.parametrize("block_n,splits", [(112, 1), (16, 3), (5, 2)])
-def test_cuda_tiles_cover_every_key_once_within_pages(block_n, splits):
+@pytest.mark.parametrize("block_n,splits,num_sms", [(112, 1, 132), (16, 3, 132), (5, 2, 132), (5, 0, 12), (16, 0, 132)])
+def test_cuda_partition_covers_every_key_once_within_pages(block_n, splits, num_sms):
+    """Every (query block, head) unit runs whole or as contiguous pieces named by one merge row;
+    either way its tiles list the sequence's keys in order, each tile inside one page."""
     b = make_batch(VARLEN, page_size=7, num_pages=18)
-    order = [4, 0, 1, 2, 3]
-    work, tiles = cuda_work_tables(b.q_indptr, b.kv_indptr, b.kv_indices, b.last, b.page_size, order, block_n, splits)
-    for s, (q_len, pages, kv_len) in enumerate(b.seqs):
-        items = [w for w in work if w[0] == s]
-        if q_len == 0:
-            assert not items
-            continue
-        q_blocks = sorted({(w[1], w[2]) for w in items})
-        assert q_blocks[0][0] == b.q_indptr[s] and q_blocks[-1][1] == b.q_indptr[s + 1]
-        assert all(q1 - q0 <= 128 for q0, q1 in q_blocks)
-        for q0, q1 in q_blocks:  # the splits of one query block partition the sequence's tiles
-            ranges = sorted((w[3], w[4], w[5]) for w in items if (w[1], w[2]) == (q0, q1))
-            assert [r[2] for r in ranges] == list(range(splits))
-            keys = []
-            for t0, t1, _ in ranges:
-                for page, packed in tiles[t0:t1]:
-                    row0, valid = packed & 0xFFFF, packed >> 16
-                    assert 1 <= valid <= block_n and row0 + valid <= b.page_size
-                    keys += [(page, row0 + r) for r in range(valid)]
-            j = range(kv_len)
-            assert keys == [(pages[i // b.page_size], i % b.page_size) for i in j]
+    order, heads = [4, 0, 1, 2, 3], 3
+    work, tiles, merge, pieces = cuda_work_tables(b.q_indptr, b.kv_indptr, b.kv_indices, b.last, b.page_size, order,
+                                                  block_n, heads, splits, num_sms)
+    assert sorted(w[5] for w in work if w[5] >= 0) == list(range(pieces))
+    assert sum(m[4] for m in merge) == pieces and len({(m[0], m[2]) for m in merge}) == len(merge)
+    units = {}
+    for q0, q1, t0, t1, head, slot in work:
+        units.setdefault((q0, q1, head), []).append((slot, t0, t1))
+    expected_units = {(q0, min(q0 + 128, b.q_indptr[s + 1]), h) for s in range(len(b.seqs)) for h in range(heads)
+                      for q0 in range(b.q_indptr[s], b.q_indptr[s + 1], 128)}
+    assert set(units) == expected_units
+    for (q0, q1, head), rows in units.items():
+        s = next(i for i in range(len(b.seqs)) if b.q_indptr[i] <= q0 < b.q_indptr[i + 1])
+        _, pages, kv_len = b.seqs[s]
+        rows.sort()
+        if rows[0][0] < 0:
+            assert len(rows) == 1
+        else:
+            (first, n), = [(m[3], m[4]) for m in merge if (m[0], m[1], m[2]) == (q0, q1, head)]
+            assert [r[0] for r in rows] == list(range(first, first + n))
+            assert all(rows[i][2] == rows[i + 1][1] for i in range(n - 1))  # contiguous pieces
+            if splits:
+                assert n == splits
+        keys = []
+        for _, t0, t1 in rows:
+            for page, packed in tiles[t0:t1]:
+                row0, valid = packed & 0xFFFF, packed >> 16
+                assert 1 <= valid <= block_n and row0 + valid <= b.page_size
+                keys += [(page, row0 + r) for r in range(valid)]
+        assert keys == [(pages[i // b.page_size], i % b.page_size) for i in range(kv_len)]
+    if splits == 0 and num_sms == 12:
+        assert pieces > 0  # twelve SMs: the long units of the one wave run as pieces
+
+
+def test_cuda_tail_split_by_shape():
+    # one Wan chunk at 176-key tiles (9 a page), 37 row blocks x 12 heads = 444 units on 132 SMs:
+    # the 48 units of the last wave run as halves (4.0 -> 3.5 waves)
+    for frames in (3, 12, 21):
+        assert _tail_split([9 * frames] * 444, 132) == [1] * 396 + [2] * 48
+    assert _tail_split([27] * 396, 132) == [1] * 396  # three whole waves: nothing to gain
+    assert _tail_split([189] * 3552, 132) == [1] * 3552  # eight members: 27 waves, tail too small
+    assert _tail_split([6] * 100, 132) == [1] * 100  # pieces would be shorter than 4 tiles
+    assert _tail_split([], 132) == []
+    # one wave of long and short units on 64 SMs: the long ones are split, units without enough
+    # tiles (here none at all) stay whole
+    pieces = _tail_split([40] * 10 + [20] * 30 + [0] * 5, 64)
+    assert all(p >= 2 for p in pieces[:10]) and pieces[-5:] == [1] * 5
 
 
 def test_cuda_backend_refuses_plans_it_cannot_run():
@@ -349,7 +417,7 @@ def test_custom_op_has_fake_kernel():
         args = [mode.from_tensor(t) for t in (q, kp, vp, plan.q_indptr, plan.kv_indptr, plan.kv_indices,
                                                plan.kv_last_page_len, plan.work)]
         o, lse = torch.ops.spiral_rt.chunk_attention(*args, 0.125, 1, 16, 16, 4, 1, True, False, None, None, None, None,
-                                                      112, 1, "triton")
+                                                      176, None, 0, "triton")
         assert o.shape == q.shape and lse.shape == q.shape[:2] and lse.dtype == torch.float32
 
 
@@ -472,12 +540,12 @@ CUDA_LAYOUTS = {
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", list(CUDA_LAYOUTS))
-@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("splits", [0, 1, 3])
 @pytest.mark.parametrize("block_n", CUDA_BLOCK_NS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_gpu_cuda_kernel_matches_fp64(layout, splits, block_n, dtype):
-    """The Hopper kernel: varlen, GQA, partial and one-page tiles, empty sequences, splits; unused
-    page rows hold NaN. bf16: O within 1.6e-2 of max |O| (fp16 4e-3), LSE within 2e-2."""
+    """The Hopper kernel: varlen, GQA, partial and one-page tiles, empty sequences, forced and
+    chosen splits (pieces merged); unused page rows hold NaN. bf16: O within 1.6e-2 of max |O| (fp16 4e-3), LSE within 2e-2."""
     b = CUDA_LAYOUTS[layout]()
     q, kp, vp = random_inputs(b, 4, 2, 128, dtype, "cuda")
     _poison_unused_rows(kp, b)
