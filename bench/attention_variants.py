@@ -5,8 +5,8 @@ like "hint+warp_arrive" applies several in order), compiled by nvcc into its own
 library with a flat C entry point, then run on the bench_attention shapes (Lq 4680, Lk
 4680..32760, 12 x 128 heads, bf16, 1560-token shuffled pages) at each block_n with
 num_splits = 1 (the kernel alone, no merge). Every variant's output is checked against
-PyTorch's SDPA on the same keys before it is timed; FA3 (when importable) is timed on the same data for the ratio. A patch that
-no longer applies (the source moved on) is reported and skipped.
+PyTorch's SDPA on the same keys before it is timed; FA3 (when importable) is timed on the same
+data for the ratio. A patch that no longer applies (the source moved on) is reported and skipped.
 
 GPU machine, from the repository root (after bench/gpu_env.sh built the package):
     python3 bench/attention_variants.py [--variants cur,no_pp,...] [--block-n 112,176]
@@ -75,8 +75,8 @@ __device__ __forceinline__ void tma_load_2d("""
 PATCHES = {  # each a list of source -> source functions; they apply to csrc as of the commit named
     "cur": [],
     # the key-tile lengths read where they are used instead of one tile ahead
-    "late_valid": [_replace("softmax(valid, alpha_lo, alpha_hi);\n      wgmma_wait<0>();",
-                            "softmax(valid_of(t), alpha_lo, alpha_hi);\n      wgmma_wait<0>();"),
+    "late_valid": [_replace("softmax(valid, alpha_lo, alpha_hi);\n        wgmma_wait<0>();",
+                            "softmax(valid_of(t), alpha_lo, alpha_hi);\n        wgmma_wait<0>();"),
                    _replace("issue_pv(t - 1, valid_prev);", "issue_pv(t - 1, valid_of(t - 1));")],
     # every wgmma descriptor built from its address instead of offsets to three precomputed ones
     "desc_each": [
@@ -102,6 +102,8 @@ PATCHES = {  # each a list of source -> source functions; they apply to csrc as 
               _replace('auto pass_turn = [&]() { asm volatile("bar.arrive %0, 256;" ::"r"(4 - c) : "memory"); };',
                        "auto pass_turn = [&]() {};"),
               _replace('if (c == 0) asm volatile("bar.arrive 3, 256;" ::: "memory");', "")],
+    # one CTA per work item instead of one persistent CTA per SM
+    "nonpersistent": [_replace("a.num_work < num_sms ? a.num_work : num_sms", "a.num_work")],
     # the register split before FA3's (producer 40, consumers 232)
     "reg232": [_replace("setmaxnreg.dec.sync.aligned.u32 24;", "setmaxnreg.dec.sync.aligned.u32 40;"),
                _replace("setmaxnreg.inc.sync.aligned.u32 240;", "setmaxnreg.inc.sync.aligned.u32 232;")],

@@ -2,7 +2,11 @@
 // specialization. Interface and contract: chunk_attention.h; the work partition and key tiles come
 // from spiral_rt/ops/chunk_attention.py; the reference is spiral_rt/reference/chunk_attention.py.
 //
-// One CTA = one work item x one query head: 128 query rows against the item's key tiles.
+// A persistent kernel: one CTA per SM, CTA b runs work items b, b + gridDim.x, ... (each 128 query
+// rows of one head against a range of key tiles; the plan lists whole items first, then the
+// pieces of the last wave's split items). The producer loads the next item's Q as soon as both
+// consumers issued their last S of the current one, so the next item's loads overlap this one's
+// last P V and epilogue.
 // Three warpgroups: WG0 is the producer (one thread issues every TMA load; the others idle with
 // few registers), WG1 and WG2 are consumers owning 64 query rows each. Per key tile:
 //   S = Q K^T      wgmma m64 n{BN} k16, Q and K from shared memory (K-major, 128B swizzle)
@@ -12,8 +16,8 @@
 // (TMA bytes landed) and "free" (both consumers done reading), separate for K and V, so S = Q K^T
 // starts before V has landed and a K buffer is reloaded as soon as its S is computed. Within a
 // consumer, S of tile t+1 and P V of tile t are issued together and the softmax of tile t+1 runs
-// while P V is on the tensor cores (FA3's intra-warpgroup overlap; its ping-pong between the two
-// consumers measured 20% slower here, bench/NOTES.md).
+// while P V is on the tensor cores (FA3's intra-warpgroup overlap); between the consumers, FA3's
+// scheduler barrier makes them take turns on the tensor cores (bench/NOTES.md, session 7).
 //
 // Paged keys: a 3-D tensor map views the pool as (pages, page_size, H_kv * D); a tile is a box of
 // BN rows at (page, row0). Rows past the page end come back as zeros (TMA out-of-bounds fill),
@@ -50,6 +54,7 @@ struct Params {
   float* partial_lse;
   const int32_t* work;
   const int32_t* tiles;
+  int num_work;
   int num_heads;
   int group;  // query heads per KV head
   float scale_log2;  // sm_scale * log2(e)
@@ -62,7 +67,7 @@ struct Layout {
   static constexpr int kK = 4 * kQHalfBytes;
   static constexpr int kV = kK + STAGES * kTileBytes;
   static constexpr int kBarriers = kV + STAGES * kTileBytes;
-  static constexpr int kBytes = kBarriers + 8 * (1 + 4 * STAGES);
+  static constexpr int kBytes = kBarriers + 8 * (2 + 4 * STAGES);
   static constexpr int kAlloc = kBytes + 1024;  // slack to align the base to 1 KiB (swizzle atoms)
 };
 
@@ -170,13 +175,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto bar_v = [&](int s) { return bar_q + 8 * (1 + STAGES + s); };
   auto bar_k_free = [&](int s) { return bar_q + 8 * (1 + 2 * STAGES + s); };
   auto bar_v_free = [&](int s) { return bar_q + 8 * (1 + 3 * STAGES + s); };
-
-  const int32_t* work = p.work + 6 * blockIdx.x;
-  const int q_start = work[0], q_end = work[1], t0 = work[2], t1 = work[3], head = work[4], slot = work[5];
+  const uint32_t bar_q_free = bar_q + 8 * (1 + 4 * STAGES);
   const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
 
   if (threadIdx.x == 0) {
     mbar_init(bar_q, 1);
+    mbar_init(bar_q_free, 2 * 128);
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(bar_k(s), 1);
       mbar_init(bar_v(s), 1);
@@ -194,25 +198,31 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (tid == 0) {
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&k_map)) : "memory");
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&v_map)) : "memory");
-      mbar_expect_tx(bar_q, 4 * kQHalfBytes);
-      for (int c = 0; c < 2; ++c)
-        for (int h = 0; h < 2; ++h)
-          tma_load_2d(base + L::kQ + (2 * c + h) * kQHalfBytes, &q_map, head * kHeadDim + 64 * h,
-                      q_start + kRowsPerConsumer * c, bar_q);
-      const int kv_col = (head / p.group) * kHeadDim;
-      for (int t = t0; t < t1; ++t) {
-        const int i = t - t0, s = i % STAGES;
-        const uint32_t phase = (i / STAGES) & 1;
-        const int page = p.tiles[2 * t], row0 = p.tiles[2 * t + 1] & 0xFFFF;
-        const uint32_t k_dst = base + L::kK + s * L::kTileBytes, v_dst = base + L::kV + s * L::kTileBytes;
-        mbar_wait(bar_k_free(s), phase ^ 1);  // a fresh barrier passes parity 1 at once
-        mbar_expect_tx(bar_k(s), L::kTileBytes);
-        tma_load_3d(k_dst, &k_map, kv_col, row0, page, bar_k(s));
-        tma_load_3d(k_dst + BN * kHalfBytes, &k_map, kv_col + 64, row0, page, bar_k(s));
-        mbar_wait(bar_v_free(s), phase ^ 1);
-        mbar_expect_tx(bar_v(s), L::kTileBytes);
-        tma_load_3d(v_dst, &v_map, kv_col, row0, page, bar_v(s));
-        tma_load_3d(v_dst + BN * kHalfBytes, &v_map, kv_col + 64, row0, page, bar_v(s));
+      int done = 0;  // key tiles loaded so far: the ring's stage and phase run on across items
+      for (int w = blockIdx.x, item = 0; w < p.num_work; w += gridDim.x, ++item) {
+        const int32_t* work = p.work + 6 * w;
+        const int q_start = work[0], t0 = work[2], t1 = work[3], head = work[4];
+        mbar_wait(bar_q_free, (item & 1) ^ 1);  // both consumers are done with the previous Q
+        mbar_expect_tx(bar_q, 4 * kQHalfBytes);
+        for (int c = 0; c < 2; ++c)
+          for (int h = 0; h < 2; ++h)
+            tma_load_2d(base + L::kQ + (2 * c + h) * kQHalfBytes, &q_map, head * kHeadDim + 64 * h,
+                        q_start + kRowsPerConsumer * c, bar_q);
+        const int kv_col = (head / p.group) * kHeadDim;
+        for (int t = t0; t < t1; ++t, ++done) {
+          const int s = done % STAGES;
+          const uint32_t phase = (done / STAGES) & 1;
+          const int page = p.tiles[2 * t], row0 = p.tiles[2 * t + 1] & 0xFFFF;
+          const uint32_t k_dst = base + L::kK + s * L::kTileBytes, v_dst = base + L::kV + s * L::kTileBytes;
+          mbar_wait(bar_k_free(s), phase ^ 1);  // a fresh barrier passes parity 1 at once
+          mbar_expect_tx(bar_k(s), L::kTileBytes);
+          tma_load_3d(k_dst, &k_map, kv_col, row0, page, bar_k(s));
+          tma_load_3d(k_dst + BN * kHalfBytes, &k_map, kv_col + 64, row0, page, bar_k(s));
+          mbar_wait(bar_v_free(s), phase ^ 1);
+          mbar_expect_tx(bar_v(s), L::kTileBytes);
+          tma_load_3d(v_dst, &v_map, kv_col, row0, page, bar_v(s));
+          tma_load_3d(v_dst + BN * kHalfBytes, &v_map, kv_col + 64, row0, page, bar_v(s));
+        }
       }
     }
     return;
@@ -227,13 +237,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float scale = p.scale_log2;
 
   float o[kHeadDim / 2];
-#pragma unroll
-  for (int i = 0; i < kHeadDim / 2; ++i) o[i] = 0.f;
   float s_acc[BN / 2];
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) s_acc[i] = 0.f;
   uint32_t pf[BN / 16][4];  // P of the previous tile as A fragments of P V
-  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
+  float m_lo, m_hi, l_lo, l_hi;
   // Descriptors of this consumer's Q and of stage 0's K and V buffers: an offset of n bytes adds
   // n >> 4 to the start-address field (the low 14 bits; shared addresses stay below 256 KiB, so
   // the sum never carries out of it).
@@ -241,8 +249,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint64_t k_desc = smem_desc(base + L::kK, 16);
   const uint64_t v_desc = smem_desc(base + L::kV, BN * kHalfBytes);
 
-  auto stage_of = [&](int t) { return (t - t0) % STAGES; };
-  auto phase_of = [&](int t) { return static_cast<uint32_t>(((t - t0) / STAGES) & 1); };
+  int shift = 0;  // tile t of the current item is the CTA's (t + shift)-th: its ring stage and phase
+  auto stage_of = [&](int t) { return (t + shift) % STAGES; };
+  auto phase_of = [&](int t) { return static_cast<uint32_t>(((t + shift) / STAGES) & 1); };
   auto valid_of = [&](int t) { return p.tiles[2 * t + 1] >> 16; };
 
   // S = Q K^T over D = 128: 8 k-steps, 4 in each 64-column half (issued, not waited for).
@@ -347,73 +356,89 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto pass_turn = [&]() { asm volatile("bar.arrive %0, 256;" ::"r"(4 - c) : "memory"); };
   if (c == 0) asm volatile("bar.arrive 3, 256;" ::: "memory");
 
-  mbar_wait(bar_q, 0);
-  if (t0 < t1) {
-    float alpha_lo, alpha_hi;
-    int valid = valid_of(t0);
-    wait_turn();
-    issue_s(t0);
-    pass_turn();
-    wgmma_wait<0>();
-    fence_regs(s_acc);
-    mbar_arrive(bar_k_free(stage_of(t0)));
-    softmax(valid, alpha_lo, alpha_hi);
-    pack_p();
-    // Steady state: S of tile t and P V of tile t - 1 run on the tensor cores while this
-    // warpgroup does the softmax of tile t (FA3's intra-warpgroup overlap); O is rescaled for
-    // tile t - 1 in the shadow of S, before P V of t - 1 is issued.
-    for (int t = t0 + 1; t < t1; ++t) {
-      const int valid_prev = valid;
-      valid = valid_of(t);  // loaded early: used after S of tile t is done
-      mbar_wait(bar_k(stage_of(t)), phase_of(t));  // outside the turn: data first
-      wait_turn();
-      issue_s(t);
-      rescale_o(alpha_lo, alpha_hi);  // O is idle: P V of tile t - 2 is done
-      issue_pv(t - 1, valid_prev);
-      pass_turn();
-      wgmma_wait<1>();  // S of tile t (committed first) is done: its K buffer is free
-      fence_regs(s_acc);
-      mbar_arrive(bar_k_free(stage_of(t)));
-      softmax(valid, alpha_lo, alpha_hi);
-      wgmma_wait<0>();  // P V of tile t - 1 is done: its V buffer and the P registers are free
-      fence_regs(o);
-      mbar_arrive(bar_v_free(stage_of(t - 1)));
-      pack_p();
-    }
-    rescale_o(alpha_lo, alpha_hi);
-    issue_pv(t1 - 1, valid);
-    wgmma_wait<0>();
-    fence_regs(o);
-    mbar_arrive(bar_v_free(stage_of(t1 - 1)));
-  }
-
-  // Finish the row sums across the quad, normalize, store.
+  // Work items w = blockIdx.x, + gridDim.x, ...: a persistent CTA, so the producer loads the next
+  // item's Q and first key tiles while the consumers finish this item's last P V and epilogue.
+  int done = 0;
+  for (int w = blockIdx.x, item = 0; w < p.num_work; w += gridDim.x, ++item) {
+    const int32_t* work = p.work + 6 * w;
+    const int q_start = work[0], q_end = work[1], t0 = work[2], t1 = work[3], head = work[4], slot = work[5];
+    shift = done - t0;
+    done += t1 - t0;
 #pragma unroll
-  for (int sh = 1; sh <= 2; sh <<= 1) {
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, sh);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, sh);
-  }
-  const int D = kHeadDim, H = p.num_heads;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int r = kRowsPerConsumer * c + row_lo + 8 * half, row = q_start + r;
-    if (row >= q_end) continue;
-    const float l = half ? l_hi : l_lo, m = half ? m_hi : m_lo;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const float lse = l > 0.f ? (m + __log2f(l)) * 0.6931471805599453f : -INFINITY;
-    if (slot < 0) {
-      T* out = static_cast<T*>(p.o) + (static_cast<int64_t>(row) * H + head) * D;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j)
-        *reinterpret_cast<uint32_t*>(out + 8 * j + col0) = pack2<T>(o[4 * j + 2 * half] * inv, o[4 * j + 2 * half + 1] * inv);
-      if (lane % 4 == 0) p.lse[static_cast<int64_t>(row) * H + head] = lse;
+    for (int i = 0; i < kHeadDim / 2; ++i) o[i] = 0.f;
+    m_lo = m_hi = -INFINITY;
+    l_lo = l_hi = 0.f;
+    mbar_wait(bar_q, item & 1);
+    if (t0 == t1) {
+      mbar_arrive(bar_q_free);  // no keys: O = 0, LSE = -inf
     } else {
-      const int64_t pr = static_cast<int64_t>(slot) * 2 * kRowsPerConsumer + r;
-      float* out = p.partial_o + pr * D;
+      float alpha_lo, alpha_hi;
+      int valid = valid_of(t0);
+      wait_turn();
+      issue_s(t0);
+      pass_turn();
+      wgmma_wait<0>();
+      fence_regs(s_acc);
+      mbar_arrive(bar_k_free(stage_of(t0)));
+      softmax(valid, alpha_lo, alpha_hi);
+      pack_p();
+      // Steady state: S of tile t and P V of tile t - 1 run on the tensor cores while this
+      // warpgroup does the softmax of tile t (FA3's intra-warpgroup overlap); O is rescaled for
+      // tile t - 1 in the shadow of S, before P V of t - 1 is issued.
+      for (int t = t0 + 1; t < t1; ++t) {
+        const int valid_prev = valid;
+        valid = valid_of(t);  // loaded early: used after S of tile t is done
+        mbar_wait(bar_k(stage_of(t)), phase_of(t));  // outside the turn: data first
+        wait_turn();
+        issue_s(t);
+        rescale_o(alpha_lo, alpha_hi);  // O is idle: P V of tile t - 2 is done
+        issue_pv(t - 1, valid_prev);
+        pass_turn();
+        wgmma_wait<1>();  // S of tile t (committed first) is done: its K buffer is free
+        fence_regs(s_acc);
+        mbar_arrive(bar_k_free(stage_of(t)));
+        softmax(valid, alpha_lo, alpha_hi);
+        wgmma_wait<0>();  // P V of tile t - 1 is done: its V buffer and the P registers are free
+        fence_regs(o);
+        mbar_arrive(bar_v_free(stage_of(t - 1)));
+        pack_p();
+      }
+      mbar_arrive(bar_q_free);  // every S of this item is done: the producer may load the next Q
+      rescale_o(alpha_lo, alpha_hi);
+      issue_pv(t1 - 1, valid);
+      wgmma_wait<0>();
+      fence_regs(o);
+      mbar_arrive(bar_v_free(stage_of(t1 - 1)));
+    }
+
+    // Finish the row sums across the quad, normalize, store.
 #pragma unroll
-      for (int j = 0; j < D / 8; ++j)
-        *reinterpret_cast<float2*>(out + 8 * j + col0) = make_float2(o[4 * j + 2 * half] * inv, o[4 * j + 2 * half + 1] * inv);
-      if (lane % 4 == 0) p.partial_lse[pr] = lse;
+    for (int sh = 1; sh <= 2; sh <<= 1) {
+      l_lo += __shfl_xor_sync(0xffffffffu, l_lo, sh);
+      l_hi += __shfl_xor_sync(0xffffffffu, l_hi, sh);
+    }
+    const int D = kHeadDim, H = p.num_heads;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = kRowsPerConsumer * c + row_lo + 8 * half, row = q_start + r;
+      if (row >= q_end) continue;
+      const float l = half ? l_hi : l_lo, m = half ? m_hi : m_lo;
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const float lse = l > 0.f ? (m + __log2f(l)) * 0.6931471805599453f : -INFINITY;
+      if (slot < 0) {
+        T* out = static_cast<T*>(p.o) + (static_cast<int64_t>(row) * H + head) * D;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j)
+          *reinterpret_cast<uint32_t*>(out + 8 * j + col0) = pack2<T>(o[4 * j + 2 * half] * inv, o[4 * j + 2 * half + 1] * inv);
+        if (lane % 4 == 0) p.lse[static_cast<int64_t>(row) * H + head] = lse;
+      } else {
+        const int64_t pr = static_cast<int64_t>(slot) * 2 * kRowsPerConsumer + r;
+        float* out = p.partial_o + pr * D;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j)
+          *reinterpret_cast<float2*>(out + 8 * j + col0) = make_float2(o[4 * j + 2 * half] * inv, o[4 * j + 2 * half + 1] * inv);
+        if (lane % 4 == 0) p.partial_lse[pr] = lse;
+      }
     }
   }
 #endif  // SPIRAL_RT_SM90A
@@ -452,7 +477,7 @@ bool make_map(CUtensorMap* map, DType dtype, const void* ptr, int rank, const cu
 }
 
 template <typename T, int BN, int STAGES>
-cudaError_t launch(const ChunkAttentionArgs& a, cudaStream_t stream) {
+cudaError_t launch(const ChunkAttentionArgs& a, int num_sms, cudaStream_t stream) {
   using L = Layout<BN, STAGES>;
   auto kernel = chunk_attention_sm90_kernel<T, BN, STAGES>;
   static const cudaError_t attr =
@@ -479,19 +504,22 @@ cudaError_t launch(const ChunkAttentionArgs& a, cudaStream_t stream) {
   p.partial_lse = a.partial_lse;
   p.work = a.work;
   p.tiles = a.tiles;
+  p.num_work = static_cast<int>(a.num_work);
   p.num_heads = a.num_heads;
   p.group = a.num_heads / a.num_kv_heads;
   p.scale_log2 = a.sm_scale * 1.4426950408889634f;
-  kernel<<<static_cast<unsigned>(a.num_work), kThreads, L::kAlloc, stream>>>(q_map, k_map, v_map, p);
+  // persistent: one CTA per SM (its shared memory allows no second), each striding over the work
+  kernel<<<static_cast<unsigned>(a.num_work < num_sms ? a.num_work : num_sms), kThreads, L::kAlloc, stream>>>(
+      q_map, k_map, v_map, p);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t launch_typed(const ChunkAttentionArgs& a, cudaStream_t stream) {
+cudaError_t launch_typed(const ChunkAttentionArgs& a, int num_sms, cudaStream_t stream) {
   switch (a.block_n) {
-    case 112: return launch<T, 112, 3>(a, stream);
-    case 128: return launch<T, 128, 3>(a, stream);
-    case 176: return launch<T, 176, 2>(a, stream);
+    case 112: return launch<T, 112, 3>(a, num_sms, stream);
+    case 128: return launch<T, 128, 3>(a, num_sms, stream);
+    case 176: return launch<T, 176, 2>(a, num_sms, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -516,8 +544,11 @@ int chunk_attention_sm90_launch(const ChunkAttentionArgs& a, int device, void* s
   cudaError_t err = cudaGetDevice(&current);
   if (err != cudaSuccess) return err;
   if (current != device && (err = cudaSetDevice(device)) != cudaSuccess) return err;
+  int num_sms = 0;
+  if ((err = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
   auto s = static_cast<cudaStream_t>(stream);
-  return a.dtype == DType::kBFloat16 ? launch_typed<__nv_bfloat16>(a, s) : launch_typed<__half>(a, s);
+  return a.dtype == DType::kBFloat16 ? launch_typed<__nv_bfloat16>(a, num_sms, s)
+                                     : launch_typed<__half>(a, num_sms, s);
 }
 
 }  // namespace spiral_rt
