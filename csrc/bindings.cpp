@@ -88,7 +88,7 @@ void sampler_step(uintptr_t x, uintptr_t m, uintptr_t a, uintptr_t b, uintptr_t 
 
 void chunk_attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, uintptr_t partial_o,
                      uintptr_t partial_lse, uintptr_t work, uintptr_t tiles, int64_t q_row_stride, int64_t total_q,
-                     int64_t num_work, int64_t num_pages, int page_size, int num_heads, int num_kv_heads,
+                     int64_t num_work, int64_t num_pieces, int64_t num_pages, int page_size, int num_heads, int num_kv_heads,
                      int head_dim, int block_n, float sm_scale, int dtype, int device, uintptr_t stream) {
   spiral_rt::ChunkAttentionArgs args;
   args.q = ptr<const void>(q);
@@ -103,6 +103,7 @@ void chunk_attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr
   args.q_row_stride = q_row_stride;
   args.total_q = total_q;
   args.num_work = num_work;
+  args.num_pieces = num_pieces;
   args.num_pages = num_pages;
   args.page_size = page_size;
   args.num_heads = num_heads;
@@ -166,7 +167,7 @@ PYBIND11_MODULE(_C, m) {
         "Launch the Hopper chunk attention over paged K/V (see csrc/chunk_attention.h)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("partial_o"),
         py::arg("partial_lse"), py::arg("work"), py::arg("tiles"), py::arg("q_row_stride"), py::arg("total_q"),
-        py::arg("num_work"), py::arg("num_pages"), py::arg("page_size"), py::arg("num_heads"),
+        py::arg("num_work"), py::arg("num_pieces"), py::arg("num_pages"), py::arg("page_size"), py::arg("num_heads"),
         py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("block_n"), py::arg("sm_scale"), py::arg("dtype"),
         py::arg("device"), py::arg("stream"));
   m.def("chunk_attention_available", &spiral_rt::chunk_attention_sm90_available,

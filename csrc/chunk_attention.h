@@ -4,9 +4,9 @@
 // Math and contract: spiral_rt/reference/chunk_attention.py. Inputs (all device pointers):
 //   q        (total_q, H, D) rows of q_row_stride elements, heads contiguous (stride D), D = 128;
 //   k, v     (num_pages, page_size, H_kv, D) contiguous pages;
-//   work     (num_work, 6) int32: q_start, q_end, t0, t1, head, slot, in launch order (persistent
-//            CTAs take them round robin): query rows [q_start, q_end) (at most 128) of query head
-//            `head` against key tiles [t0, t1) of `tiles`. slot < 0: the tiles are all of the rows' keys and the CTA writes o and lse;
+//   work     (num_work, 6) int32: q_start, q_end, t0, t1, head, slot; whole items (slot < 0)
+//            first, then the num_pieces pieces: query rows [q_start, q_end) (at most 128) of query
+//            head `head` against key tiles [t0, t1) of `tiles`. slot < 0: the tiles are all of the rows' keys and the CTA writes o and lse;
 //            slot >= 0: a piece of a split key range, written as the fp32 partial state
 //            partial_o[slot] (128, D) and partial_lse[slot] (128,) (row i = query row q_start + i)
 //            for the merge kernel (spiral_rt/kernels/chunk_attention.py, merge_pieces);
@@ -36,6 +36,7 @@ struct ChunkAttentionArgs {
   int64_t q_row_stride = 0;  // elements between consecutive query rows
   int64_t total_q = 0;
   int64_t num_work = 0;
+  int64_t num_pieces = 0;  // the last num_pieces work items are pieces (slot >= 0)
   int64_t num_pages = 0;
   int page_size = 0;
   int num_heads = 0;

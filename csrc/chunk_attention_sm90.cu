@@ -2,11 +2,12 @@
 // specialization. Interface and contract: chunk_attention.h; the work partition and key tiles come
 // from spiral_rt/ops/chunk_attention.py; the reference is spiral_rt/reference/chunk_attention.py.
 //
-// A persistent kernel: one CTA per SM, CTA b runs work items b, b + gridDim.x, ... (each 128 query
-// rows of one head against a range of key tiles; the plan lists whole items first, then the
-// pieces of the last wave's split items). The producer loads the next item's Q as soon as both
-// consumers issued their last S of the current one, so the next item's loads overlap this one's
-// last P V and epilogue.
+// Work items are 128 query rows of one head against a range of key tiles; the plan lists whole
+// items first, then the pieces of the last wave's split items. The whole items run on persistent
+// CTAs, one per SM, CTA b taking items b, b + P, ... (P CTAs): the producer loads the next item's
+// Q as soon as both consumers issued their last S of the current one, so the next item's loads
+// overlap this one's last P V and epilogue. Each piece then gets a CTA of its own, started by the
+// hardware on whichever SM frees first (static striding measured worse for them).
 // Three warpgroups: WG0 is the producer (one thread issues every TMA load; the others idle with
 // few registers), WG1 and WG2 are consumers owning 64 query rows each. Per key tile:
 //   S = Q K^T      wgmma m64 n{BN} k16, Q and K from shared memory (K-major, 128B swizzle)
@@ -55,6 +56,8 @@ struct Params {
   const int32_t* work;
   const int32_t* tiles;
   int num_work;
+  int num_whole;       // items [0, num_whole) run whole, strided over the first num_persistent CTAs;
+  int num_persistent;  // every later CTA runs one piece (dispatched as SMs free up)
   int num_heads;
   int group;  // query heads per KV head
   float scale_log2;  // sm_scale * log2(e)
@@ -177,6 +180,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto bar_v_free = [&](int s) { return bar_q + 8 * (1 + 3 * STAGES + s); };
   const uint32_t bar_q_free = bar_q + 8 * (1 + 4 * STAGES);
   const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
+  // This CTA's work items: first, first + stride, ... below end.
+  const bool persistent = static_cast<int>(blockIdx.x) < p.num_persistent;
+  const int first = persistent ? blockIdx.x : p.num_whole + blockIdx.x - p.num_persistent;
+  const int stride = persistent ? p.num_persistent : p.num_work;
+  const int end = persistent ? p.num_whole : p.num_work;
 
   if (threadIdx.x == 0) {
     mbar_init(bar_q, 1);
@@ -199,7 +207,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&k_map)) : "memory");
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&v_map)) : "memory");
       int done = 0;  // key tiles loaded so far: the ring's stage and phase run on across items
-      for (int w = blockIdx.x, item = 0; w < p.num_work; w += gridDim.x, ++item) {
+      for (int w = first, item = 0; w < end; w += stride, ++item) {
         const int32_t* work = p.work + 6 * w;
         const int q_start = work[0], t0 = work[2], t1 = work[3], head = work[4];
         mbar_wait(bar_q_free, (item & 1) ^ 1);  // both consumers are done with the previous Q
@@ -356,10 +364,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto pass_turn = [&]() { asm volatile("bar.arrive %0, 256;" ::"r"(4 - c) : "memory"); };
   if (c == 0) asm volatile("bar.arrive 3, 256;" ::: "memory");
 
-  // Work items w = blockIdx.x, + gridDim.x, ...: a persistent CTA, so the producer loads the next
-  // item's Q and first key tiles while the consumers finish this item's last P V and epilogue.
+  // A persistent CTA's items follow one another: the producer loads the next item's Q and first
+  // key tiles while the consumers finish this item's last P V and epilogue.
   int done = 0;
-  for (int w = blockIdx.x, item = 0; w < p.num_work; w += gridDim.x, ++item) {
+  for (int w = first, item = 0; w < end; w += stride, ++item) {
     const int32_t* work = p.work + 6 * w;
     const int q_start = work[0], q_end = work[1], t0 = work[2], t1 = work[3], head = work[4], slot = work[5];
     shift = done - t0;
@@ -505,11 +513,14 @@ cudaError_t launch(const ChunkAttentionArgs& a, int num_sms, cudaStream_t stream
   p.work = a.work;
   p.tiles = a.tiles;
   p.num_work = static_cast<int>(a.num_work);
+  p.num_whole = static_cast<int>(a.num_work - a.num_pieces);
+  p.num_persistent = p.num_whole < num_sms ? p.num_whole : num_sms;
   p.num_heads = a.num_heads;
   p.group = a.num_heads / a.num_kv_heads;
   p.scale_log2 = a.sm_scale * 1.4426950408889634f;
-  // persistent: one CTA per SM (its shared memory allows no second), each striding over the work
-  kernel<<<static_cast<unsigned>(a.num_work < num_sms ? a.num_work : num_sms), kThreads, L::kAlloc, stream>>>(
+  // whole items: one persistent CTA per SM (its shared memory allows no second), striding over
+  // them; then one CTA per piece, each started on the first SM to free up
+  kernel<<<static_cast<unsigned>(p.num_persistent + a.num_pieces), kThreads, L::kAlloc, stream>>>(
       q_map, k_map, v_map, p);
   return cudaGetLastError();
 }
@@ -537,7 +548,7 @@ bool chunk_attention_sm90_available(int device) {
 int chunk_attention_sm90_launch(const ChunkAttentionArgs& a, int device, void* stream) {
   if (a.num_work == 0) return cudaSuccess;
   if (a.head_dim != kHeadDim || a.num_kv_heads <= 0 || a.num_heads % a.num_kv_heads != 0 ||
-      a.page_size <= 0 || a.page_size > 0xFFFF ||
+      a.page_size <= 0 || a.page_size > 0xFFFF || a.num_pieces < 0 || a.num_pieces > a.num_work ||
       (a.dtype != DType::kBFloat16 && a.dtype != DType::kFloat16))
     return cudaErrorInvalidValue;
   int current = -1;

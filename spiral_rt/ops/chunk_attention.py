@@ -613,7 +613,7 @@ def _chunk_attention_impl(
         C.chunk_attention(
             q.data_ptr(), k_pages.data_ptr(), v_pages.data_ptr(), o.data_ptr(), lse.data_ptr(),
             part_o.data_ptr() if cuda_pieces else 0, part_lse.data_ptr() if cuda_pieces else 0, cuda_work.data_ptr(), cuda_tiles.data_ptr(), q.stride(0), total_q, cuda_work.shape[0],
-            k_pages.shape[0], k_pages.shape[1], heads, k_pages.shape[2], head_dim, cuda_block_n, sm_scale,
+            cuda_pieces, k_pages.shape[0], k_pages.shape[1], heads, k_pages.shape[2], head_dim, cuda_block_n, sm_scale,
             C.DTYPES[str(q.dtype).replace("torch.", "")], q.device.index, torch.cuda.current_stream(q.device).cuda_stream)
         if cuda_pieces:
             kernel.merge_pieces(part_o, part_lse, cuda_merge, o, lse)
