@@ -2,14 +2,14 @@
 
 Each variant is csrc/chunk_attention_sm90.cu with text patches applied (PATCHES below; a name
 like "hint+warp_arrive" applies several in order), compiled by nvcc into its own shared
-library with a flat C entry point, then run on the bench_attention shapes (Lq 4680, Lk
-4680..32760, 12 x 128 heads, bf16, 1560-token shuffled pages) at each block_n with
-num_splits = 1 (the kernel alone, no merge). Every variant's output is checked against
+library with a flat C entry point, then run as the op's CUDA path (kernel, then the merge of the
+plan's pieces) on the bench_attention shapes (Lq 4680, Lk 4680..32760, 12 x 128 heads, bf16,
+1560-token shuffled pages) at each block_n. Every variant's output is checked against
 PyTorch's SDPA on the same keys before it is timed; FA3 (when importable) is timed on the same
 data for the ratio. A patch that no longer applies (the source moved on) is reported and skipped.
 
 GPU machine, from the repository root (after bench/gpu_env.sh built the package):
-    python3 bench/attention_variants.py [--variants cur,no_pp,...] [--block-n 112,176]
+    python3 bench/attention_variants.py [--variants cur,no_pp,...] [--block-n 112,176] [--splits 0] [--rounds 3]
     ncu ... python3 bench/attention_variants.py --profile cur,no_pp --lk 18720 --block-n 112
 """
 
@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import ctypes
+import functools
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -31,21 +33,23 @@ sys.path.insert(0, str(ROOT / "bench"))
 import common  # noqa: E402
 from bench_attention import HEAD_DIM, HEADS, LKS, LQ, PAGE, _import_fa3, make_plan, paged_layout  # noqa: E402
 
+from spiral_rt.kernels.chunk_attention import merge_pieces  # noqa: E402
 from spiral_rt.ops.chunk_attention import AttentionConfig  # noqa: E402
 
 SOURCE = ROOT / "csrc" / "chunk_attention_sm90.cu"
 BUILD = Path("/tmp/attention_variants")
 
 ENTRY = r"""
-extern "C" int av_launch(const void* q, const void* k, const void* v, void* o, float* lse, const int32_t* work,
-                         const int32_t* tiles, long long q_row_stride, long long total_q, long long num_work,
-                         long long num_pages, int page_size, int heads, int kv_heads, int block_n, float scale,
-                         void* stream) {
+extern "C" int av_launch(const void* q, const void* k, const void* v, void* o, float* lse, float* part_o,
+                         float* part_lse, const int32_t* work, const int32_t* tiles, long long q_row_stride,
+                         long long total_q, long long num_work, long long num_pieces, long long num_pages,
+                         int page_size, int heads, int kv_heads, int block_n, float scale, void* stream) {
   spiral_rt::ChunkAttentionArgs a;
-  a.q = q; a.k = k; a.v = v; a.o = o; a.lse = lse; a.work = work; a.tiles = tiles;  // whole units only
-  a.q_row_stride = q_row_stride; a.total_q = total_q; a.num_work = num_work; a.num_pages = num_pages;
-  a.page_size = page_size; a.num_heads = heads; a.num_kv_heads = kv_heads; a.head_dim = 128;
-  a.block_n = block_n; a.sm_scale = scale; a.dtype = spiral_rt::DType::kBFloat16;
+  a.q = q; a.k = k; a.v = v; a.o = o; a.lse = lse; a.partial_o = part_o; a.partial_lse = part_lse;
+  a.work = work; a.tiles = tiles; a.q_row_stride = q_row_stride; a.total_q = total_q; a.num_work = num_work;
+  a.num_pieces = num_pieces; a.num_pages = num_pages; a.page_size = page_size; a.num_heads = heads;
+  a.num_kv_heads = kv_heads; a.head_dim = 128; a.block_n = block_n; a.sm_scale = scale;
+  a.dtype = spiral_rt::DType::kBFloat16;
   int device = 0;
   cudaGetDevice(&device);
   return spiral_rt::chunk_attention_sm90_launch(a, device, stream);
@@ -103,7 +107,7 @@ PATCHES = {  # each a list of source -> source functions; they apply to csrc as 
                        "auto pass_turn = [&]() {};"),
               _replace('if (c == 0) asm volatile("bar.arrive 3, 256;" ::: "memory");', "")],
     # one CTA per work item instead of one persistent CTA per SM
-    "nonpersistent": [_replace("a.num_work < num_sms ? a.num_work : num_sms", "a.num_work")],
+    "nonpersistent": [_replace("p.num_whole = static_cast<int>(a.num_work - a.num_pieces);", "p.num_whole = 0;")],
     # the register split before FA3's (producer 40, consumers 232)
     "reg232": [_replace("setmaxnreg.dec.sync.aligned.u32 24;", "setmaxnreg.dec.sync.aligned.u32 40;"),
                _replace("setmaxnreg.inc.sync.aligned.u32 240;", "setmaxnreg.inc.sync.aligned.u32 232;")],
@@ -141,15 +145,18 @@ def build(name: str) -> tuple[str, Path | None, str]:
 def launcher(lib: Path):
     fn = ctypes.CDLL(str(lib)).av_launch
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_longlong] * 4 + [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_void_p]
+    fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_longlong] * 5 + [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_void_p]
 
-    def run(q, k_pages, v_pages, plan, o, lse, block_n):
-        err = fn(q.data_ptr(), k_pages.data_ptr(), v_pages.data_ptr(), o.data_ptr(), lse.data_ptr(),
-                 plan.cuda_work.data_ptr(), plan.cuda_tiles.data_ptr(), q.stride(0), q.shape[0],
-                 plan.cuda_work.shape[0], k_pages.shape[0], k_pages.shape[1], HEADS, k_pages.shape[2], block_n,
-                 HEAD_DIM ** -0.5, torch.cuda.current_stream().cuda_stream)
+    def run(q, k_pages, v_pages, plan, o, lse, part_o, part_lse, block_n):
+        """The op's CUDA path with this variant's kernel: launch, then merge the plan's pieces."""
+        err = fn(q.data_ptr(), k_pages.data_ptr(), v_pages.data_ptr(), o.data_ptr(), lse.data_ptr(), part_o.data_ptr(),
+                 part_lse.data_ptr(), plan.cuda_work.data_ptr(), plan.cuda_tiles.data_ptr(), q.stride(0), q.shape[0],
+                 plan.cuda_work.shape[0], plan.cuda_pieces, k_pages.shape[0], k_pages.shape[1], HEADS,
+                 k_pages.shape[2], block_n, HEAD_DIM ** -0.5, torch.cuda.current_stream().cuda_stream)
         if err:
             raise RuntimeError(f"launch failed: cudaError {err}")
+        if plan.cuda_pieces:
+            merge_pieces(part_o, part_lse, plan.cuda_merge, o, lse)
     return run
 
 
@@ -168,6 +175,8 @@ def main():
     ap.add_argument("--block-n", default="112,176")
     ap.add_argument("--lk", default=",".join(map(str, LKS)))
     ap.add_argument("--rep-ms", type=float, default=300)
+    ap.add_argument("--splits", type=int, default=0, help="AttentionConfig.num_splits (0: the plan's choice)")
+    ap.add_argument("--rounds", type=int, default=1, help="time every variant this many times, interleaved")
     ap.add_argument("--profile", help="comma-separated variants to run (after FA3) three times each, untimed, for ncu")
     args = ap.parse_args()
     names = (args.profile or args.variants).split(",")
@@ -191,36 +200,40 @@ def main():
         row = {"Lk": lk}
         ref = F.scaled_dot_product_attention(q[None].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         ref = ref[0].transpose(0, 1)
+        timed = {}  # column -> zero-argument call
         if fa3 is not None:
-            fa3_fn = lambda: fa3.flash_attn_func(q[None], k, v)  # noqa: E731
-            if args.profile:
-                for _ in range(3):
-                    fa3_fn()
-            else:
-                row["fa3"] = flops / common.time_ms(fa3_fn, rep_ms=args.rep_ms)["median_ms"] / 1e9
+            timed["fa3"] = lambda: fa3.flash_attn_func(q[None], k, v)
         for bn in block_ns:
-            plan = make_plan([LQ], [pages], num_pages, AttentionConfig(cuda_block_n=bn, num_splits=1))
+            plan = make_plan([LQ], [pages], num_pages, AttentionConfig(cuda_block_n=bn, num_splits=args.splits))
             o, lse = torch.empty_like(q), torch.empty(LQ, HEADS, device="cuda")
+            part_o = torch.empty(max(plan.cuda_pieces, 1), 128, HEAD_DIM, device="cuda")
+            part_lse = torch.empty(max(plan.cuda_pieces, 1), 128, device="cuda")
             for name, run in runners.items():
-                call = lambda: run(q, k_pages, v_pages, plan, o, lse, bn)  # noqa: E731
+                call = functools.partial(run, q, k_pages, v_pages, plan, o, lse, part_o, part_lse, bn)
                 call()
                 torch.cuda.synchronize()
                 err = (o.float() - ref.float()).abs().max().item()
                 if not err < 2e-2:
                     print(f"{name} n{bn} Lk {lk}: max |O - SDPA's O| = {err:.3g}, not timed", file=sys.stderr)
                     continue
-                if args.profile:
-                    for _ in range(2):
-                        call()
-                    continue
-                row[f"{name} n{bn}"] = flops / common.time_ms(call, rep_ms=args.rep_ms)["median_ms"] / 1e9
+                timed[f"{name} n{bn}"] = call
+        if args.profile:
+            for call in timed.values():
+                for _ in range(3):
+                    call()
+        else:
+            times = {c: [] for c in timed}
+            for _ in range(args.rounds):
+                for c, call in timed.items():
+                    times[c].append(common.time_ms(call, rep_ms=args.rep_ms)["median_ms"])
+            row.update({c: flops / statistics.median(t) / 1e9 for c, t in times.items()})
         rows.append(row)
         print(row, file=sys.stderr)
     if args.profile:
         torch.cuda.synchronize()
         return
     cols = [c for c in rows[0] if c != "Lk"]
-    print("TFLOP/s, splits = 1 (fa3: dense K/V)")
+    print(f"TFLOP/s, num_splits {args.splits} (0: the plan's choice), median of {args.rounds} round(s); fa3: dense K/V")
     print(f"{'variant':34s}" + "".join(f"{r['Lk']:>9d}" for r in rows))
     for c in cols:
         print(f"{c:34s}" + "".join(f"{r.get(c, float('nan')):9.1f}" for r in rows))

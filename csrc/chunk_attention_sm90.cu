@@ -520,7 +520,7 @@ cudaError_t launch(const ChunkAttentionArgs& a, int num_sms, cudaStream_t stream
   p.scale_log2 = a.sm_scale * 1.4426950408889634f;
   // whole items: one persistent CTA per SM (its shared memory allows no second), striding over
   // them; then one CTA per piece, each started on the first SM to free up
-  kernel<<<static_cast<unsigned>(p.num_persistent + a.num_pieces), kThreads, L::kAlloc, stream>>>(
+  kernel<<<static_cast<unsigned>(p.num_persistent + p.num_work - p.num_whole), kThreads, L::kAlloc, stream>>>(
       q_map, k_map, v_map, p);
   return cudaGetLastError();
 }
