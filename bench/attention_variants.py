@@ -2,8 +2,8 @@
 
 Each variant is csrc/chunk_attention_sm90.cu with text patches applied (PATCHES below; a name
 like "hint+warp_arrive" applies several in order), compiled by nvcc into its own shared
-library with a flat C entry point, then run as the op's CUDA path (the plan's split units
-included) on the bench_attention shapes (Lq 4680, Lk 4680..32760, 12 x 128 heads, bf16,
+library with a flat C entry point, then run as the op's CUDA path (kernel, then the merge of the
+plan's pieces) on the bench_attention shapes (Lq 4680, Lk 4680..32760, 12 x 128 heads, bf16,
 1560-token shuffled pages) at each block_n. Every variant's output is checked against
 PyTorch's SDPA on the same keys before it is timed; FA3 (when importable) is timed on the same
 data for the ratio. A patch that no longer applies (the source moved on) is reported and skipped.
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import common  # noqa: E402
 from bench_attention import HEAD_DIM, HEADS, LKS, LQ, PAGE, _import_fa3, make_plan, paged_layout  # noqa: E402
 
-from spiral_rt.ops import dispatch  # noqa: E402
+from spiral_rt.kernels.chunk_attention import merge_pieces  # noqa: E402
 from spiral_rt.ops.chunk_attention import AttentionConfig  # noqa: E402
 
 SOURCE = ROOT / "csrc" / "chunk_attention_sm90.cu"
@@ -41,12 +41,11 @@ BUILD = Path("/tmp/attention_variants")
 
 ENTRY = r"""
 extern "C" int av_launch(const void* q, const void* k, const void* v, void* o, float* lse, float* part_o,
-                         float* part_lse, const int32_t* merge, int* tickets, const int32_t* work, const int32_t* tiles, long long q_row_stride,
+                         float* part_lse, const int32_t* work, const int32_t* tiles, long long q_row_stride,
                          long long total_q, long long num_work, long long num_pieces, long long num_pages,
                          int page_size, int heads, int kv_heads, int block_n, float scale, void* stream) {
   spiral_rt::ChunkAttentionArgs a;
   a.q = q; a.k = k; a.v = v; a.o = o; a.lse = lse; a.partial_o = part_o; a.partial_lse = part_lse;
-  a.merge = merge; a.tickets = tickets;
   a.work = work; a.tiles = tiles; a.q_row_stride = q_row_stride; a.total_q = total_q; a.num_work = num_work;
   a.num_pieces = num_pieces; a.num_pages = num_pages; a.page_size = page_size; a.num_heads = heads;
   a.num_kv_heads = kv_heads; a.head_dim = 128; a.block_n = block_n; a.sm_scale = scale;
@@ -146,18 +145,18 @@ def build(name: str) -> tuple[str, Path | None, str]:
 def launcher(lib: Path):
     fn = ctypes.CDLL(str(lib)).av_launch
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 11 + [ctypes.c_longlong] * 5 + [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_void_p]
+    fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_longlong] * 5 + [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_void_p]
 
     def run(q, k_pages, v_pages, plan, o, lse, part_o, part_lse, block_n):
-        """The op's CUDA path with this variant's kernel (the pieces merge themselves)."""
-        merge = plan.cuda_merge if plan.cuda_pieces else part_lse
-        tickets = dispatch.zeroed_tickets(q.device, merge.shape[0])
+        """The op's CUDA path with this variant's kernel: launch, then merge the plan's pieces."""
         err = fn(q.data_ptr(), k_pages.data_ptr(), v_pages.data_ptr(), o.data_ptr(), lse.data_ptr(), part_o.data_ptr(),
-                 part_lse.data_ptr(), merge.data_ptr(), tickets.data_ptr(), plan.cuda_work.data_ptr(), plan.cuda_tiles.data_ptr(), q.stride(0), q.shape[0],
+                 part_lse.data_ptr(), plan.cuda_work.data_ptr(), plan.cuda_tiles.data_ptr(), q.stride(0), q.shape[0],
                  plan.cuda_work.shape[0], plan.cuda_pieces, k_pages.shape[0], k_pages.shape[1], HEADS,
                  k_pages.shape[2], block_n, HEAD_DIM ** -0.5, torch.cuda.current_stream().cuda_stream)
         if err:
             raise RuntimeError(f"launch failed: cudaError {err}")
+        if plan.cuda_pieces:
+            merge_pieces(part_o, part_lse, plan.cuda_merge, o, lse)
     return run
 
 

@@ -4,19 +4,17 @@
 // Math and contract: spiral_rt/reference/chunk_attention.py. Inputs (all device pointers):
 //   q        (total_q, H, D) rows of q_row_stride elements, heads contiguous (stride D), D = 128;
 //   k, v     (num_pages, page_size, H_kv, D) contiguous pages;
-//   work     (num_work, 7) int32: q_start, q_end, t0, t1, head, slot, unit; whole items (slot < 0)
+//   work     (num_work, 6) int32: q_start, q_end, t0, t1, head, slot; whole items (slot < 0)
 //            first, then the num_pieces pieces: query rows [q_start, q_end) (at most 128) of query
-//            head `head` against key tiles [t0, t1) of `tiles`. slot < 0: the tiles are all of the
-//            rows' keys and the CTA writes o and lse; slot >= 0: a piece of split unit `unit`,
-//            written as the fp32 partial state partial_o[slot] (128, D), partial_lse[slot] (128,)
-//            (row i = query row q_start + i); the unit's last piece to finish merges them all;
-//   merge    (num_units, 5) int32 per split unit: q_start, q_end, head, first slot, pieces;
-//   tickets  (num_units,) int32, zero; the kernel leaves them zero;
+//            head `head` against key tiles [t0, t1) of `tiles`. slot < 0: the tiles are all of the rows' keys and the CTA writes o and lse;
+//            slot >= 0: a piece of a split key range, written as the fp32 partial state
+//            partial_o[slot] (128, D) and partial_lse[slot] (128,) (row i = query row q_start + i)
+//            for the merge kernel (spiral_rt/kernels/chunk_attention.py, merge_pieces);
 //   tiles    (num_tiles, 2) int32: page, row0 | valid << 16. A tile is `block_n` consecutive
 //            rows of one page starting at row0, of which the first `valid` are keys (the rest
 //            are masked; rows past the page end read as zeros).
 // Outputs: o (total_q, H, D) in q's dtype and lse (total_q, H) fp32 (natural log; a row without
-// keys gets O = 0, LSE = -inf). Launches sharing `tickets` must be stream-ordered.
+// keys gets O = 0, LSE = -inf), for the rows of whole work items; the partial states of pieces.
 #pragma once
 
 #include <cstdint>
@@ -33,8 +31,6 @@ struct ChunkAttentionArgs {
   float* lse = nullptr;
   float* partial_o = nullptr;    // (pieces, 128, D), only read when a work item has slot >= 0
   float* partial_lse = nullptr;  // (pieces, 128)
-  const int32_t* merge = nullptr;
-  int* tickets = nullptr;
   const int32_t* work = nullptr;
   const int32_t* tiles = nullptr;
   int64_t q_row_stride = 0;  // elements between consecutive query rows

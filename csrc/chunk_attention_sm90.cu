@@ -47,15 +47,12 @@ constexpr int kRowsPerConsumer = 64;
 constexpr int kThreads = 384;         // producer + 2 consumer warpgroups
 constexpr int kHalfBytes = 64 * 2;    // one 64-column half of a 16-bit row: the swizzle span
 constexpr int kQHalfBytes = kRowsPerConsumer * kHalfBytes;  // 8 KiB: one TMA box of Q
-constexpr int kWorkFields = 7;  // chunk_attention.h
 
 struct Params {
   void* o;
   float* lse;
   float* partial_o;
   float* partial_lse;
-  const int32_t* merge;  // per split unit: q_start, q_end, head, first slot, pieces
-  int* tickets;          // per split unit: pieces finished in this launch (left zero)
   const int32_t* work;
   const int32_t* tiles;
   int num_work;
@@ -73,8 +70,7 @@ struct Layout {
   static constexpr int kK = 4 * kQHalfBytes;
   static constexpr int kV = kK + STAGES * kTileBytes;
   static constexpr int kBarriers = kV + STAGES * kTileBytes;
-  static constexpr int kFlag = kBarriers + 8 * (2 + 4 * STAGES);  // "this CTA merges" (int)
-  static constexpr int kBytes = kFlag + 8;
+  static constexpr int kBytes = kBarriers + 8 * (2 + 4 * STAGES);
   static constexpr int kAlloc = kBytes + 1024;  // slack to align the base to 1 KiB (swizzle atoms)
 };
 
@@ -212,7 +208,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&v_map)) : "memory");
       int done = 0;  // key tiles loaded so far: the ring's stage and phase run on across items
       for (int w = first, item = 0; w < end; w += stride, ++item) {
-        const int32_t* work = p.work + kWorkFields * w;
+        const int32_t* work = p.work + 6 * w;
         const int q_start = work[0], t0 = work[2], t1 = work[3], head = work[4];
         mbar_wait(bar_q_free, (item & 1) ^ 1);  // both consumers are done with the previous Q
         mbar_expect_tx(bar_q, 4 * kQHalfBytes);
@@ -368,64 +364,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto pass_turn = [&]() { asm volatile("bar.arrive %0, 256;" ::"r"(4 - c) : "memory"); };
   if (c == 0) asm volatile("bar.arrive 3, 256;" ::: "memory");
 
-  // A piece's CTA, after writing its partial state: the last of the unit's pieces to finish (a
-  // ticket per unit, reset by that CTA) merges all of them, exactly (log-sum-exp), into o and
-  // lse; each thread merges its own two rows x 32 columns. No second kernel launch.
-  int* merge_flag = reinterpret_cast<int*>(smem + L::kFlag);
-  auto merge_if_last = [&](int unit) {
-    __threadfence();  // this thread's partial writes, before the ticket below counts them
-    asm volatile("bar.sync 5, 256;" ::: "memory");
-    const int32_t* u = p.merge + 5 * unit;
-    const int q_start = u[0], q_end = u[1], head = u[2], first = u[3], pieces = u[4];
-    if (c == 0 && tid == 0) {
-      const bool last = atomicAdd(p.tickets + unit, 1) == pieces - 1;
-      if (last) p.tickets[unit] = 0;
-      *merge_flag = last;
-    }
-    asm volatile("bar.sync 5, 256;" ::: "memory");
-    if (!*merge_flag) return;
-    __threadfence();
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = kRowsPerConsumer * c + row_lo + 8 * half, row = q_start + r;
-      if (row >= q_end) continue;
-      const float* plse = p.partial_lse + static_cast<int64_t>(first) * 2 * kRowsPerConsumer + r;
-      float m = -INFINITY;
-      for (int i = 0; i < pieces; ++i) m = fmaxf(m, __ldcg(plse + i * 2 * kRowsPerConsumer));
-      const float m_safe = m == -INFINITY ? 0.f : m;
-      float acc[kHeadDim / 4], total = 0.f;
-#pragma unroll
-      for (int j = 0; j < kHeadDim / 4; ++j) acc[j] = 0.f;
-      for (int i = 0; i < pieces; ++i) {
-        const int64_t pr = (static_cast<int64_t>(first) + i) * 2 * kRowsPerConsumer + r;
-        const float w = exp2_approx((__ldcg(p.partial_lse + pr) - m_safe) * 1.4426950408889634f);
-        total += w;
-        const float* po = p.partial_o + pr * kHeadDim;
-#pragma unroll
-        for (int j = 0; j < kHeadDim / 8; ++j) {
-          const float2 v = __ldcg(reinterpret_cast<const float2*>(po + 8 * j + col0));
-          acc[2 * j] = fmaf(w, v.x, acc[2 * j]);
-          acc[2 * j + 1] = fmaf(w, v.y, acc[2 * j + 1]);
-        }
-      }
-      const float inv = total > 0.f ? 1.f / total : 0.f;
-      T* out = static_cast<T*>(p.o) + (static_cast<int64_t>(row) * p.num_heads + head) * kHeadDim;
-#pragma unroll
-      for (int j = 0; j < kHeadDim / 8; ++j)
-        *reinterpret_cast<uint32_t*>(out + 8 * j + col0) = pack2<T>(acc[2 * j] * inv, acc[2 * j + 1] * inv);
-      if (lane % 4 == 0)
-        p.lse[static_cast<int64_t>(row) * p.num_heads + head] =
-            total > 0.f ? m_safe + __logf(total) : -INFINITY;
-    }
-  };
-
   // A persistent CTA's items follow one another: the producer loads the next item's Q and first
   // key tiles while the consumers finish this item's last P V and epilogue.
   int done = 0;
   for (int w = first, item = 0; w < end; w += stride, ++item) {
-    const int32_t* work = p.work + kWorkFields * w;
+    const int32_t* work = p.work + 6 * w;
     const int q_start = work[0], q_end = work[1], t0 = work[2], t1 = work[3], head = work[4], slot = work[5];
-    const int unit = work[6];
     shift = done - t0;
     done += t1 - t0;
 #pragma unroll
@@ -504,7 +448,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (lane % 4 == 0) p.partial_lse[pr] = lse;
       }
     }
-    if (slot >= 0) merge_if_last(unit);
   }
 #endif  // SPIRAL_RT_SM90A
 }
@@ -567,8 +510,6 @@ cudaError_t launch(const ChunkAttentionArgs& a, int num_sms, cudaStream_t stream
   p.lse = a.lse;
   p.partial_o = a.partial_o;
   p.partial_lse = a.partial_lse;
-  p.merge = a.merge;
-  p.tickets = a.tickets;
   p.work = a.work;
   p.tiles = a.tiles;
   p.num_work = static_cast<int>(a.num_work);

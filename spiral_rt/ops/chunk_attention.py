@@ -51,8 +51,8 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 WORK_FIELDS = 6  # seq, q_start, q_end, kv_start, kv_end, split (kernels/chunk_attention.py)
 WORK_FIELDS_TMA = 8  # seq, q_start, q_end, t0, t1, l0, l1, split
 CUDA_BLOCK_M = 128  # query rows per CTA of the CUDA kernel (two consumer warpgroups x 64)
-CUDA_WORK_FIELDS = 7  # q_start, q_end, t0, t1, head, slot, unit (csrc/chunk_attention.h)
-CUDA_MERGE_FIELDS = 5  # q_start, q_end, head, first slot, pieces
+CUDA_WORK_FIELDS = 6  # q_start, q_end, t0, t1, head, slot (csrc/chunk_attention.h)
+CUDA_MERGE_FIELDS = 5  # q_start, q_end, head, first slot, pieces (kernels/chunk_attention.py merge_pieces)
 # Work-partition model of the CUDA kernel: a CTA costs its key tiles plus this many tiles of fixed
 # work (Q load, pipeline fill, epilogue); a split unit's pieces add the merge's traffic.
 _CUDA_CTA_OVERHEAD_TILES = 2.0
@@ -168,13 +168,13 @@ class ChunkAttentionPlan:
     left_rows: torch.Tensor | None
     """kv_load="tma": int32 flat rows of the keys left over in partial page tails."""
     cuda_work: torch.Tensor | None
-    """CUDA kernel: (num_work, 7) int32 q_start, q_end, t0, t1, head, slot, unit over
-    ``cuda_tiles``, whole items first (csrc/chunk_attention.h); None when ``cuda_reason`` is set."""
+    """CUDA kernel: (num_work, 6) int32 q_start, q_end, t0, t1, head, slot over ``cuda_tiles``, one
+    CTA each in launch order (csrc/chunk_attention.h); None when ``cuda_reason`` is set."""
     cuda_tiles: torch.Tensor | None
     """CUDA kernel: (num_tiles, 2) int32 page, row0 | valid << 16 (csrc/chunk_attention.h)."""
     cuda_merge: torch.Tensor | None
     """CUDA kernel: (num_split_units, 5) int32 q_start, q_end, head, first slot, pieces: the
-    units whose keys were split into pieces, merged by the last piece of each; None without."""
+    units whose keys were split into pieces, merged after the kernel; None without pieces."""
     cuda_pieces: int
     """Partial-state slots the CUDA work partition writes (0: no merge)."""
     cuda_reason: str | None
@@ -264,7 +264,7 @@ def cuda_work_tables(q_ptr: list[int], kv_ptr: list[int], pages: list[int], last
     """The CUDA kernel's work partition (csrc/chunk_attention.h): each sequence's keys cut into
     tiles of ``block_n`` rows that never cross a page (the last tile of a page is short); units of
     CUDA_BLOCK_M query rows x one head, listed longest sequence first; a unit runs whole, or its
-    tiles split into contiguous pieces whose partial states the unit's last piece merges.
+    tiles split into contiguous pieces whose partial states ``merge_pieces`` combines.
 
     ``splits`` >= 1 splits every unit that many ways; 0 chooses by shape (``_tail_split``). Whole
     units are listed (launched) first, in order, then the pieces.
@@ -285,13 +285,12 @@ def cuda_work_tables(q_ptr: list[int], kv_ptr: list[int], pages: list[int], last
     work, merge, slots = [], [], 0
     for (q0, q1, head, t0, t1), pieces in zip(units, pieces_of):  # whole units first, pieces last
         if pieces == 1:
-            work.append((q0, q1, t0, t1, head, -1, -1))
+            work.append((q0, q1, t0, t1, head, -1))
     for (q0, q1, head, t0, t1), pieces in zip(units, pieces_of):
         if pieces == 1:
             continue
         n = t1 - t0
-        work += [(q0, q1, t0 + n * i // pieces, t0 + n * (i + 1) // pieces, head, slots + i, len(merge))
-                 for i in range(pieces)]
+        work += [(q0, q1, t0 + n * i // pieces, t0 + n * (i + 1) // pieces, head, slots + i) for i in range(pieces)]
         merge.append((q0, q1, head, slots, pieces))
         slots += pieces
     return work, tiles, merge, slots
@@ -606,19 +605,18 @@ def _chunk_attention_impl(
     from spiral_rt.kernels import chunk_attention as kernel
 
     if backend == "cuda":
-        part_o = part_lse = tickets = None
+        part_o = part_lse = None
         if cuda_pieces:  # fp32 partial states of split units, (pieces, rows, D) and (pieces, rows)
             part_o = torch.empty((cuda_pieces, CUDA_BLOCK_M, head_dim), dtype=torch.float32, device=q.device)
             part_lse = torch.empty((cuda_pieces, CUDA_BLOCK_M), dtype=torch.float32, device=q.device)
-            # one ticket per split unit: its last piece to finish merges (the kernel leaves them zero)
-            tickets = dispatch.zeroed_tickets(q.device, cuda_merge.shape[0])
-        pieces_ptrs = [t.data_ptr() if cuda_pieces else 0 for t in (part_o, part_lse, cuda_merge, tickets)]
         C = dispatch.NATIVE
         C.chunk_attention(
-            q.data_ptr(), k_pages.data_ptr(), v_pages.data_ptr(), o.data_ptr(), lse.data_ptr(), *pieces_ptrs,
-            cuda_work.data_ptr(), cuda_tiles.data_ptr(), q.stride(0), total_q, cuda_work.shape[0], cuda_pieces,
-            k_pages.shape[0], k_pages.shape[1], heads, k_pages.shape[2], head_dim, cuda_block_n, sm_scale,
+            q.data_ptr(), k_pages.data_ptr(), v_pages.data_ptr(), o.data_ptr(), lse.data_ptr(),
+            part_o.data_ptr() if cuda_pieces else 0, part_lse.data_ptr() if cuda_pieces else 0, cuda_work.data_ptr(), cuda_tiles.data_ptr(), q.stride(0), total_q, cuda_work.shape[0],
+            cuda_pieces, k_pages.shape[0], k_pages.shape[1], heads, k_pages.shape[2], head_dim, cuda_block_n, sm_scale,
             C.DTYPES[str(q.dtype).replace("torch.", "")], q.device.index, torch.cuda.current_stream(q.device).cuda_stream)
+        if cuda_pieces:
+            kernel.merge_pieces(part_o, part_lse, cuda_merge, o, lse)
         return o, lse
     partial_o = partial_lse = None
     if num_splits > 1:

@@ -178,26 +178,3 @@ def per_sequence_scalar(op: str, name: str, value, num_seqs: int, device: torch.
     if tuple(value.shape) != (num_seqs,):
         raise ValueError(f"{op}: argument '{name}' must have shape ({num_seqs},) (one value per sequence), got {_fmt_shape(value.shape)}")
     return value.to(torch.float32).contiguous()
-
-
-_TICKETS: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}
-
-
-def zeroed_tickets(device: torch.device, n: int) -> torch.Tensor:
-    """At least ``n`` zeroed int32 counters for a CUDA kernel's "last block finishes the job"
-    pattern (sampler_step's reduction, chunk_attention's merge of split pieces); every such kernel
-    leaves the counters it used zero, so the launches of one stream can share them.
-
-    One buffer per (device, current stream), so concurrent streams never share tickets. Under CUDA
-    graph capture the buffer is allocated and zeroed inside the graph (it lives in the graph's
-    private memory pool) once per capture, not once per launch: the launches of one graph run in
-    stream order and each leaves the tickets zero for the next.
-    """
-    stream = torch.cuda.current_stream(device)
-    key = (device.index, stream.cuda_stream)
-    capture = NATIVE.stream_capture_id(stream.cuda_stream) if torch.cuda.is_current_stream_capturing() else 0
-    cached = _TICKETS.get(key)
-    if cached is None or cached[0] != capture or cached[1].numel() < n:
-        cached = (capture, torch.zeros(max(n, 64), dtype=torch.int32, device=device))
-        _TICKETS[key] = cached
-    return cached[1]

@@ -156,6 +156,26 @@ def _(x, m, a, b, c, noise, noise_key, return_mu, backend):
 
 # ------------------------------------------------------------------------------ backend glue
 
+_TICKETS: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}
+
+
+def _tickets(device: torch.device, stream: torch.cuda.Stream, n: int) -> torch.Tensor:
+    """Zeroed uint32 tickets for the CUDA kernel's last-block reduction (it leaves them zero).
+
+    One buffer per (device, stream), so concurrent streams never share tickets. Under CUDA graph
+    capture the buffer is allocated and zeroed inside the graph (it lives in the graph's private
+    memory pool) once per capture, not once per launch: the launches of one graph run in stream
+    order and each leaves the tickets zero for the next.
+    """
+    key = (device.index, stream.cuda_stream)
+    capture = dispatch.NATIVE.stream_capture_id(stream.cuda_stream) if torch.cuda.is_current_stream_capturing() else 0
+    cached = _TICKETS.get(key)
+    if cached is None or cached[0] != capture or cached[1].numel() < n:
+        cached = (capture, torch.zeros(max(n, 64), dtype=torch.int32, device=device))
+        _TICKETS[key] = cached
+    return cached[1]
+
+
 def _run_cuda(x, m, a, b, c, noise, noise_key, x_next, mu, sq_sum, mode):
     C = dispatch.NATIVE
     num_seqs, seq_len = x.shape
@@ -167,7 +187,7 @@ def _run_cuda(x, m, a, b, c, noise, noise_key, x_next, mu, sq_sum, mode):
         noise=noise.data_ptr() if noise is not None else 0,
         noise_key=noise_key.data_ptr() if noise_key is not None else 0,
         x_next=x_next.data_ptr(), mu=mu.data_ptr() if mu is not None else 0,
-        partials=partials.data_ptr(), tickets=dispatch.zeroed_tickets(x.device, num_seqs).data_ptr(),
+        partials=partials.data_ptr(), tickets=_tickets(x.device, stream, num_seqs).data_ptr(),
         sq_sum=sq_sum.data_ptr(), num_seqs=num_seqs, seq_len=seq_len, dtype=dtype_code,
         noise_mode=mode, device=x.device.index, stream=stream.cuda_stream,
     )
