@@ -25,8 +25,10 @@ picks one by shape and bench/bench_attention.py compares them. Math:
 ``spiral_rt.reference.chunk_attention``.
 
 Backends: cuda (csrc/chunk_attention_sm90.cu: Hopper, TMA + warpgroup MMAs, D = 128, bf16/fp16;
-the plan lists its key tiles, ``plan.cuda_reason`` says why a plan cannot use it), triton
-(kernels/chunk_attention.py, any supported shape), reference.
+the plan lists its key tiles and work items, one per 128 query rows x head, and splits the units
+of the last wave(s) into pieces when a makespan model says it pays (``_tail_split``); the pieces'
+partial states are merged by a second, small kernel; ``plan.cuda_reason`` says why a plan cannot
+use it), triton (kernels/chunk_attention.py, any supported shape), reference.
 """
 
 from __future__ import annotations
