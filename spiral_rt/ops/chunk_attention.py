@@ -170,8 +170,9 @@ class ChunkAttentionPlan:
     left_rows: torch.Tensor | None
     """kv_load="tma": int32 flat rows of the keys left over in partial page tails."""
     cuda_work: torch.Tensor | None
-    """CUDA kernel: (num_work, 6) int32 q_start, q_end, t0, t1, head, slot over ``cuda_tiles``, one
-    CTA each in launch order (csrc/chunk_attention.h); None when ``cuda_reason`` is set."""
+    """CUDA kernel: (num_work, 6) int32 q_start, q_end, t0, t1, head, slot over ``cuda_tiles``:
+    whole units first (strided over persistent CTAs), then the pieces (a CTA each), see
+    csrc/chunk_attention.h; None when ``cuda_reason`` is set."""
     cuda_tiles: torch.Tensor | None
     """CUDA kernel: (num_tiles, 2) int32 page, row0 | valid << 16 (csrc/chunk_attention.h)."""
     cuda_merge: torch.Tensor | None
