@@ -36,8 +36,9 @@ to the activation dtype; the ``nn.SiLU`` modules stay in their ``nn.Sequential``
 indices, hence the checkpoint keys, stay Wan's. With channels-last activations each norm writes
 straight into its convolution's input (behind the cached frames; for the full-resolution convs,
 into the three time-shifted channel blocks of the time-folded 2-D conv, see
-``CausalConv3d._forward_time_folded``), and a residual block's first conv leaves its bias to the
-second norm, so no concatenation or bias pass runs over those activations.
+``CausalConv3d._forward_time_folded``), a residual block's first conv leaves its bias to the
+second norm, and its second conv (and shortcut conv) leave theirs to the residual add
+(``spiral_rt.ops.bias_residual_add``), so no concatenation or bias pass runs over those activations.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.bias_residual_add import bias_residual_add
 from ..ops.channel_rms_norm import channel_rms_norm, is_channels_last
 
 logger = logging.getLogger(__name__)
@@ -264,13 +266,21 @@ class ResidualBlock(nn.Module):
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor, state: DecoderState | None) -> torch.Tensor:
-        h = self.shortcut(x)
         r = self.residual
+        bias = r[6].bias
+        if isinstance(self.shortcut, CausalConv3d):
+            h = self.shortcut(x, add_bias=False)
+            bias = bias + self.shortcut.bias
+        else:
+            h = x
         # norm + SiLU (r[0] + r[1], r[3] + r[4]) run as one fused op inside each conv's input, the
-        # second adding the first conv's bias (a separate pass over the conv output otherwise); r[5] is Dropout(0)
+        # second adding the first conv's bias (a separate pass over the conv output otherwise); r[5] is
+        # Dropout(0). The second conv's and the shortcut's biases join the residual add: one pass.
         x = r[2](x, state, norm=r[0], add_bias=False)
-        x = r[6](x, state, norm=r[3], norm_bias=r[2].bias)
-        return x + h
+        x = r[6](x, state, norm=r[3], norm_bias=r[2].bias, add_bias=False)
+        if x.stride() == h.stride() and (x.is_contiguous() or is_channels_last(x)):
+            return bias_residual_add(x, bias, h, out=x)
+        return x + bias.view(-1, 1, 1, 1) + h  # mixed layouts (the time-folded conv on a CPU, in tests)
 
 
 class AttentionBlock(nn.Module):

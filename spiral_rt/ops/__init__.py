@@ -12,15 +12,18 @@ Ops:
 - ``merge_states``: exact log-sum-exp merge of partial attention states (shared prefixes);
 - ``qk_norm_rope_kv_write``: RMSNorm over heads + Wan 3D RoPE on q, k and the K/V page write;
 - ``modulated_norm``: LayerNorm * (1 + scale) + shift per frame, optionally after a gated residual;
-- ``channel_rms_norm``: the Wan VAE's RMS norm over channels * scale * gamma, optionally + SiLU.
+- ``channel_rms_norm``: the Wan VAE's RMS norm over channels * scale * gamma, optionally + SiLU;
+- ``bias_residual_add``: y + bias + residual in one pass (the end of a Wan VAE residual block).
 """
 
+from . import bias_residual_add as _bias_residual_add_module
 from . import channel_rms_norm as _channel_rms_norm_module
 from . import chunk_attention as _chunk_attention_module
 from . import merge_states as _merge_states_module
 from . import modulated_norm as _modulated_norm_module
 from . import qk_norm_rope_kv_write as _qk_norm_rope_kv_write_module
 from . import sampler_step as _sampler_step_module
+from .bias_residual_add import bias_residual_add
 from .channel_rms_norm import channel_rms_norm
 from .chunk_attention import (
     AttentionConfig,
@@ -45,6 +48,7 @@ OP_BACKENDS = {
         _qk_norm_rope_kv_write_module,
         _modulated_norm_module,
         _channel_rms_norm_module,
+        _bias_residual_add_module,
     )
 }
 
@@ -55,5 +59,6 @@ __all__ = [
     "modulated_norm", "ModulatedNormResult",
     "qk_norm_rope_kv_write",
     "channel_rms_norm",
+    "bias_residual_add",
     "available_backends", "select_backend", "OP_BACKENDS",
 ]
