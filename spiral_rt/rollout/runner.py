@@ -14,6 +14,12 @@ Per execution group (one plan of one goal), with the default "batched" schedule:
             start from)
     advantages: spiral_rt.rl.hierarchical_advantages over (K plans, G members) per goal
 
+``run(..., concurrent_groups=N)`` generates N execution groups together (a wave): their prefixes
+in one engine step per chunk, then every member of the wave in one step per chunk (sliced by
+``max_batch_size``). Same latents (the engine's result does not depend on the batch composition);
+for a small model whose forward is latency-bound this divides the rollout's engine steps by N, at
+the price of N groups' KV pages at once.
+
 The baselines of the benchmark run the same code with another order: "prefix_once" generates the
 prefix once and then each member alone on a fork of it (TempAct's schedule: a cache copy per member,
 members one at a time), "naive" generates each member from scratch, alone. All three give the same
@@ -126,7 +132,7 @@ class RolloutRunner:
     # ------------------------------------------------------------------ public
 
     def run(self, spec: RolloutSpec, *, schedule: str = "batched", score: bool = True,
-            observations: Sequence[torch.Tensor] | None = None) -> RolloutBatch:
+            observations: Sequence[torch.Tensor] | None = None, concurrent_groups: int = 1) -> RolloutBatch:
         """Generate, record, decode, score and normalise one rollout.
 
         Args:
@@ -135,12 +141,18 @@ class RolloutRunner:
             score: run the critic (when the runner has one) and compute rewards and advantages.
             observations: with ``spec.observed_chunks`` > 0, per goal the clean latents (C, F, h, w) of
                 its observed chunks, F = observed_chunks * chunk frames (shared by the goal's plans).
+            concurrent_groups: execution groups generated together by the "batched" schedule (module
+                docstring); the result is the same for any value.
         """
         if not isinstance(spec, RolloutSpec):
             raise ValueError(f"RolloutRunner.run: argument 'spec' must be a RolloutSpec, got {type(spec).__name__}")
         spec.validate()
         if schedule not in SCHEDULES:
             raise ValueError(f"RolloutRunner.run: argument 'schedule' must be one of {SCHEDULES}, got {schedule!r}")
+        if isinstance(concurrent_groups, bool) or not isinstance(concurrent_groups, int) or concurrent_groups < 1:
+            raise ValueError(f"RolloutRunner.run: argument 'concurrent_groups' must be a positive int, got {concurrent_groups!r}")
+        if concurrent_groups > 1 and schedule != "batched":
+            raise ValueError(f"RolloutRunner.run: argument 'concurrent_groups' > 1 needs schedule 'batched', got {schedule!r}")
         engine, cfg = self.engine, self.engine.config
         self._observations = self._check_observations(spec, observations)
         scoring = score and self.critic is not None
@@ -176,14 +188,16 @@ class RolloutRunner:
         failed = True
         t0 = time.perf_counter()
         try:
-            for grp in groups:
-                ctx = dict(spec=spec, grp=grp, policy=policy, train_chunks=frozenset(train_chunks),
-                           train_steps=train_steps, num_steps=num_steps, bar=bar)
-                getattr(self, f"_group_{schedule}")(**ctx)
-                res = self._finish_group(grp, spec, train_chunks, train_steps)
-                results.append(res)
-                if scoring:
-                    futures.append(self._submit_judging(pool, grp, res, spec))
+            ctx = dict(policy=policy, train_chunks=frozenset(train_chunks), train_steps=train_steps,
+                       num_steps=num_steps)
+            waves = [groups[i:i + concurrent_groups] for i in range(0, len(groups), concurrent_groups)]
+            for wave in waves:
+                getattr(self, f"_wave_{schedule}")(spec, wave, bar, ctx)
+                for grp in wave:
+                    res = self._finish_group(grp, spec, train_chunks, train_steps)
+                    results.append(res)
+                    if scoring:
+                        futures.append(self._submit_judging(pool, grp, res, spec))
             failed = False
         finally:
             bar.close()
@@ -247,49 +261,52 @@ class RolloutRunner:
 
     # ------------------------------------------------------------------ schedules
 
-    def _group_batched(self, *, spec, grp, bar, **ctx):
-        parent = self._prefix(spec, grp, bar, ctx)
-        children = parent.fork(spec.group_size)
-        self._open.extend(children)
-        for m, child in enumerate(children):
-            child.noise_id = spec.member_noise_id(grp.index, m)
-        self._close(parent)
-        size = self.engine.config.max_batch_size
+    def _wave_batched(self, spec, wave, bar, ctx):
+        parents = self._prefixes(spec, wave, bar, ctx)
+        items = []  # (group, session, [member]) of every member of the wave
+        for grp, parent in zip(wave, parents):
+            children = parent.fork(spec.group_size)
+            self._open.extend(children)
+            for m, child in enumerate(children):
+                child.noise_id = spec.member_noise_id(grp.index, m)
+                items.append((grp, child, [m]))
+            self._close(parent)
         for c in range(spec.fork_chunk, spec.num_chunks):
-            for lo in range(0, spec.group_size, size):
-                members = list(range(lo, min(lo + size, spec.group_size)))
-                self._chunk(spec, grp, [children[m] for m in members], [[m] for m in members], c, ctx)
-                bar.update(1 if lo == 0 else 0)
-        for child in children:
+            self._chunks(spec, items, c, ctx)
+            bar.update(len(wave))
+        for _, child, _ in items:
             self._close(child)
 
-    def _group_prefix_once(self, *, spec, grp, bar, **ctx):
-        parent = self._prefix(spec, grp, bar, ctx)
+    def _wave_prefix_once(self, spec, wave, bar, ctx):
+        (grp,) = wave
+        (parent,) = self._prefixes(spec, wave, bar, ctx)
         for m in range(spec.group_size):
             child = parent.fork(1)[0]
             self._open.append(child)
             child.noise_id = spec.member_noise_id(grp.index, m)
             for c in range(spec.fork_chunk, spec.num_chunks):
-                self._chunk(spec, grp, [child], [[m]], c, ctx)
+                self._chunks(spec, [(grp, child, [m])], c, ctx)
                 bar.update(1)
             self._close(child)
         self._close(parent)
 
-    def _group_naive(self, *, spec, grp, bar, **ctx):
+    def _wave_naive(self, spec, wave, bar, ctx):
+        (grp,) = wave
         for m in range(spec.group_size):
             s = self._open_session(spec, grp)
             for c in range(spec.num_chunks):
-                self._chunk(spec, grp, [s], [[m]], c, ctx)
+                self._chunks(spec, [(grp, s, [m])], c, ctx)
                 bar.update(1)
             self._close(s)
 
-    def _prefix(self, spec, grp, bar, ctx) -> StreamSession:
-        parent = self._open_session(spec, grp)
+    def _prefixes(self, spec, wave, bar, ctx) -> list[StreamSession]:
+        """One parent session per group of ``wave``, through the prefix chunks (each stands for every member)."""
+        parents = [self._open_session(spec, grp) for grp in wave]
         everyone = list(range(spec.group_size))
         for c in range(spec.fork_chunk):
-            self._chunk(spec, grp, [parent], [everyone], c, ctx)
-            bar.update(1)
-        return parent
+            self._chunks(spec, [(grp, p, everyone) for grp, p in zip(wave, parents)], c, ctx)
+            bar.update(len(wave))
+        return parents
 
     def _check_observations(self, spec: RolloutSpec, observations) -> list[torch.Tensor] | None:
         if not spec.observed_chunks:
@@ -311,14 +328,23 @@ class RolloutRunner:
 
     # ------------------------------------------------------------------ one chunk step
 
-    def _chunk(self, spec: RolloutSpec, grp: _Group, sessions: list[StreamSession], rows: list[list[int]], chunk: int,
+    def _chunks(self, spec: RolloutSpec, items: list[tuple[_Group, StreamSession, list[int]]], chunk: int,
+                ctx: dict) -> None:
+        """Chunk ``chunk`` of every ``(group, session, members)`` item, ``max_batch_size`` sessions per engine step."""
+        size = self.engine.config.max_batch_size
+        for lo in range(0, len(items), size):
+            self._chunk(spec, items[lo:lo + size], chunk, ctx)
+
+    def _chunk(self, spec: RolloutSpec, items: list[tuple[_Group, StreamSession, list[int]]], chunk: int,
                ctx: dict) -> None:
-        """One engine step of ``sessions`` (row i stands for members ``rows[i]``) at chunk ``chunk``."""
+        """One engine step of the items' sessions at chunk ``chunk``; an item's session stands for its
+        group's ``members`` (the whole group for a prefix, one member after the fork)."""
         engine = self.engine
         num_steps = ctx["num_steps"]
+        sessions = [s for _, s, _ in items]
         noise = None
         if chunk >= spec.fork_chunk:
-            noise = self._noise(spec, grp.index, sessions, [r[0] for r in rows], chunk, num_steps)
+            noise = self._noise(spec, [(grp.index, members[0]) for grp, _, members in items], sessions, chunk, num_steps)
         recorder = None
         if chunk in ctx["train_chunks"]:
             recorder = TransitionRecorder(ctx["train_steps"], num_steps, spec.record_mu)
@@ -327,8 +353,8 @@ class RolloutRunner:
         try:
             if chunk < spec.observed_chunks:  # a given chunk of the prefix: one session per goal's plan
                 F = engine.config.chunk_frames
-                z = self._observations[grp.goal][:, chunk * F:(chunk + 1) * F]
-                outs = {s.session_id: engine.observe(s, z) for s in sessions}
+                outs = {s.session_id: engine.observe(s, self._observations[grp.goal][:, chunk * F:(chunk + 1) * F])
+                        for grp, s, _ in items}
             else:
                 outs = engine.step(sessions, noise=noise, step_policy=policy)
         finally:
@@ -341,7 +367,7 @@ class RolloutRunner:
         used = engine.cache.num_pages - engine.cache.num_free_pages
         self._peak_pages = max(self._peak_pages, used)
         records = recorder.finish() if recorder is not None else []
-        for i, (s, members) in enumerate(zip(sessions, rows)):
+        for i, (grp, s, members) in enumerate(items):
             out = outs[s.session_id]
             frames = out.frames
             row_records = {}
@@ -354,12 +380,12 @@ class RolloutRunner:
                     grp.frames[m][chunk] = frames
                 grp.records[m].update(row_records)
 
-    def _noise(self, spec: RolloutSpec, group: int, sessions: list[StreamSession], members: list[int], chunk: int,
+    def _noise(self, spec: RolloutSpec, members: list[tuple[int, int]], sessions: list[StreamSession], chunk: int,
                num_steps: int) -> dict[int, torch.Tensor]:
-        """Explicit (num_steps + 1, C, F, h, w) noise per session from the members' slot noise ids."""
+        """Explicit (num_steps + 1, C, F, h, w) noise per session from its (group, member)'s slot noise ids."""
         engine, cfg = self.engine, self.engine.config
         seed = spec.seed - 2**64 if spec.seed >= 2**63 else spec.seed
-        ids = [spec.slot_noise_ids(group, m, chunk, num_steps) for m in members]
+        ids = [spec.slot_noise_ids(group, m, chunk, num_steps) for group, m in members]
         rows = [(seed, ids[i][j], chunk, j if j < num_steps else num_steps + 1)
                 for j in range(num_steps + 1) for i in range(len(members))]
         keys = torch.tensor(rows, dtype=torch.int64).view(num_steps + 1, len(members), 4)

@@ -5,7 +5,10 @@
 
 One iteration is ``--goals-per-update`` random training goals per rank (seeds from
 ``GRPO_SEED_BASE``, apart from the training videos' and the held-out evaluation's), each run as one
-execution group (TempAct's scheme), their gradients accumulated into one update:
+execution group (TempAct's scheme), their gradients accumulated into one update. The goals of an
+iteration share their chunk count (``iteration_goals``: the seed-ordered goal stream, bucketed by
+chunk count), so they form one RolloutSpec whose groups run in lockstep (``concurrent_groups``: one
+engine step per chunk and denoising step for all goals x G members, and one trainer micro-batch):
 
     prefix     chunk 0: the rendered start scene, observed (``Engine.observe``) under its description,
                once per goal (the plan's intro step)
@@ -37,11 +40,14 @@ Boundaries: the iteration loop and its assembly; rollouts are ``spiral_rt.rollou
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -81,6 +87,8 @@ class WorldGRPOConfig:
     goals_per_update: int = 1
     """Goals (execution groups) per rank whose gradients accumulate into one update: more goals, a
     less noisy update (one group's advantages are a noisy estimate of the policy gradient)."""
+    micro_batch_size: int = 64
+    """Members per trainer forward / backward (the whole update's goals x G members, up to this)."""
     group_size: int = 8
     """G, members per goal (continuations of the shared intro chunk)."""
     lr: float = 1e-4
@@ -115,7 +123,7 @@ class WorldGRPOConfig:
     """Show a progress bar."""
 
     def validate(self) -> None:
-        for name in ("iterations", "goals_per_update", "group_size", "lora_rank", "save_every"):
+        for name in ("iterations", "goals_per_update", "group_size", "lora_rank", "save_every", "micro_batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"WorldGRPOConfig: '{name}' must be a positive int, got {v!r}")
@@ -160,6 +168,20 @@ def goal_plan(seed: int, config: WorldConfig) -> tuple[Plan, int, Scene]:
     return plan, 1 + sum(s.span_chunks for s in steps), spec.scene
 
 
+def iteration_goals(seed: int, goals_per_iteration: int, config: WorldConfig) -> Iterator[list[tuple[int, Plan, int, Scene]]]:
+    """The goals of GRPO iterations 0, 1, 2, ...: random goals in seed order (goal index i has seed
+    ``GRPO_SEED_BASE + seed * 100003 + i``) go to buckets by chunk count; an iteration takes the first
+    bucket to hold ``goals_per_iteration`` goals. Items are (goal index, plan, chunks, start scene)."""
+    buckets: dict[int, list] = defaultdict(list)
+    for index in itertools.count():
+        plan, num_chunks, scene = goal_plan(GRPO_SEED_BASE + seed * 100_003 + index, config)
+        bucket = buckets[num_chunks]
+        bucket.append((index, plan, num_chunks, scene))
+        if len(bucket) == goals_per_iteration:
+            yield bucket
+            buckets[num_chunks] = []
+
+
 def _load(cfg: WorldGRPOConfig):
     from .model.loader import load_world_model
 
@@ -195,10 +217,11 @@ def run(cfg: WorldGRPOConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     wcfg = WorldConfig()
     world = _load(cfg)
-    engine = world.engine()
+    members = cfg.goals_per_update * cfg.group_size
+    engine = world.engine(max_batch_size=members)
     trainer = GRPOTrainer(world.dit, GRPOTrainerConfig(
         lr=cfg.lr, lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), bf16_autocast=False,
-        micro_batch_size=cfg.group_size, loss=GRPOLossConfig(kl_coef=cfg.kl_coef)),
+        micro_batch_size=min(cfg.micro_batch_size, members), loss=GRPOLossConfig(kl_coef=cfg.kl_coef)),
         world.text_encoder, engine_config=engine.config)
     runner = RolloutRunner(engine, WorldCritic(wcfg))
     step_policy = (FlowGRPOStep(noise_level=cfg.noise_level) if cfg.policy == "flow_grpo"
@@ -215,26 +238,27 @@ def run(cfg: WorldGRPOConfig) -> dict:
                dynamic_ncols=True)
     deadline = time.perf_counter() + 60.0 * cfg.time_limit_min if cfg.time_limit_min > 0 else None
     updates = start
+    stream = iteration_goals(cfg.seed, cfg.goals_per_update * world_size, wcfg)
+    for _ in range(start):  # a resumed run continues the goal stream where it stopped
+        next(stream)
     for it in bar:
         t0 = time.perf_counter()
-        batches, goals = [], []
-        for j in range(cfg.goals_per_update):
-            goal_index = (it * cfg.goals_per_update + j) * world_size + rank  # every rank its own goals
-            plan, num_chunks, scene = goal_plan(GRPO_SEED_BASE + cfg.seed * 100_003 + goal_index, wcfg)
-            spec = RolloutSpec(goals=[plan.goal], plans=[[plan]], group_size=cfg.group_size, num_chunks=num_chunks,
-                               fork_chunk=1, observed_chunks=1, seed=cfg.seed * 1_000_003 + goal_index,
-                               keep_frames=False, step_policy=step_policy, reward_signal=cfg.reward, progress=False,
-                               train_steps=cfg.trained_step_indices())
-            with torch.no_grad():
-                batches.append(runner.run(spec, observations=[world.scene_latents(scene, wcfg)]))
-            goals.append(plan.goal.text)
+        mine = next(stream)[rank * cfg.goals_per_update:(rank + 1) * cfg.goals_per_update]  # every rank its own goals
+        plans = [plan for _, plan, _, _ in mine]
+        spec = RolloutSpec(goals=[p.goal for p in plans], plans=[[p] for p in plans], group_size=cfg.group_size,
+                           num_chunks=mine[0][2], fork_chunk=1, observed_chunks=1,
+                           seed=cfg.seed * 1_000_003 + it * world_size + rank, keep_frames=False,
+                           step_policy=step_policy, reward_signal=cfg.reward, progress=False,
+                           train_steps=cfg.trained_step_indices())
+        with torch.no_grad():
+            batch = runner.run(spec, observations=[world.scene_latents(scene, wcfg) for _, _, _, scene in mine],
+                               concurrent_groups=len(mine))
         t1 = time.perf_counter()
-        stats = trainer.train_step(batches)
-        rewards = torch.cat([b.rewards for b in batches])
-        verdicts = [v for b in batches for member in b.verdicts for v in member]
-        rec = {"iteration": it + 1, "rank": rank, "goals": goals,
-               "reward_mean": float(rewards.mean()),
-               "reward_std": sum(float(b.rewards.std(unbiased=False)) for b in batches) / len(batches),  # within groups
+        stats = trainer.train_step(batch)
+        verdicts = [v for member in batch.verdicts for v in member]
+        rec = {"iteration": it + 1, "rank": rank, "goals": [p.goal.text for p in plans], "chunks": mine[0][2],
+               "reward_mean": float(batch.rewards.mean()),
+               "reward_std": float(batch.rewards.view(len(mine), cfg.group_size).std(dim=1, unbiased=False).mean()),
                "step_success": sum(bool(v["completed"]) for v in verdicts) / max(1, len(verdicts)),
                "rollout_s": t1 - t0, "train_s": time.perf_counter() - t1,
                **{k: float(v) for k, v in stats.items() if isinstance(v, (int, float))}}

@@ -247,6 +247,41 @@ def test_members_split_by_max_batch_size(model):
     assert rel_err(small.latents, big.latents) < 1e-5 and torch.allclose(small.log_prob, big.log_prob, rtol=1e-5, atol=0)
 
 
+def test_concurrent_groups_give_the_same_batch_in_fewer_engine_steps(model, vae):
+    """Two goals x two plans = 4 groups in waves of 3 and 1: prefixes batched per wave, every member of
+    a wave in one step per chunk (max_batch_size 5 slices the wave's 9 members 5 + 4); same batch."""
+    plans = [PLANS[0], [["a dog on a beach", "the dog digs"], ["a bird in a tree", "the bird flies", "it lands"]]]
+    G, n, fork = 3, 4, 2
+    kw = dict(goals=["fox", "dog"], plans=plans, group_size=G, num_chunks=n, fork_chunk=fork, train_steps=(0, 2))
+    out = {}
+    for waves in (1, 3):
+        engine = make_engine(model, vae, max_batch_size=5)
+        calls = DiTCalls(model)
+        try:
+            out[waves] = (runner_for(engine, model, BrightnessCritic(), plans).run(spec(**kw), concurrent_groups=waves),
+                          calls.batches)
+        finally:
+            calls.remove()
+        assert_no_leaks(engine)
+    ref, one = out[1]
+    b, three = out[3]
+    per_chunk = N + 1
+    assert three == ([3] * fork * per_chunk + ([5] * per_chunk + [4] * per_chunk) * (n - fork)  # wave 1: groups 0-2
+                     + [1] * fork * per_chunk + [3] * (n - fork) * per_chunk)       # wave 2: group 3
+    assert one == ([1] * fork * per_chunk + [3] * (n - fork) * per_chunk) * 4
+    assert b.stats["engine_steps"] < ref.stats["engine_steps"]
+    for name in ("goal_index", "plan_index", "member_index", "group_index", "noise_ids", "prompt_ids", "chunk", "step"):
+        assert torch.equal(getattr(b, name), getattr(ref, name)), name
+    for name in ("latents", "x", "x_next", "mu"):  # batch size changes GEMM blocking: float rounding only
+        assert rel_err(getattr(b, name), getattr(ref, name)) < 1e-5, name
+    assert torch.allclose(b.log_prob, ref.log_prob, rtol=1e-5, atol=0)
+    assert b.rewards is not None and torch.allclose(b.rewards, ref.rewards, atol=1e-3)
+    with pytest.raises(ValueError, match="concurrent_groups"):
+        runner_for(make_engine(model), model).run(spec(), concurrent_groups=0)
+    with pytest.raises(ValueError, match="concurrent_groups"):
+        runner_for(make_engine(model), model).run(spec(), schedule="naive", concurrent_groups=2)
+
+
 # ----------------------------------------------------------------------------- noise policies
 
 

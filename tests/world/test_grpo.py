@@ -10,7 +10,7 @@ import torch
 
 from spiral_rt.engine.generator import HashTextEncoder
 from spiral_rt.world.goals import random_goal
-from spiral_rt.world.grpo import WorldGRPOConfig, goal_plan, run
+from spiral_rt.world.grpo import GRPO_SEED_BASE, WorldGRPOConfig, goal_plan, iteration_goals, run
 from spiral_rt.world.language import goal_to_steps
 from spiral_rt.world.model.loader import load_world_model
 from spiral_rt.world.scene import WorldConfig
@@ -29,6 +29,21 @@ def test_goal_plan_puts_the_scene_intro_first():
     assert chunks == 1 + sum(s.span_chunks for s in steps)
 
 
+def test_iteration_goals_share_a_chunk_count_and_never_repeat():
+    wcfg = WorldConfig()
+    stream = iteration_goals(5, 3, wcfg)
+    iterations = [next(stream) for _ in range(6)]
+    seen = [index for it in iterations for index, _, _, _ in it]
+    assert len(seen) == len(set(seen)) == 18
+    for it in iterations:
+        assert len(it) == 3 and len({chunks for _, _, chunks, _ in it}) == 1
+        for index, plan, chunks, scene in it:
+            ref_plan, ref_chunks, _ = goal_plan(GRPO_SEED_BASE + 5 * 100_003 + index, wcfg)
+            assert plan.goal.text == ref_plan.goal.text and chunks == ref_chunks
+    again = iteration_goals(5, 3, wcfg)
+    assert [[i for i, *_ in next(again)] for _ in range(6)] == [[i for i, *_ in it] for it in iterations]
+
+
 def test_smoke_run_writes_loadable_weights_and_an_on_policy_log(tmp_path):
     summary = run(WorldGRPOConfig(out=str(tmp_path), smoke=True, progress=False))
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -41,6 +56,12 @@ def test_smoke_run_writes_loadable_weights_and_an_on_policy_log(tmp_path):
     assert not any("lora" in k for k in world.dit.state_dict())  # adapters folded into the weights
     assert json.loads((tmp_path / "summary.json").read_text())["weights"].endswith("world.safetensors")
     assert torch.isfinite(next(world.dit.parameters())).all()
+
+
+def test_goals_of_an_update_roll_out_together(tmp_path):
+    summary = run(WorldGRPOConfig(out=str(tmp_path), smoke=True, progress=False, iterations=1, goals_per_update=2))
+    rec = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
+    assert summary["goals"] == 2 and len(rec["goals"]) == 2 and abs(rec["ratio_mean"] - 1.0) < 1e-4
 
 
 def _rank_worker(rank: int, out: str) -> None:
