@@ -9,9 +9,9 @@ Per execution group (one plan of one goal), with the default "batched" schedule:
     chunks [fork, n):   engine.step(children, noise=...)      one DiT call per denoising step for all G
                         (slices of max_batch_size)            trained steps recorded in the same pass
     decode: the engine's streaming VAE, per member, every chunk (prefix decoded once, shared)
-    critic: the group's frames go to a thread pool while the next group generates; each member's
-            memory starts with the prefix's last frame as its key frame (the state the judged steps
-            start from)
+    critic: the group's frames go to a thread pool (or worker processes) while the next group
+            generates; each member's memory starts with the prefix's last frame as its key frame
+            (the state the judged steps start from)
     advantages: spiral_rt.rl.hierarchical_advantages over (K plans, G members) per goal
 
 ``run(..., concurrent_groups=N)`` generates N execution groups together (a wave): their prefixes
@@ -45,7 +45,8 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -114,9 +115,13 @@ class RolloutRunner:
             in one call per plan step. None: no rewards.
         prompt_embeddings: precomputed text embeddings per prompt string ((Lt, text_dim) tensors); None:
             the engine's text encoder encodes the prompts.
+        critic_processes: 0 (default): the critic runs on ``spec.critic_workers`` threads; N > 0: on N
+            worker processes, started at the first scored run and kept until ``close()``, for a critic
+            whose work is Python (threads would take turns on the GIL). The critic must pickle.
     """
 
-    def __init__(self, engine: Engine, critic=None, *, prompt_embeddings: Mapping[str, torch.Tensor] | None = None):
+    def __init__(self, engine: Engine, critic=None, *, prompt_embeddings: Mapping[str, torch.Tensor] | None = None,
+                 critic_processes: int = 0):
         if not isinstance(engine, Engine):
             raise ValueError(f"RolloutRunner: argument 'engine' must be an Engine, got {type(engine).__name__}")
         if critic is not None and not callable(getattr(critic, "judge", None)):
@@ -124,10 +129,26 @@ class RolloutRunner:
         if prompt_embeddings is not None and not isinstance(prompt_embeddings, Mapping):
             raise ValueError(f"RolloutRunner: argument 'prompt_embeddings' must be a mapping str -> tensor, "
                              f"got {type(prompt_embeddings).__name__}")
+        if isinstance(critic_processes, bool) or not isinstance(critic_processes, int) or critic_processes < 0:
+            raise ValueError(f"RolloutRunner: argument 'critic_processes' must be an int >= 0, got {critic_processes!r}")
         self.engine = engine
         self.critic = critic
         self.prompt_embeddings = prompt_embeddings
+        self.critic_processes = critic_processes
+        self._processes: ProcessPoolExecutor | None = None
         self._open: list[StreamSession] = []
+
+    def close(self) -> None:
+        """Stop the critic's worker processes (if any); the runner can still run (it starts new ones)."""
+        if self._processes is not None:
+            self._processes.shutdown(wait=True, cancel_futures=True)
+            self._processes = None
+
+    def __enter__(self) -> "RolloutRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ public
 
@@ -180,7 +201,13 @@ class RolloutRunner:
         if schedule == "naive":
             per_group = spec.num_chunks * spec.group_size
         bar = tqdm(total=len(groups) * per_group, desc=f"rollout ({schedule})", unit="chunk step", disable=not spec.progress)
-        pool = ThreadPoolExecutor(max_workers=spec.critic_workers, thread_name_prefix="rollout-critic") if scoring else None
+        pool = None
+        if scoring and self.critic_processes:
+            if self._processes is None:  # spawned: forking a process that holds a CUDA context is unsafe
+                self._processes = ProcessPoolExecutor(self.critic_processes, mp_context=multiprocessing.get_context("spawn"))
+            pool = self._processes
+        elif scoring:
+            pool = ThreadPoolExecutor(max_workers=spec.critic_workers, thread_name_prefix="rollout-critic")
         futures: list[list[Future]] = []
         results: list[_GroupResult] = []
         self._peak_pages = 0
@@ -204,7 +231,11 @@ class RolloutRunner:
             for s in list(self._open):
                 self._close(s)
             if pool is not None and failed:
-                pool.shutdown(wait=True, cancel_futures=True)
+                if pool is self._processes:
+                    for f in (f for group_futures in futures for f in group_futures):
+                        f.cancel()
+                else:
+                    pool.shutdown(wait=True, cancel_futures=True)
         if engine.device.type == "cuda":
             torch.cuda.synchronize(engine.device)
         gen_seconds = time.perf_counter() - t0
@@ -225,7 +256,8 @@ class RolloutRunner:
                         judged.update(1)
             finally:
                 judged.close()
-                pool.shutdown(wait=True)
+                if pool is not self._processes:
+                    pool.shutdown(wait=True)
         seconds = time.perf_counter() - t0
         batch = self._assemble(spec, spec_dict, groups, results, prompt_table, train_chunks, train_steps, num_steps,
                                rewards, verdicts)
@@ -433,13 +465,13 @@ class RolloutRunner:
         keys = [(c, k) for c in train_chunks for k in train_steps]
         with torch.no_grad():
             def stack(i):
-                return torch.stack([torch.stack([grp.records[m][key][i] for key in keys]) for m in range(grp.size)]).cpu()
+                return _to_host(torch.stack([torch.stack([grp.records[m][key][i] for key in keys]) for m in range(grp.size)]))
 
-            x, x_next, log_prob = stack(0), stack(1), stack(3).double()
+            x, x_next, log_prob = stack(0), stack(1), stack(3)  # log_prob widened after the sync below
             mu = stack(2) if spec.record_mu else None
             abc = torch.tensor([[grp.records[m][key][4] for key in keys] for m in range(grp.size)], dtype=torch.float64)
-            latents = torch.stack([torch.cat([grp.latents[m][c] for c in range(spec.num_chunks)], dim=1)
-                                   for m in range(grp.size)]).cpu()
+            latents = _to_host(torch.stack([torch.cat([grp.latents[m][c] for c in range(spec.num_chunks)], dim=1)
+                                            for m in range(grp.size)]))
             frames, ranges = None, []
             if grp.frames[0]:
                 start = 0
@@ -447,8 +479,11 @@ class RolloutRunner:
                     n = grp.frames[0][c].shape[0]
                     ranges.append((start, start + n))
                     start += n
-                frames = torch.stack([torch.cat([grp.frames[m][c] for c in range(spec.num_chunks)])
-                                      for m in range(grp.size)]).cpu()
+                frames = _to_host(torch.stack([torch.cat([grp.frames[m][c] for c in range(spec.num_chunks)])
+                                               for m in range(grp.size)]))
+            if self.engine.device.type == "cuda":
+                torch.cuda.current_stream(self.engine.device).synchronize()  # the copies to pinned memory
+            log_prob = log_prob.double()
         grp.latents = grp.frames = grp.records = []  # release the device tensors
         return _GroupResult(x, x_next, mu, log_prob, abc, latents, frames, ranges)
 
@@ -464,7 +499,7 @@ class RolloutRunner:
         batch_judge = getattr(self.critic, "judge_batch", None)
         if callable(batch_judge):
             return [pool.submit(_judge_group, batch_judge, frames, grp.plan, segments, before)]
-        return [pool.submit(lambda m=m: [_judge_member(self.critic, frames[m], grp.plan, segments, before)])
+        return [pool.submit(_judge_members, self.critic, frames[m:m + 1], grp.plan, segments, before)
                 for m in range(grp.size)]
 
     def _assemble(self, spec, spec_dict, groups, results, prompt_table, train_chunks, train_steps, num_steps,
@@ -516,6 +551,16 @@ class RolloutRunner:
 # ---------------------------------------------------------------------- critic tasks (worker threads)
 
 
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of ``t``; from CUDA into pinned memory without waiting (the caller synchronises once:
+    a copy into pageable memory runs at a fraction of the bus speed)."""
+    if t.device.type != "cuda":
+        return t.cpu()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out
+
+
 def _memory(frames: np.ndarray, before: int | None) -> WorldMemory:
     """A member's memory before its first judged step: the prefix's last frame as key frame, if any."""
     return WorldMemory(key_frames=[np.ascontiguousarray(frames[before])]) if before is not None else WorldMemory()
@@ -532,6 +577,11 @@ def _judge_member(critic, frames: np.ndarray, plan: Plan, segments, before: int 
         memory.record(plan.steps[j], v, seg[-1])
         verdicts.append(v)
     return verdicts
+
+
+def _judge_members(critic, frames: np.ndarray, plan: Plan, segments, before: int | None = None) -> list[list[Verdict]]:
+    """``_judge_member`` for each member of ``frames`` (M, F, H, W, 3)."""
+    return [_judge_member(critic, f, plan, segments, before) for f in frames]
 
 
 def _judge_group(judge_batch, frames: np.ndarray, plan: Plan, segments, before: int | None = None) -> list[list[Verdict]]:

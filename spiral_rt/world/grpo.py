@@ -112,6 +112,9 @@ class WorldGRPOConfig:
     """Goal seeds (GRPO_SEED_BASE + seed * 100003 + iteration) and the rollouts' Philox seed."""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     """Where the model runs."""
+    critic_processes: int = 0
+    """Worker processes of the world critic (0: threads); on a GPU machine the critic's numpy work
+    on 64 members takes longer than their generation unless it runs on several cores."""
     save_every: int = 50
     """Iterations between weight files (the last one is always written)."""
     time_limit_min: float = 0.0
@@ -150,6 +153,8 @@ class WorldGRPOConfig:
             raise ValueError(f"WorldGRPOConfig: 'time_limit_min' must be a number >= 0, got {self.time_limit_min!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"WorldGRPOConfig: 'seed' must be an int >= 0, got {self.seed!r}")
+        if isinstance(self.critic_processes, bool) or not isinstance(self.critic_processes, int) or self.critic_processes < 0:
+            raise ValueError(f"WorldGRPOConfig: 'critic_processes' must be an int >= 0, got {self.critic_processes!r}")
 
     def trained_step_indices(self) -> tuple[int, ...] | None:
         """``train_steps`` as a tuple (None: every stochastic step); ValueError when it does not parse."""
@@ -223,7 +228,7 @@ def run(cfg: WorldGRPOConfig) -> dict:
         lr=cfg.lr, lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), bf16_autocast=False,
         micro_batch_size=min(cfg.micro_batch_size, members), loss=GRPOLossConfig(kl_coef=cfg.kl_coef)),
         world.text_encoder, engine_config=engine.config)
-    runner = RolloutRunner(engine, WorldCritic(wcfg))
+    runner = RolloutRunner(engine, WorldCritic(wcfg), critic_processes=cfg.critic_processes)
     step_policy = (FlowGRPOStep(noise_level=cfg.noise_level) if cfg.policy == "flow_grpo"
                    else SelfForcingRenoise(prediction="velocity"))
     log_path = out / "log.jsonl"
@@ -289,6 +294,7 @@ def run(cfg: WorldGRPOConfig) -> dict:
             logger.info("time limit of %.1f min reached after %d update(s)", cfg.time_limit_min, updates)
             break
     bar.close()
+    runner.close()
     engine.close()
     window = max(1, len(history) // 5)
     launch.leave()

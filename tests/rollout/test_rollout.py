@@ -50,9 +50,9 @@ def vae():
     return tiny_decoder(seed=4)
 
 
-def runner_for(engine, model, critic=None, plans=PLANS):
+def runner_for(engine, model, critic=None, plans=PLANS, **kw):
     prompts = {p for per in plans for pl in per for p in pl} | {"fox"}
-    return RolloutRunner(engine, critic, prompt_embeddings=embeddings(model, prompts))
+    return RolloutRunner(engine, critic, prompt_embeddings=embeddings(model, prompts), **kw)
 
 
 def spec(**kw):
@@ -280,6 +280,28 @@ def test_concurrent_groups_give_the_same_batch_in_fewer_engine_steps(model, vae)
         runner_for(make_engine(model), model).run(spec(), concurrent_groups=0)
     with pytest.raises(ValueError, match="concurrent_groups"):
         runner_for(make_engine(model), model).run(spec(), schedule="naive", concurrent_groups=2)
+
+
+class MeanBrightnessCritic:
+    """BrightnessCritic's scores without its thread bookkeeping (a lock does not pickle)."""
+
+    def judge(self, frames, step, memory):
+        return BrightnessCritic.judge(BrightnessCritic(), frames, step, memory)
+
+
+def test_critic_in_worker_processes_gives_the_threads_rewards(model, vae):
+    kw = dict(group_size=2, num_plans=1, plans=[PLANS[0][:1]], num_chunks=3, fork_chunk=1)
+    threads = runner_for(make_engine(model, vae), model, MeanBrightnessCritic()).run(spec(**kw))
+    with runner_for(make_engine(model, vae), model, MeanBrightnessCritic(), critic_processes=2) as runner:
+        first = runner.run(spec(**kw))
+        pool = runner._processes
+        second = runner.run(spec(**kw))
+        assert pool is not None and runner._processes is pool  # the workers outlive a run
+    assert runner._processes is None  # closed on exit
+    assert torch.equal(first.rewards, threads.rewards) and torch.equal(second.rewards, threads.rewards)
+    assert [[v["feedback"] for v in m] for m in first.verdicts] == [[v["feedback"] for v in m] for m in threads.verdicts]
+    with pytest.raises(ValueError, match="critic_processes"):
+        RolloutRunner(make_engine(model), critic_processes=-1)
 
 
 # ----------------------------------------------------------------------------- noise policies
