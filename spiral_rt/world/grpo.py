@@ -58,6 +58,7 @@ from spiral_rt.rl import GRPOLossConfig
 from spiral_rt.rl.launch import join_from_env
 from spiral_rt.rl.trainer import GRPOTrainer, GRPOTrainerConfig
 from spiral_rt.rollout import RolloutRunner, RolloutSpec
+from spiral_rt.rollout.spec import NOISE_POLICIES
 from spiral_rt.sampling import FlowGRPOStep, SelfForcingRenoise
 
 from .agents import WorldCritic
@@ -104,6 +105,10 @@ class WorldGRPOConfig:
     train_steps: str = ""
     """Trained denoising steps of every chunk, comma-separated (e.g. "0,1,2": the early steps that set
     where things go); empty: every stochastic step. Fewer steps, a cheaper update."""
+    noise: str = "shared_initial"
+    """Noise within a goal's group (``RolloutSpec.noise``): "shared_initial" (DanceGRPO: the members
+    start every chunk from the same initial noise, so they differ only by the noise of the recorded
+    transitions, which the update credits), "independent" or "shared_except_fork"."""
     noise_level: float = 0.7
     """Flow-GRPO's SDE noise level of the rollouts' step policy."""
     reward: str = "score"
@@ -147,6 +152,8 @@ class WorldGRPOConfig:
         if steps is not None and min(steps) < 0:
             raise ValueError(f"WorldGRPOConfig: 'train_steps' must be empty or comma-separated step indices >= 0, "
                              f"got {self.train_steps!r}")
+        if self.noise not in NOISE_POLICIES:
+            raise ValueError(f"WorldGRPOConfig: 'noise' must be one of {NOISE_POLICIES}, got {self.noise!r}")
         if self.reward not in ("score", "completed"):
             raise ValueError(f"WorldGRPOConfig: 'reward' must be 'score' or 'completed', got {self.reward!r}")
         if isinstance(self.time_limit_min, bool) or not isinstance(self.time_limit_min, (int, float)) or not self.time_limit_min >= 0:
@@ -253,7 +260,7 @@ def run(cfg: WorldGRPOConfig) -> dict:
         spec = RolloutSpec(goals=[p.goal for p in plans], plans=[[p] for p in plans], group_size=cfg.group_size,
                            num_chunks=mine[0][2], fork_chunk=1, observed_chunks=1,
                            seed=cfg.seed * 1_000_003 + it * world_size + rank, keep_frames=False,
-                           step_policy=step_policy, reward_signal=cfg.reward, progress=False,
+                           step_policy=step_policy, reward_signal=cfg.reward, noise=cfg.noise, progress=False,
                            train_steps=cfg.trained_step_indices())
         with torch.no_grad():
             batch = runner.run(spec, observations=[world.scene_latents(scene, wcfg) for _, _, _, scene in mine],
@@ -289,7 +296,7 @@ def run(cfg: WorldGRPOConfig) -> dict:
                     "updates": it + 1, "goals": (it + 1) * world_size * cfg.goals_per_update, "ranks": world_size,
                     "goals_per_update": cfg.goals_per_update, "group_size": cfg.group_size,
                     "lr": cfg.lr, "lora_rank": cfg.lora_rank, "kl_coef": cfg.kl_coef, "reward": cfg.reward,
-                    "policy": cfg.policy}})
+                    "policy": cfg.policy, "noise": cfg.noise, "train_steps": cfg.train_steps}})
         if stop:
             logger.info("time limit of %.1f min reached after %d update(s)", cfg.time_limit_min, updates)
             break
