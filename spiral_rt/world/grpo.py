@@ -43,6 +43,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -85,39 +86,40 @@ class WorldGRPOConfig:
     """World weights file to start from (empty: the bundled weights)."""
     iterations: int = 200
     """GRPO updates; each rank rolls out ``goals_per_update`` goals per update."""
-    goals_per_update: int = 1
+    goals_per_update: int = 8
     """Goals (execution groups) per rank whose gradients accumulate into one update: more goals, a
     less noisy update (one group's advantages are a noisy estimate of the policy gradient)."""
     micro_batch_size: int = 64
     """Members per trainer forward / backward (the whole update's goals x G members, up to this)."""
     group_size: int = 8
     """G, members per goal (continuations of the shared intro chunk)."""
-    lr: float = 1e-4
-    """AdamW learning rate of the LoRA adapters."""
+    lr: float = 2e-4
+    """AdamW learning rate of the LoRA adapters (5e-4 lost 10 points of held-out steps in 60 updates)."""
     lora_rank: int = 16
     """LoRA rank."""
     kl_coef: float = 0.01
     """Weight of the KL term to the starting model (adapters disabled)."""
-    policy: str = "flow_grpo"
+    policy: str = "self_forcing"
     """The rollouts' step policy: "flow_grpo" (Flow-GRPO's SDE step at ``noise_level``) or "self_forcing"
     (the re-noise step the engine samples the world model with: x' = (1 - s') x0 + s' eps, a Gaussian
     policy too, so the trained policy is exactly the sampler used at inference)."""
-    train_steps: str = ""
-    """Trained denoising steps of every chunk, comma-separated (e.g. "0,1,2": the early steps that set
-    where things go); empty: every stochastic step. Fewer steps, a cheaper update."""
+    train_steps: str = "0,1,2"
+    """Trained denoising steps of every chunk, comma-separated (default: the early steps that set where
+    things go); empty: every stochastic step (the late steps' small noise barely changes the outcome,
+    so crediting it adds gradient noise: every step trained lost ~10 points of held-out steps)."""
     noise: str = "shared_initial"
     """Noise within a goal's group (``RolloutSpec.noise``): "shared_initial" (DanceGRPO: the members
     start every chunk from the same initial noise, so they differ only by the noise of the recorded
     transitions, which the update credits), "independent" or "shared_except_fork"."""
     noise_level: float = 0.7
     """Flow-GRPO's SDE noise level of the rollouts' step policy."""
-    reward: str = "score"
+    reward: str = "completed"
     """A member's reward: the mean over its steps of the critic's graded "score", or of "completed" (1/0)."""
     seed: int = 0
     """Goal seeds (GRPO_SEED_BASE + seed * 100003 + iteration) and the rollouts' Philox seed."""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     """Where the model runs."""
-    critic_processes: int = 0
+    critic_processes: int = min(8, max(0, (os.cpu_count() or 1) - 2)) if torch.cuda.is_available() else 0
     """Worker processes of the world critic (0: threads); on a GPU machine the critic's numpy work
     on 64 members takes longer than their generation unless it runs on several cores."""
     save_every: int = 50
@@ -221,7 +223,7 @@ def run(cfg: WorldGRPOConfig) -> dict:
     from tqdm import tqdm
 
     if cfg.smoke:
-        cfg.iterations, cfg.group_size, cfg.device = min(cfg.iterations, 2), 2, "cpu"
+        cfg.iterations, cfg.group_size, cfg.device, cfg.critic_processes = min(cfg.iterations, 2), 2, "cpu", 0
     cfg.validate()
     launch = join_from_env(cfg.device)
     rank, world_size, cfg.device = launch.rank, launch.world_size, launch.device
