@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from spiral_rt.models.text import TextEmbeddings
+from spiral_rt.transfer import to_host
 
 from .config import PromptSpan
 from .engine import Engine
@@ -77,7 +78,7 @@ def _frames_to_uint8(frames: torch.Tensor) -> np.ndarray:
     """(F, H, W, 3) uint8 or float in [-1, 1] device frames -> host uint8 array."""
     if frames.dtype != torch.uint8:
         frames = ((frames.float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
-    return frames.cpu().numpy()
+    return to_host(frames).numpy()
 
 
 class EngineGenerator:

@@ -58,6 +58,7 @@ from spiral_rt.agents.types import Plan, Verdict, WorldMemory
 from spiral_rt.engine import Engine, PromptSpan, StreamSession
 from spiral_rt.ops import sampler_step
 from spiral_rt.rl import hierarchical_advantages, write_planner_jsonl
+from spiral_rt.transfer import to_host
 
 from .batch import RolloutBatch
 from .recorder import RecordingStepPolicy, TransitionRecorder
@@ -465,13 +466,14 @@ class RolloutRunner:
         keys = [(c, k) for c in train_chunks for k in train_steps]
         with torch.no_grad():
             def stack(i):
-                return _to_host(torch.stack([torch.stack([grp.records[m][key][i] for key in keys]) for m in range(grp.size)]))
+                return to_host(torch.stack([torch.stack([grp.records[m][key][i] for key in keys]) for m in range(grp.size)]),
+                               wait=False)
 
             x, x_next, log_prob = stack(0), stack(1), stack(3)  # log_prob widened after the sync below
             mu = stack(2) if spec.record_mu else None
             abc = torch.tensor([[grp.records[m][key][4] for key in keys] for m in range(grp.size)], dtype=torch.float64)
-            latents = _to_host(torch.stack([torch.cat([grp.latents[m][c] for c in range(spec.num_chunks)], dim=1)
-                                            for m in range(grp.size)]))
+            latents = to_host(torch.stack([torch.cat([grp.latents[m][c] for c in range(spec.num_chunks)], dim=1)
+                                           for m in range(grp.size)]), wait=False)
             frames, ranges = None, []
             if grp.frames[0]:
                 start = 0
@@ -479,8 +481,8 @@ class RolloutRunner:
                     n = grp.frames[0][c].shape[0]
                     ranges.append((start, start + n))
                     start += n
-                frames = _to_host(torch.stack([torch.cat([grp.frames[m][c] for c in range(spec.num_chunks)])
-                                               for m in range(grp.size)]))
+                frames = to_host(torch.stack([torch.cat([grp.frames[m][c] for c in range(spec.num_chunks)])
+                                              for m in range(grp.size)]), wait=False)
             if self.engine.device.type == "cuda":
                 torch.cuda.current_stream(self.engine.device).synchronize()  # the copies to pinned memory
             log_prob = log_prob.double()
@@ -549,16 +551,6 @@ class RolloutRunner:
 
 
 # ---------------------------------------------------------------------- critic tasks (worker threads)
-
-
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """A host copy of ``t``; from CUDA into pinned memory without waiting (the caller synchronises once:
-    a copy into pageable memory runs at a fraction of the bus speed)."""
-    if t.device.type != "cuda":
-        return t.cpu()
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    out.copy_(t, non_blocking=True)
-    return out
 
 
 def _memory(frames: np.ndarray, before: int | None) -> WorldMemory:
