@@ -456,6 +456,10 @@ class GRPOTrainer:
         if cfg.loss.ratio_norm and batch.mu is None:
             raise ValueError("GRPOTrainer: loss.ratio_norm needs the rollout's means (argument 'batch' has mu=None; "
                              "run the rollout with record_mu=True)")
+        step_credit = batch.transition_advantages
+        if step_credit is not None and tuple(step_credit.shape) != (batch.num_members, batch.num_transitions):
+            raise ValueError(f"GRPOTrainer: argument 'batch' has transition_advantages of shape {tuple(step_credit.shape)}, "
+                             f"expected (members, transitions) = {(batch.num_members, batch.num_transitions)}")
 
     def _clean_input(self, batch, rows: list[int], chunk: int) -> torch.Tensor:
         """The clean pass input of ``chunk`` for members ``rows``: clean latents (+ context noise)."""
@@ -525,12 +529,23 @@ class GRPOTrainer:
         return a * x + b * m
 
     def _advantages(self, batch) -> torch.Tensor:
+        """(M, T) float64 advantage of every trained transition."""
         cfg = self.config
+        step_credit = batch.transition_advantages
         if not cfg.recompute_advantages:
+            if step_credit is not None:
+                return step_credit.double()
             if batch.advantages is None:
                 raise ValueError("GRPOTrainer: argument 'batch' has no advantages (score the rollout, or set "
                                  "config.recompute_advantages with rewards)")
-            return batch.advantages.double()
+            return batch.advantages.double()[:, None].expand(-1, batch.num_transitions)
+        if step_credit is not None:
+            raise ValueError("GRPOTrainer: config.recompute_advantages recomputes member rewards' advantages; argument "
+                             "'batch' carries step credit (transition_advantages): train it with recompute_advantages=False")
+        return self._member_advantages(batch)[:, None].expand(-1, batch.num_transitions)
+
+    def _member_advantages(self, batch) -> torch.Tensor:
+        cfg = self.config
         if batch.rewards is None:
             raise ValueError("GRPOTrainer: config.recompute_advantages needs rewards (argument 'batch' has rewards=None)")
         rewards = batch.rewards.double().cpu()
@@ -648,7 +663,7 @@ class GRPOTrainer:
                             / b.float().reshape(shape)
                         lr_mean = (logp_new - logp_old) / (batch.count if lcfg.convention == "sum" else 1)
                         log_ratio = normalized_log_ratio(lr_mean, m_new, m_old, b, c)
-                    adv = adv_all[rows].to(self.device)
+                    adv = adv_all[rows, t].to(self.device)
                     out = grpo_loss(logp_new, logp_old, adv, lcfg, kl=kl, log_ratio=log_ratio)
                     (out.loss * (scale * n / total)).backward()
                 w = n / total

@@ -27,7 +27,7 @@ from spiral_rt.sampling.log_prob import Convention
 
 _TENSORS = ("goal_index", "plan_index", "member_index", "group_index", "noise_ids", "prompt_ids", "chunk", "step",
             "sigma", "sigma_next", "timestep", "x", "x_next", "mu", "a", "b", "c", "log_prob", "latents", "rewards",
-            "advantages", "plan_rewards", "plan_advantages")
+            "advantages", "transition_advantages", "plan_rewards", "plan_advantages")
 FORMAT_VERSION = 1
 
 
@@ -86,6 +86,9 @@ class RolloutBatch:
     """(M,) float64 member rewards (None when the rollout was not scored)."""
     advantages: torch.Tensor | None = None
     """(M,) float64 execution-level advantages, normalised within each execution group."""
+    transition_advantages: torch.Tensor | None = None
+    """(M, T) float64 advantage of every trained transition, with step credit (``RolloutSpec.credit``:
+    its plan step's signal normalised within the group); None: ``advantages`` for all of a member's."""
     plan_rewards: torch.Tensor | None = None
     """(P,) float64 plan rewards (mean of their G members' rewards)."""
     plan_advantages: torch.Tensor | None = None

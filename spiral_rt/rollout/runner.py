@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from spiral_rt.agents.types import Plan, Verdict, WorldMemory
 from spiral_rt.engine import Engine, PromptSpan, StreamSession
 from spiral_rt.ops import sampler_step
-from spiral_rt.rl import hierarchical_advantages, write_planner_jsonl
+from spiral_rt.rl import group_advantages, hierarchical_advantages, write_planner_jsonl
 from spiral_rt.transfer import to_host
 
 from .batch import RolloutBatch
@@ -242,6 +242,7 @@ class RolloutRunner:
         gen_seconds = time.perf_counter() - t0
 
         verdicts: list[list[dict]] = [[] for _ in range(spec.num_members)]
+        signals: list[list[float]] = [[] for _ in range(spec.num_members)]  # per member, per judged step
         rewards = None
         if scoring:
             rewards = torch.zeros(spec.num_members, dtype=torch.float64)
@@ -252,8 +253,8 @@ class RolloutRunner:
                     member_verdicts = _collect(group_futures, spec.group_size)
                     for m, vs in enumerate(member_verdicts):
                         verdicts[base + m] = [v.to_dict() for v in vs]
-                        signal = [float(v.completed) if spec.reward_signal == "completed" else v.score for v in vs]
-                        rewards[base + m] = _reduce(signal, spec.reward_reduce)
+                        signals[base + m] = [float(v.completed) if spec.reward_signal == "completed" else v.score for v in vs]
+                        rewards[base + m] = _reduce(signals[base + m], spec.reward_reduce)
                         judged.update(1)
             finally:
                 judged.close()
@@ -262,6 +263,9 @@ class RolloutRunner:
         seconds = time.perf_counter() - t0
         batch = self._assemble(spec, spec_dict, groups, results, prompt_table, train_chunks, train_steps, num_steps,
                                rewards, verdicts)
+        if rewards is not None and spec.credit == "step":
+            batch.transition_advantages = _step_advantages(spec, groups, signals, [(c, k) for c in train_chunks
+                                                                                   for k in train_steps])
         page_bytes = engine.cache.config.page_bytes
         batch.stats = {
             "schedule": schedule, "videos": spec.num_members, "seconds": seconds, "generate_seconds": gen_seconds,
@@ -551,6 +555,22 @@ class RolloutRunner:
 
 
 # ---------------------------------------------------------------------- critic tasks (worker threads)
+
+
+def _step_advantages(spec: RolloutSpec, groups: list[_Group], signals: list[list[float]], keys) -> torch.Tensor:
+    """(M, T) step credit: each judged plan step's signal normalised within the group; transition t
+    (chunk, step) = ``keys[t]`` gets the advantage of the plan step its chunk belongs to."""
+    G = spec.group_size
+    out = torch.zeros(spec.num_members, len(keys), dtype=torch.float64)
+    for grp in groups:
+        base = grp.index * G
+        judged = sorted({grp.chunk_steps[c] for c in range(spec.fork_chunk, spec.num_chunks)})  # the verdicts' order
+        signal = torch.tensor(signals[base:base + G], dtype=torch.float64).view(G, len(judged))
+        same = torch.zeros(G, dtype=torch.int64)
+        adv = torch.stack([group_advantages(signal[:, p], same, spec.advantage) for p in range(len(judged))], dim=1)
+        for t, (chunk, _) in enumerate(keys):
+            out[base:base + G, t] = adv[:, judged.index(grp.chunk_steps[chunk])]
+    return out
 
 
 def _memory(frames: np.ndarray, before: int | None) -> WorldMemory:

@@ -44,6 +44,7 @@ NOISE_POLICIES = ("independent", "shared_initial", "shared_except_fork")
 RewardReduce = Literal["mean", "min", "last"]
 REWARD_REDUCE = ("mean", "min", "last")
 REWARD_SIGNALS = ("score", "completed")
+CREDITS = ("video", "step")
 
 PlanLike = Any  # Plan | list[str] | list[Step]
 
@@ -126,6 +127,11 @@ class RolloutSpec:
     """What each verdict contributes before ``reward_reduce``: "score" (the critic's graded score) or
     "completed" (1 if the step is judged completed, else 0: a binary success reward, which separates
     members more than a graded score that gives most failures partial credit)."""
+    credit: str = "video"
+    """What a trained transition is credited with: "video" (the member's reward, reduced over its judged
+    steps and normalised within the group, for all its transitions) or "step" (each plan step's signal
+    normalised within the group; a transition gets the advantage of the plan step its chunk belongs
+    to, so a chunk's noise answers for the step it generated: ``RolloutBatch.transition_advantages``)."""
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     """Group normalisation of rewards (eps, clip, scale_by_std), at execution and plan level."""
     critic_workers: int = 4
@@ -155,6 +161,8 @@ class RolloutSpec:
             raise ValueError(f"RolloutSpec: 'noise' must be one of {NOISE_POLICIES}, got {self.noise!r}")
         if self.reward_reduce not in REWARD_REDUCE:
             raise ValueError(f"RolloutSpec: 'reward_reduce' must be one of {REWARD_REDUCE}, got {self.reward_reduce!r}")
+        if self.credit not in CREDITS:
+            raise ValueError(f"RolloutSpec: 'credit' must be one of {CREDITS}, got {self.credit!r}")
         if self.reward_signal not in REWARD_SIGNALS:
             raise ValueError(f"RolloutSpec: 'reward_signal' must be one of {REWARD_SIGNALS}, got {self.reward_signal!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
@@ -280,7 +288,8 @@ class RolloutSpec:
             "noise": self.noise, "seed": self.seed,
             "step_policy": {"name": policy.name, **dataclasses.asdict(policy)},
             "record_mu": self.record_mu, "keep_frames": self.keep_frames, "reward_reduce": self.reward_reduce,
-            "reward_signal": self.reward_signal, "advantage": dataclasses.asdict(self.advantage), "critic_workers": self.critic_workers,
+            "reward_signal": self.reward_signal, "credit": self.credit, "advantage": dataclasses.asdict(self.advantage),
+            "critic_workers": self.critic_workers,
         }
 
     @classmethod
@@ -297,6 +306,7 @@ class RolloutSpec:
             noise=data["noise"], seed=data["seed"], step_policy=make_step_policy(name, **policy),
             record_mu=data.get("record_mu", True), keep_frames=data.get("keep_frames", True),
             reward_reduce=data.get("reward_reduce", "mean"), reward_signal=data.get("reward_signal", "score"),
+            credit=data.get("credit", "video"),
             advantage=AdvantageConfig(**data.get("advantage", {})),
             critic_workers=data.get("critic_workers", 4),
         )

@@ -59,7 +59,7 @@ from spiral_rt.rl import GRPOLossConfig
 from spiral_rt.rl.launch import join_from_env
 from spiral_rt.rl.trainer import GRPOTrainer, GRPOTrainerConfig
 from spiral_rt.rollout import RolloutRunner, RolloutSpec
-from spiral_rt.rollout.spec import NOISE_POLICIES
+from spiral_rt.rollout.spec import CREDITS, NOISE_POLICIES
 from spiral_rt.sampling import FlowGRPOStep, SelfForcingRenoise
 
 from .agents import WorldCritic
@@ -113,6 +113,9 @@ class WorldGRPOConfig:
     transitions, which the update credits), "independent" or "shared_except_fork"."""
     noise_level: float = 0.7
     """Flow-GRPO's SDE noise level of the rollouts' step policy."""
+    credit: str = "video"
+    """``RolloutSpec.credit``: "video" (a member's mean over its steps, for all its transitions) or
+    "step" (each transition answers for the plan step its chunk belongs to)."""
     reward: str = "completed"
     """A member's reward: the mean over its steps of the critic's graded "score", or of "completed" (1/0)."""
     seed: int = 0
@@ -156,6 +159,8 @@ class WorldGRPOConfig:
                              f"got {self.train_steps!r}")
         if self.noise not in NOISE_POLICIES:
             raise ValueError(f"WorldGRPOConfig: 'noise' must be one of {NOISE_POLICIES}, got {self.noise!r}")
+        if self.credit not in CREDITS:
+            raise ValueError(f"WorldGRPOConfig: 'credit' must be one of {CREDITS}, got {self.credit!r}")
         if self.reward not in ("score", "completed"):
             raise ValueError(f"WorldGRPOConfig: 'reward' must be 'score' or 'completed', got {self.reward!r}")
         if isinstance(self.time_limit_min, bool) or not isinstance(self.time_limit_min, (int, float)) or not self.time_limit_min >= 0:
@@ -262,7 +267,8 @@ def run(cfg: WorldGRPOConfig) -> dict:
         spec = RolloutSpec(goals=[p.goal for p in plans], plans=[[p] for p in plans], group_size=cfg.group_size,
                            num_chunks=mine[0][2], fork_chunk=1, observed_chunks=1,
                            seed=cfg.seed * 1_000_003 + it * world_size + rank, keep_frames=False,
-                           step_policy=step_policy, reward_signal=cfg.reward, noise=cfg.noise, progress=False,
+                           step_policy=step_policy, reward_signal=cfg.reward, credit=cfg.credit, noise=cfg.noise,
+                           progress=False,
                            train_steps=cfg.trained_step_indices())
         with torch.no_grad():
             batch = runner.run(spec, observations=[world.scene_latents(scene, wcfg) for _, _, _, scene in mine],
@@ -298,7 +304,7 @@ def run(cfg: WorldGRPOConfig) -> dict:
                     "updates": it + 1, "goals": (it + 1) * world_size * cfg.goals_per_update, "ranks": world_size,
                     "goals_per_update": cfg.goals_per_update, "group_size": cfg.group_size,
                     "lr": cfg.lr, "lora_rank": cfg.lora_rank, "kl_coef": cfg.kl_coef, "reward": cfg.reward,
-                    "policy": cfg.policy, "noise": cfg.noise, "train_steps": cfg.train_steps}})
+                    "policy": cfg.policy, "noise": cfg.noise, "train_steps": cfg.train_steps, "credit": cfg.credit}})
         if stop:
             logger.info("time limit of %.1f min reached after %d update(s)", cfg.time_limit_min, updates)
             break

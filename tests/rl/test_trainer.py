@@ -219,6 +219,43 @@ def test_a_list_of_batches_accumulates_their_mean_gradient():
         trainer.compute_gradients([])
 
 
+def test_transition_advantages_credit_each_transition_on_its_own():
+    """Step credit: (M, T) advantages. Equal columns give the member-level gradient; a transition's
+    gradient is that of its own advantage (zero elsewhere: only that transition moves the weights)."""
+    model = tiny_model(seed=6)
+    batch, ecfg, emb = rollout(model, plans=[[["a fox in snow", "the fox runs"]]], context_noise=0.05)
+    assert batch.num_transitions >= 2
+    adv = torch.tensor([1.0, -0.25, -0.75], dtype=torch.float64)
+    trainer = GRPOTrainer(model, GRPOTrainerConfig(lora_rank=4, lora_alpha=8.0, lr=1e-3, micro_batch_size=2,
+                                                   loss=GRPOLossConfig(kl_coef=0.0)), emb, engine_config=ecfg)
+
+    def grads(member=None, per_transition=None):
+        batch.advantages, batch.transition_advantages = member, per_transition
+        trainer.compute_gradients(batch)
+        return {n: p.grad.clone() for n, p in trainer.trainable.items() if p.grad is not None}
+
+    member = grads(member=adv)
+    same = grads(per_transition=adv[:, None].expand(-1, batch.num_transitions).clone())
+    for n in member:
+        torch.testing.assert_close(same[n], member[n], rtol=1e-6, atol=1e-12)
+    parts = []
+    for t in range(batch.num_transitions):
+        only_t = torch.zeros(batch.num_members, batch.num_transitions, dtype=torch.float64)
+        only_t[:, t] = adv
+        parts.append(grads(per_transition=only_t))
+    for n in member:  # the policy loss is linear in the advantages (ratio 1, nothing clipped)
+        torch.testing.assert_close(sum(p[n] for p in parts), member[n], rtol=1e-5, atol=1e-10)
+    batch.transition_advantages = torch.zeros(batch.num_members, batch.num_transitions + 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="transition_advantages"):
+        trainer.compute_gradients(batch)
+    batch.transition_advantages = torch.zeros(batch.num_members, batch.num_transitions, dtype=torch.float64)
+    batch.rewards = torch.zeros(batch.num_members, dtype=torch.float64)
+    recompute = GRPOTrainer(tiny_model(seed=6), GRPOTrainerConfig(lora_rank=4, recompute_advantages=True), emb,
+                            engine_config=ecfg)
+    with pytest.raises(ValueError, match="recompute_advantages"):
+        recompute.compute_gradients(batch)
+
+
 # ----------------------------------------------------------------------------- LoRA
 
 

@@ -366,6 +366,30 @@ def test_completed_reward_signal_is_the_mean_of_verdicts_completed(model, vae):
     assert_no_leaks(engine)
 
 
+def test_step_credit_gives_each_transition_its_plan_steps_advantage(model, vae, tmp_path):
+    """credit="step": a transition's advantage is its chunk's plan step's score normalised within the group."""
+    plans = [[["a fox in snow", "the fox runs", "the fox jumps", "it lands"]]]
+    G, n, fork = 3, 4, 1
+    engine = make_engine(model, vae)
+    runner = runner_for(engine, model, BrightnessCritic(), plans)
+    kw = dict(plans=plans, num_plans=1, group_size=G, num_chunks=n, fork_chunk=fork, train_steps=(0,))
+    video = runner.run(spec(**kw))
+    batch = runner.run(spec(credit="step", **kw))
+    assert video.transition_advantages is None and batch.chunk.tolist() == [1, 2, 3]
+    assert torch.equal(batch.rewards, video.rewards) and torch.equal(batch.advantages, video.advantages)
+    scores = torch.tensor([[v["score"] for v in member] for member in batch.verdicts], dtype=torch.float64)  # (G, 3 steps)
+    for t, chunk in enumerate(batch.chunk.tolist()):  # plan step k covers chunk k (one chunk each)
+        expected = group_advantages(scores[:, chunk - fork], torch.zeros(G, dtype=torch.int64))
+        torch.testing.assert_close(batch.transition_advantages[:, t], expected)
+    assert not torch.allclose(batch.transition_advantages[:, 0], batch.transition_advantages[:, 2])
+    again = RolloutBatch.load(batch.save(tmp_path / "b"))
+    assert torch.equal(again.transition_advantages, batch.transition_advantages)
+    assert RolloutSpec.from_dict(batch.spec).credit == "step"
+    with pytest.raises(ValueError, match="credit"):
+        runner.run(spec(credit="chunk", **kw))
+    assert_no_leaks(engine)
+
+
 @pytest.mark.parametrize("critic_cls", [BrightnessCritic, BatchBrightnessCritic])
 def test_rewards_advantages_and_planner_jsonl(model, vae, tmp_path, critic_cls):
     engine = make_engine(model, vae)

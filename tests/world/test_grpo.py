@@ -75,7 +75,7 @@ def test_two_ranks_roll_out_different_goals_and_rank0_logs_both(tmp_path):
 @pytest.mark.parametrize("field, value", [("iterations", 0), ("group_size", 1), ("lr", 0.0), ("seed", -1),
                                           ("kl_coef", -1.0), ("save_every", 0), ("goals_per_update", 0),
                                           ("train_steps", "0,x"), ("train_steps", "-1"),
-                                          ("critic_processes", -1), ("noise", "shared")])
+                                          ("critic_processes", -1), ("noise", "shared"), ("credit", "chunk")])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         WorldGRPOConfig(**{field: value}).validate()
@@ -128,3 +128,9 @@ def test_goals_per_update_accumulate_distinct_goals_into_one_update(tmp_path):
                         train_steps="0"))
     first = json.loads((tmp_path / "first" / "log.jsonl").read_text().splitlines()[0])
     assert first["goals"] == rec["goals"] and 0 < first["transitions"] < rec["transitions"]  # only step 0 trained
+
+
+def test_step_credit_run_updates_on_policy(tmp_path):
+    run(WorldGRPOConfig(out=str(tmp_path), smoke=True, progress=False, iterations=1, goals_per_update=2, credit="step"))
+    rec = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
+    assert abs(rec["ratio_mean"] - 1.0) < 1e-4 and rec["transitions"] > 0
