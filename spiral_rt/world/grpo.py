@@ -59,7 +59,7 @@ from spiral_rt.rl import GRPOLossConfig
 from spiral_rt.rl.launch import join_from_env
 from spiral_rt.rl.trainer import GRPOTrainer, GRPOTrainerConfig
 from spiral_rt.rollout import RolloutRunner, RolloutSpec
-from spiral_rt.rollout.spec import CREDITS, NOISE_POLICIES
+from spiral_rt.rollout.spec import CREDITS, NOISE_POLICIES, REWARD_SIGNALS
 from spiral_rt.sampling import FlowGRPOStep, SelfForcingRenoise
 
 from .agents import WorldCritic
@@ -119,7 +119,7 @@ class WorldGRPOConfig:
     reward: str = "completed"
     """A member's reward: the mean over its steps of the critic's graded "score", or of "completed" (1/0)."""
     seed: int = 0
-    """Goal seeds (GRPO_SEED_BASE + seed * 100003 + iteration) and the rollouts' Philox seed."""
+    """Goal seeds (GRPO_SEED_BASE + seed * 100003 + goal index, ``iteration_goals``) and the rollouts' Philox seed."""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     """Where the model runs."""
     critic_processes: int = min(8, max(0, (os.cpu_count() or 1) - 2)) if torch.cuda.is_available() else 0
@@ -161,8 +161,8 @@ class WorldGRPOConfig:
             raise ValueError(f"WorldGRPOConfig: 'noise' must be one of {NOISE_POLICIES}, got {self.noise!r}")
         if self.credit not in CREDITS:
             raise ValueError(f"WorldGRPOConfig: 'credit' must be one of {CREDITS}, got {self.credit!r}")
-        if self.reward not in ("score", "completed"):
-            raise ValueError(f"WorldGRPOConfig: 'reward' must be 'score' or 'completed', got {self.reward!r}")
+        if self.reward not in REWARD_SIGNALS:
+            raise ValueError(f"WorldGRPOConfig: 'reward' must be one of {REWARD_SIGNALS}, got {self.reward!r}")
         if isinstance(self.time_limit_min, bool) or not isinstance(self.time_limit_min, (int, float)) or not self.time_limit_min >= 0:
             raise ValueError(f"WorldGRPOConfig: 'time_limit_min' must be a number >= 0, got {self.time_limit_min!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
