@@ -12,8 +12,11 @@ kernel of csrc/ (backend="cuda"), the others the Triton kernel. TFLOP/s =
 
 Part 2, shared prefix: G members (G = 4, 8) each with a 3-frame own chunk after a shared prefix of
 6 or 12 frames. "alone": G launches, one per member over prefix + own pages; "batched": one varlen
-launch of the G members (prefix pages shared); "shared": one launch of all G members' queries
-over the prefix pages, one over each member's own pages, and merge_states.
+launch of the G members whose page tables list the same prefix pages (what a forked group runs in
+the engine: the pages are shared, refcounted, never copied); "shared": one launch of all G members'
+queries over the prefix pages, one over each member's own pages, and merge_states. The three are
+timed in turn for ``--rounds`` rounds and each one's median over the rounds is reported, so a
+drift of the GPU's clock during the run does not favour whichever was timed first.
 
 Run on the GPU machine: ``python bench/bench_attention.py`` (writes bench/results/attention.json).
 ``--smoke`` runs the same code on CPU through the Triton interpreter at toy sizes (no timing
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -278,14 +282,19 @@ def bench_shared_prefix(args) -> list[dict]:
             o_b, _ = chunk_attention(q, k_pages, v_pages, batched)
             o_s, _ = shared()
             err = (o_b.float() - o_s.float()).abs().max().item()
-            t_alone = time_ms(alone, rep_ms=args.rep_ms)["median_ms"]
-            t_batched = time_ms(lambda: chunk_attention(q, k_pages, v_pages, batched), rep_ms=args.rep_ms)["median_ms"]
-            t_shared = time_ms(shared, rep_ms=args.rep_ms)["median_ms"]
+            schedules = {"alone": alone, "batched": lambda: chunk_attention(q, k_pages, v_pages, batched), "shared": shared}
+            times = {name: [] for name in schedules}
+            for _ in range(1 if SMOKE else args.rounds):
+                for name, fn in schedules.items():
+                    times[name].append(time_ms(fn, rep_ms=args.rep_ms)["median_ms"])
+            t_alone, t_batched, t_shared = (statistics.median(times[n]) for n in ("alone", "batched", "shared"))
             rows.append({
                 "G": group, "prefix_frames": prefix_frames, "own_frames": own_frames,
                 "alone_ms": t_alone, "batched_ms": t_batched, "shared_ms": t_shared,
+                "batched_vs_alone": t_alone / t_batched,
                 "speedup_vs_alone": t_alone / t_shared, "speedup_vs_batched": t_batched / t_shared,
-                "shared_tflops": tflops(batched.flops, t_shared), "max_diff_shared_vs_batched": err,
+                "shared_tflops": tflops(batched.flops, t_shared), "batched_tflops": tflops(batched.flops, t_batched),
+                "max_diff_shared_vs_batched": err, "rounds_ms": times,
             })
     return rows
 
@@ -297,6 +306,9 @@ def main():
     parser.add_argument("--no-ws", action="store_true", help="skip the warp-specialized variants (last phase)")
     parser.add_argument("--kernels", default="cuda,triton",
                         help="comma list of kernel families to time: cuda (the Hopper kernel), triton")
+    parser.add_argument("--parts", default="chunk,prefix",
+                        help="comma list: chunk (part 1, one chunk vs the competitors), prefix (part 2, shared prefix)")
+    parser.add_argument("--rounds", type=int, default=3, help="shared prefix: rounds of timing the three schedules in turn")
     args = parser.parse_args()
     if args.smoke:
         configure_smoke()
@@ -310,24 +322,27 @@ def main():
     ws = {n: c for n, c in triton_variants.items() if c.warp_specialize}
     columns = ["Lq", "Lk", "ours_tflops", "ours_variant", "ours_split", "ours_default_tflops", "cudnn_tflops",
                "fa3_tflops", "flash2_sdpa_tflops", "flex_compiled_tflops", "best_competitor", "ratio"]
-    chunk_rows = bench_chunk(args, plain)
+    parts = set(args.parts.split(","))
+    chunk_rows = bench_chunk(args, plain) if "chunk" in parts else []
     print_table(chunk_rows, columns)
-    prefix_rows = bench_shared_prefix(args)
-    print_table(prefix_rows, ["G", "prefix_frames", "alone_ms", "batched_ms", "shared_ms", "speedup_vs_alone",
-                              "speedup_vs_batched", "shared_tflops", "max_diff_shared_vs_batched"])
+    prefix_rows = bench_shared_prefix(args) if "prefix" in parts else []
+    print_table(prefix_rows, ["G", "prefix_frames", "alone_ms", "batched_ms", "shared_ms", "batched_vs_alone",
+                              "speedup_vs_alone", "speedup_vs_batched", "shared_tflops", "max_diff_shared_vs_batched"])
     settings = {"Lq": LQ, "Lk": LKS, "heads": HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16", "page_size": PAGE,
                 "tflops_formula": "4*Lq*Lk*H*D/time", "timing": "triton.testing.do_bench median, L2 flushed",
                 "variants": {n: str(c) for n, c in {**CUDA_VARIANTS, **VARIANTS}.items()}, "ws_phase": "pending",
                 "kernels": sorted(families)}
+    # a partial run writes its own file, so it never replaces the full result
+    name = "attention" if parts >= {"chunk", "prefix"} else "attention_" + "_".join(sorted(parts))
     if not SMOKE:  # written before the experimental phase, so a failure there loses nothing
-        write_result("attention", settings, chunk_rows, {"shared_prefix": prefix_rows})
-    if ws and not args.no_ws:
+        write_result(name, settings, chunk_rows, {"shared_prefix": prefix_rows})
+    if ws and not args.no_ws and "chunk" in parts:
         print("warp-specialized variants (experimental on Hopper):", ", ".join(ws), file=sys.stderr)
         bench_chunk(args, ws, chunk_rows)
         print_table(chunk_rows, columns)
         settings["ws_phase"] = "done"
         if not SMOKE:
-            write_result("attention", settings, chunk_rows, {"shared_prefix": prefix_rows})
+            write_result(name, settings, chunk_rows, {"shared_prefix": prefix_rows})
 
 
 if __name__ == "__main__":

@@ -15,31 +15,13 @@ import argparse
 
 import torch
 
-from common import copy_bandwidth_gbs, print_table, time_ms, write_result
+from common import copy_bandwidth_gbs, graphed, print_table, time_ms, time_per_call_ms, write_result
 from spiral_rt.ops import noise_key, sampler_step
 
 LATENT = (16, 3, 60, 104)
 
 
 CALLS_PER_GRAPH = 16
-
-
-def _graphed(fns):
-    """Capture one call of each function in ``fns``, back to back, in one CUDA graph."""
-    for fn in fns:
-        fn()  # warm up: compile, allocate workspaces
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
-    return graph.replay
-
-
-def _per_call(fns) -> dict:
-    """Median time per call of a graph of back-to-back calls (launch overhead amortised)."""
-    t = time_ms(_graphed(fns))
-    return {k: v / len(fns) for k, v in t.items()}
 
 
 def main() -> None:
@@ -67,13 +49,13 @@ def main() -> None:
         nbytes = (4 + (args.noise == "tensor")) * sets[0][0].numel() * sets[0][0].element_size()
         copies = [(torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda").random_(),
                    torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")) for _ in range(CALLS_PER_GRAPH)]
-        same_size_copy = _per_call([lambda s=s, d=d: d.copy_(s) for s, d in copies])["median_ms"]
+        same_size_copy = time_per_call_ms([lambda s=s, d=d: d.copy_(s) for s, d in copies])["median_ms"]
         for backend in args.backends:
             if backend == "reference" and batch not in (1, 8):
                 continue  # eager PyTorch with emulated Philox: shown for scale only
             calls = [lambda x=x, m=m: sampler_step(x, m, a, b, c, backend=backend, **noise) for x, m in sets]
-            t = _per_call(calls)
-            single = time_ms(_graphed(calls[:1]))["median_ms"]
+            t = time_per_call_ms(calls)
+            single = time_ms(graphed(calls[:1]))["median_ms"]
             eager = time_ms(calls[0])["median_ms"]
             gbs = nbytes / (t["median_ms"] * 1e-3) / 1e9
             rows.append({

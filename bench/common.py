@@ -51,6 +51,33 @@ def time_ms(fn, warmup_ms: float = 25, rep_ms: float = 200) -> dict:
     return {"median_ms": med, "p20_ms": p20, "p80_ms": p80}
 
 
+def graphed(fns):
+    """One CUDA graph of one call of each function in ``fns``, back to back; returns its replay."""
+    for fn in fns:
+        fn()  # warm up: compile, allocate workspaces
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    return graph.replay
+
+
+def time_per_call_ms(fns, rep_ms: float = 200) -> dict:
+    """``time_ms`` of a CUDA graph of back-to-back calls, divided by the number of calls: what a call
+    costs inside a graph between other kernels (as the engine runs it), without the Python call or
+    the graph launch. Give each call its own buffers, together larger than L2, so that every call
+    reads from DRAM."""
+    t = time_ms(graphed(fns), rep_ms=rep_ms)
+    return {k: v / len(fns) for k, v in t.items()}
+
+
+def buffer_sets(nbytes: int, l2_bytes: int = 50 << 20, most: int = 16) -> int:
+    """How many distinct buffer sets a graph of back-to-back calls moving ``nbytes`` each needs so
+    that consecutive calls never find their inputs in L2 (at least 4x L2 in all, 2 to ``most`` sets)."""
+    return max(2, min(most, -(-4 * l2_bytes // max(1, nbytes))))
+
+
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth (bytes read + written per second), in GB/s."""
     src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda").random_()

@@ -1,6 +1,7 @@
 """Tests of ``spiral_rt.ops.modulated_norm``: reference vs fp64 F.layer_norm, Triton vs reference.
 
-Awkward sizes: C not a power of two (72, 200), one-frame modulation, B > 1, frames of odd length.
+Awkward sizes: C not a power of two (72, 200), one-frame modulation, B > 1, frames of odd length, frames
+longer than one program's rows (21 tokens: three programs a frame, the last partial).
 Tolerances, relative to max |y| (one rounding of y; x_new may differ by one ulp of its dtype when the
 compiler fuses the multiply-add): fp32 2e-5, fp16 2e-3, bf16 1.6e-2.
 """
@@ -45,7 +46,7 @@ def test_reference_matches_fp64_layer_norm(fused):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("b,l,c,f", [(1, 15, 72, 3), (2, 7, 200, 1), (3, 10, 64, 5)])
+@pytest.mark.parametrize("b,l,c,f", [(1, 15, 72, 3), (2, 7, 200, 1), (3, 10, 64, 5), (2, 42, 48, 2)])
 def test_triton_matches_reference(triton_device, dtype, fused, b, l, c, f):
     x, shift, scale, gate, branch = _inputs(b, l, c, f, dtype, triton_device, fused)
     y, x_new = modulated_norm(x, shift, scale, gate=gate, branch=branch, backend="triton")
