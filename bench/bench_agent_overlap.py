@@ -58,8 +58,8 @@ def _engine(name: str):
             if not torch.cuda.is_available():
                 raise SystemExit("--engine wan-1.3b needs a CUDA GPU")
             dcfg, vcfg, device, dtype, hw, graphs = wan21_t2v_1_3b(), wan21_vae(), "cuda", torch.bfloat16, (60, 104), True
-            # LongLive's window 12 + sink 3: every chunk costs the same however long the plan runs
-            policy = SinkWindowPolicy(sink_frames=3, window_frames=12)
+            # LongLive's local_attn_size 12 + sink 3: every chunk costs the same however long the plan runs
+            policy = SinkWindowPolicy.from_local_attn(12, 3, 3)
         else:
             dcfg = tiny_test(num_layers=2, dim=128, num_heads=2, ffn_dim=256, text_dim=64, freq_dim=32, in_channels=16)
             vcfg, device, dtype, hw, graphs = tiny_vae(base_dim=8), "cpu", torch.float32, (4, 6), False

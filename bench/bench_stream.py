@@ -5,9 +5,12 @@ Parts (``--parts a,b,c``):
   a  81 frames (21 latent frames, global cache): end-to-end FPS incl. streaming VAE decode, time to
      the first decoded frames, DiT-only FPS (output="latents"), peak memory, per-stage breakdown,
      fraction of the roofline (1.6 s for 81 frames, DESIGN §4);
-  b  LongLive: window 12 + sink 3, 477 frames (40 chunks), a prompt switch every 120 frames (10
-     chunks), with LongLive's KV re-cache of the window and without (``--recache``): FPS, stall per
-     switch (switch chunk minus the median chunk), peak memory after 81 frames vs after 477 frames;
+  b  LongLive: its ``local_attn_size`` 12 with ``sink_size`` 3, i.e. each chunk attends to 12 latent
+     frames: the 3 sink frames, the 6 most recent context frames and its own 3
+     (``SinkWindowPolicy.from_local_attn(12, 3, 3)``; ``--long-policy`` S,W sets sink and window
+     directly), 477 frames (40 chunks), a prompt switch every 120 frames (10 chunks), with LongLive's
+     KV re-cache of the visible frames and without (``--recache``): FPS, stall per switch (switch
+     chunk minus the median chunk), peak memory after 81 frames vs after 477 frames;
   c  1, 2, 4, 8 concurrent streams of 81 frames batched by Engine.step(): aggregate FPS and
      per-stream chunk latency;
   f  (not in the default parts) FP8 linears (``spiral_rt.models.fp8``): part (a)'s FPS with the DiT's
@@ -46,6 +49,7 @@ from spiral_rt.models.dit import build_dit  # noqa: E402
 from spiral_rt.models.vae import build_vae_decoder, tiny_vae, wan21_vae  # noqa: E402
 
 ROOFLINE_81_S = 1.6  # DESIGN §4: 81 frames end to end on the H100
+CHUNK_FRAMES = 3  # latent frames per chunk (Self-Forcing / LongLive)
 
 
 class Clock:
@@ -105,7 +109,7 @@ def run_streams(engine, clock, num_streams, num_chunks, prompts):
 
 def make_engine(model, vae, args, *, policy, output="uint8", timing=False, kv_frames=None, recache=False):
     cfg = EngineConfig(
-        latent_size=args.latent_hw, chunk_frames=3, policy=policy, output=output, timing=timing,
+        latent_size=args.latent_hw, chunk_frames=CHUNK_FRAMES, policy=policy, output=output, timing=timing,
         cuda_graphs=args.graphs, vae_side_stream=True, recache_on_switch=recache, latent_dtype=torch.float32,
         kv_num_pages=kv_frames, device=args.device, max_batch_size=8,
     )
@@ -185,11 +189,11 @@ def part_b(model, vae, args, clock, prompts, rows, extra):
 
 def _part_b(model, vae, args, clock, prompts, rows, extra, recache: bool):
     n, every = args.chunks_long, args.switch_every
-    sink, window = args.sink_window
+    pol = args.long_policy
+    sink, window = pol.sink_frames, pol.window_frames
     spans = []
     for i in range(0, n, every):
         spans.append(PromptSpan(prompts[(i // every) % len(prompts)], min(every, n - i)))
-    pol = SinkWindowPolicy(sink_frames=sink, window_frames=window)
     eng = make_engine(model, vae, args, policy=pol, kv_frames=sink + window + 6, recache=recache)
     warm = spans[:2] if len(spans) > 1 else spans
     for _ in range(args.warmup):
@@ -215,7 +219,8 @@ def _part_b(model, vae, args, clock, prompts, rows, extra, recache: bool):
     steady = statistics.median(p for i, p in enumerate(per) if i not in switch_chunks and i > 0)
     stalls = [per[i] - steady for i in switch_chunks]
     rows.append({
-        "part": "b", "setting": f"{frames} frames, sink {sink} + window {window}, switch every {every} chunks, "
+        "part": "b", "setting": f"{frames} frames, sink {sink} + window {window} + chunk {CHUNK_FRAMES} frames attended, "
+                                f"switch every {every} chunks, "
                                 f"{'LongLive re-cache' if recache else 'no re-cache'}",
         "fps": frames / (total / 1e3), "chunk_ms": steady, "stall_ms": statistics.median(stalls) if stalls else float("nan"),
         "stall_max_ms": max(stalls) if stalls else float("nan"),
@@ -294,7 +299,17 @@ def main(argv=None):
     ap.add_argument("--streams", default="1,2,4,8", help="stream counts of part c")
     ap.add_argument("--name", default=None, help="result name (bench/results/<name>.json); default stream / stream_smoke")
     ap.add_argument("--profile", default=None, help="write a torch.profiler trace of one part-a video here")
+    ap.add_argument("--long-policy", default=None, metavar="SINK,WINDOW",
+                    help="part b: sink and window context frames (default: LongLive's local_attn_size 12, sink 3)")
     args = ap.parse_args(argv)
+    if args.long_policy:
+        try:
+            sink, window = (int(v) for v in args.long_policy.split(","))
+            args.long_policy = SinkWindowPolicy(sink_frames=sink, window_frames=window)
+        except ValueError as err:
+            ap.error(f"--long-policy: expected SINK,WINDOW frame counts, got {args.long_policy!r} ({err})")
+    else:
+        args.long_policy = SinkWindowPolicy.from_local_attn(12, 3, CHUNK_FRAMES)
     logging.basicConfig(level=logging.WARNING)
     args.streams = [int(s) for s in args.streams.split(",")]
     parts = set(args.parts.split(","))
@@ -303,7 +318,7 @@ def main(argv=None):
     if args.smoke:
         args.device = "cpu"
         args.latent_hw = (4, 6)
-        args.chunks_81, args.chunks_long, args.switch_every, args.sink_window = 3, 8, 3, (3, 6)
+        args.chunks_81, args.chunks_long, args.switch_every = 3, 8, 3
         args.warmup, args.repeats = 1, 1
         args.streams = [s for s in args.streams if s <= 2]
         args.graphs = False
@@ -315,7 +330,7 @@ def main(argv=None):
             ap.error("needs a CUDA GPU (or --smoke)")
         args.device = "cuda"
         args.latent_hw = (60, 104)
-        args.chunks_81, args.chunks_long, args.switch_every, args.sink_window = 7, 40, 10, (3, 12)
+        args.chunks_81, args.chunks_long, args.switch_every = 7, 40, 10
         dcfg, dtype, vcfg, text_len = wan21_t2v_1_3b(), torch.bfloat16, wan21_vae(), 512
         name = "stream"
     torch.manual_seed(0)

@@ -10,7 +10,9 @@ Two policies:
   ``KVCacheExhausted`` or preempt).
 - ``SinkWindowPolicy``: the attention sink (the first ``sink_frames`` frames) plus the most recent
   ``window_frames`` context frames stay visible; everything in between is evicted, its pages go
-  back to the pool, so memory is constant for any video length (LongLive: sink 3, window 12).
+  back to the pool, so memory is constant for any video length. LongLive's setting
+  (``local_attn_size`` 12, ``sink_size`` 3, 3-frame chunks) is ``SinkWindowPolicy.from_local_attn(12, 3, 3)``
+  = sink 3 + window 6: LongLive's attention span counts the sink and the chunk itself.
 
 Frame arithmetic for a sequence with ``F`` context frames (frames already written before the
 chunk about to run; the chunk's own frames are always visible on top of these)::
@@ -54,14 +56,31 @@ class GlobalPolicy:
 
 @dataclass(frozen=True)
 class SinkWindowPolicy:
-    """Rolling window with an attention sink, in latent frames (LongLive: sink 3, window 12)."""
+    """Rolling window with an attention sink, in latent frames (LongLive: ``from_local_attn(12, 3, 3)``,
+    i.e. sink 3 + window 6 context frames + the 3-frame chunk)."""
 
     sink_frames: int = 3
     """Frames at the start of the video that stay visible forever (the attention sink); 0 for none."""
-    window_frames: int = 12
+    window_frames: int = 6
     """Most recent context frames visible to the next chunk, not counting the sink or the chunk itself."""
 
     name = "sink_window"
+
+    @classmethod
+    def from_local_attn(cls, local_attn_size: int, sink_size: int, chunk_frames: int) -> "SinkWindowPolicy":
+        """The policy of the Self-Forcing / LongLive code's ``local_attn_size`` and ``sink_size``
+        (in latent frames). There the KV cache holds ``local_attn_size`` frames and a chunk writes its
+        own frames into it before attending, evicting the oldest non-sink frames: its attention span
+        of ``local_attn_size`` frames counts the sink and the chunk itself, so the window of context
+        frames is ``local_attn_size - sink_size - chunk_frames`` (LongLive: 12 - 3 - 3 = 6)."""
+        for name, v in (("local_attn_size", local_attn_size), ("sink_size", sink_size), ("chunk_frames", chunk_frames)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"SinkWindowPolicy.from_local_attn: '{name}' must be an int >= 0, got {v!r}")
+        window = local_attn_size - sink_size - chunk_frames
+        if window < 1:
+            raise ValueError(f"SinkWindowPolicy.from_local_attn: local_attn_size={local_attn_size} leaves no window "
+                             f"after the sink ({sink_size}) and the chunk ({chunk_frames} frames)")
+        return cls(sink_frames=sink_size, window_frames=window)
 
     def __post_init__(self) -> None:
         if isinstance(self.sink_frames, bool) or not isinstance(self.sink_frames, int) or self.sink_frames < 0:

@@ -260,7 +260,7 @@ def run_chunk(cache, seq_ids, frames, gen):
 
 
 def test_window_sink_memory_constant_and_visible_frames_exact():
-    policy = SinkWindowPolicy(sink_frames=3, window_frames=12)  # LongLive
+    policy = SinkWindowPolicy(sink_frames=3, window_frames=12)  # sink 3 + window 12: more than LongLive's span
     cache = make_cache(num_pages=3 + 12 + 3, policy=policy)  # exactly sink + window + one chunk
     gen = torch.Generator().manual_seed(5)
     sid = cache.add_sequence()
@@ -283,6 +283,34 @@ def test_window_sink_memory_constant_and_visible_frames_exact():
     assert table.count(EVICTED) == 180 - 3 - 15
     cache.release(sid)
     assert cache.num_free_pages == cache.num_pages
+
+
+def _local_attn_span(local_attn_size: int, sink_size: int, chunk_frames: int, chunks: int) -> list[list[int]]:
+    """Frames each chunk attends to under the Self-Forcing / LongLive code's rolling cache: it holds
+    ``local_attn_size`` frames; a chunk writes its frames in first, evicting the oldest non-sink
+    frames when full, then attends to everything the cache holds."""
+    cache, spans = [], []
+    for chunk in range(chunks):
+        new = list(range(chunk * chunk_frames, (chunk + 1) * chunk_frames))
+        overflow = len(cache) + len(new) - local_attn_size
+        if overflow > 0:
+            cache = cache[:sink_size] + cache[sink_size + overflow:]
+        cache += new
+        spans.append(list(cache))
+    return spans
+
+
+@pytest.mark.parametrize("local_attn,sink,chunk", [(12, 3, 3), (9, 1, 3), (7, 0, 2), (6, 2, 1)])
+def test_from_local_attn_attends_to_the_reference_codes_frames(local_attn, sink, chunk):
+    policy = SinkWindowPolicy.from_local_attn(local_attn, sink, chunk)
+    for n, span in enumerate(_local_attn_span(local_attn, sink, chunk, 20)):
+        ours = visible_context_frames(policy, n * chunk, 1) + list(range(n * chunk, (n + 1) * chunk))
+        assert ours == span, f"chunk {n}: {ours} != {span}"
+    assert SinkWindowPolicy.from_local_attn(12, 3, 3) == SinkWindowPolicy(sink_frames=3, window_frames=6)  # LongLive
+    with pytest.raises(ValueError, match="local_attn_size=6 leaves no window"):
+        SinkWindowPolicy.from_local_attn(6, 3, 3)
+    with pytest.raises(ValueError, match="'sink_size'"):
+        SinkWindowPolicy.from_local_attn(12, -1, 3)
 
 
 def test_window_with_two_frames_per_page_rounds_to_pages():
