@@ -16,6 +16,8 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
+import spiral_rt  # noqa: E402,F401  (before any test module: the repository's kernels/ must not hide the installed `kernels`)
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:

@@ -39,6 +39,18 @@ into the three time-shifted channel blocks of the time-folded 2-D conv, see
 ``CausalConv3d._forward_time_folded``), a residual block's first conv leaves its bias to the
 second norm, and its second conv (and shortcut conv) leave theirs to the residual add
 (``spiral_rt.ops.bias_residual_add``), so no concatenation or bias pass runs over those activations.
+
+Fast paths (each switchable, for tests and A/B benchmarks: bench/bench_vae_parts.py):
+``WanVAEDecoder.phase_upsample`` (default True) runs each Resample's nearest 2x + 3x3 conv as one
+sub-pixel 2x2 conv of the low-res frames plus an interleave (``spiral_rt.ops.upsample_conv``:
+2.25x fewer multiply-adds, no 4x-sized upsampled copy; the checkpoint keys stay Wan's, the
+combined weights are derived and cached); ``WanVAEDecoder.head_impl`` (default "auto": "direct" on
+CUDA) runs the head conv (96 -> 3 channels) as ``spiral_rt.ops.narrow_causal_conv3d``, which reads
+the norm's single output and the cached frames in place, instead of the time-folded cuDNN conv
+("conv") that cuDNN runs with a slow kernel for 3 output channels ("padded": the folded conv with
+16 output channels, 13 of zero weights); and the cache bookkeeping copies between channels-last
+buffers run on int64 views (``_copy_``; module flag ``WIDE_COPIES``), as PyTorch's copy of
+non-contiguous tensors does not vectorize.
 """
 
 from __future__ import annotations
@@ -53,6 +65,9 @@ import torch.nn.functional as F
 
 from ..ops.bias_residual_add import bias_residual_add
 from ..ops.channel_rms_norm import channel_rms_norm, is_channels_last
+from ..ops.narrow_causal_conv3d import MAX_OUT_CHANNELS as NARROW_MAX_OUT_CHANNELS
+from ..ops.narrow_causal_conv3d import narrow_causal_conv3d
+from ..ops.upsample_conv import phase_weights, upsample_conv2d
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +76,10 @@ WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.151
 WAN21_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
                      3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
 CACHE_FRAMES = 2
+HEAD_IMPLS = ("auto", "conv", "padded", "direct")
+HEAD_PADDED_CHANNELS = 16
+WIDE_COPIES = True
+"""Copy channels-innermost activations as 8-byte words (``_copy_``); False: plain ``copy_`` (A/B)."""
 
 
 @dataclass(frozen=True)
@@ -176,38 +195,65 @@ class CausalConv3d(nn.Conv3d):
         self.fold_time: bool | None = None
 
     def forward(self, x: torch.Tensor, state: DecoderState | None = None, norm: "RMSNorm3d | None" = None,
-                norm_bias: torch.Tensor | None = None, add_bias: bool = True) -> torch.Tensor:
+                norm_bias: torch.Tensor | None = None, add_bias: bool = True, pad_out: int = 0) -> torch.Tensor:
         """Convolve x (B, C, T, H, W), or ``silu(norm(x + norm_bias))`` when ``norm`` is given: with
         channels-last activations the norm then writes straight into the convolution's input buffer,
         behind the cached frames, instead of into a tensor that a concatenation would copy again.
-        ``add_bias=False`` leaves this conv's bias out, for a following norm to add (``norm_bias``)."""
+        ``add_bias=False`` leaves this conv's bias out, for a following norm to add (``norm_bias``).
+        ``pad_out`` > out_channels runs the convolution with that many output channels, the extra
+        ones of zero weights, and returns the real ones (a view): cuDNN picks no fast kernel for 3."""
         bias = self.bias if add_bias else None
+        if pad_out > self.out_channels:
+            weight, bias = _pad_out_channels(self.weight, bias, pad_out)
+            return self._forward(x, state, norm, norm_bias, weight, bias)[:, : self.out_channels]
+        return self._forward(x, state, norm, norm_bias, self.weight, bias)
+
+    def _forward(self, x, state, norm, norm_bias, weight, bias) -> torch.Tensor:
         if norm is not None:
             norm = functools.partial(norm, silu=True, bias=norm_bias)
         if self.time_context == 0:
-            return self._conv_forward(norm(x) if norm is not None else x, self.weight, bias)
+            return self._conv_forward(norm(x) if norm is not None else x, weight, bias)
         if norm is not None and not is_channels_last(x):
             x, norm = norm(x), None  # a time slice of a contiguous buffer is not per-item dense
         fold = self.fold_time if self.fold_time is not None else self.in_channels < 128
         if fold and norm is not None:
-            return self._forward_time_folded(x, state, norm, bias)
+            return self._forward_time_folded(x, state, norm, bias, weight)
         B, C, T, H, W = x.shape
         xin = torch.empty((B, C, self.time_context + T, H, W), dtype=x.dtype, device=x.device, memory_format=_layout_of(x))
         past, current = xin[:, :, : self.time_context], xin[:, :, self.time_context :]
         if state is None:
             past.zero_()
         else:
-            past.copy_(state.buffers[self.cache_index])
+            _copy_(past, state.buffers[self.cache_index])
         if norm is None:
-            current.copy_(x)
+            _copy_(current, x)
         else:
             norm(x, out=current)
-        out = self._conv_forward(xin, self.weight, bias)
+        out = self._conv_forward(xin, weight, bias)
         if state is not None:
-            state.buffers[self.cache_index].copy_(xin[:, :, -CACHE_FRAMES:])
+            _copy_(state.buffers[self.cache_index], xin[:, :, -CACHE_FRAMES:])
         return out
 
-    def _forward_time_folded(self, x: torch.Tensor, state: DecoderState | None, norm, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward_direct(self, x: torch.Tensor, state: DecoderState | None, norm: "RMSNorm3d") -> torch.Tensor:
+        """The same convolution of silu(norm(x)) for a 3x3x3 conv to <= 16 channels (the decoder
+        head), through ``spiral_rt.ops.narrow_causal_conv3d``: the norm writes its output once
+        (not three times, as for the time-folded conv, nor behind a copy of the cached frames),
+        the op reads the cached frames from the state itself, and the last two input frames become
+        the next cached ones. Returns (B, C_out, T, H, W) contiguous."""
+        h = norm(x, silu=True)  # x's layout
+        past = state.buffers[self.cache_index] if state is not None else None
+        y = narrow_causal_conv3d(h, self.weight, self.bias, past=past)
+        if past is not None:
+            T = h.shape[2]
+            if T >= CACHE_FRAMES:
+                _copy_(past, h[:, :, T - CACHE_FRAMES :])
+            else:  # one new frame: the newer cached frame moves down, the new one follows
+                _copy_(past[:, :, :1], past[:, :, 1:])
+                _copy_(past[:, :, 1:], h)
+        return y
+
+    def _forward_time_folded(self, x: torch.Tensor, state: DecoderState | None, norm, bias: torch.Tensor | None,
+                             weight: torch.Tensor) -> torch.Tensor:
         """The same convolution of silu(norm(x)) behind the cached frames, as a 2-D convolution
         over (B * T) frames of 3 C channels: channel block k of frame t holds input frame t + k (of
         the cached frames followed by x's), so the three time taps become one GEMM with a K three
@@ -223,15 +269,51 @@ class CausalConv3d(nn.Conv3d):
             if past is None:
                 blocks[k][:, :, :n].zero_()
             else:
-                blocks[k][:, :, :n].copy_(past[:, :, k : k + n])
+                _copy_(blocks[k][:, :, :n], past[:, :, k : k + n])
         norm(x, out=[blocks[k][:, :, ctx - k :] for k in range(ctx + 1) if T > ctx - k])
         if past is not None:  # the next chunk's cached frames: inputs T and T + 1, in blocks 1, 2 of frame T - 1
             for i in range(ctx):
-                past[:, :, i : i + 1].copy_(blocks[i + 1][:, :, T - 1 :])
-        weight = self.weight.permute(0, 2, 1, 3, 4).reshape(self.out_channels, (ctx + 1) * C, *self.kernel_size[1:])
+                _copy_(past[:, :, i : i + 1], blocks[i + 1][:, :, T - 1 :])
+        weight = weight.permute(0, 2, 1, 3, 4).reshape(weight.shape[0], (ctx + 1) * C, *self.kernel_size[1:])
         frames = folded.permute(0, 2, 1, 3, 4).reshape(B * T, (ctx + 1) * C, H, W)
         y = F.conv2d(frames, weight.contiguous(memory_format=torch.channels_last), bias, padding=self.padding[1:])
         return y.view(B, T, *y.shape[1:]).permute(0, 2, 1, 3, 4)
+
+
+def _pad_out_channels(weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """weight (C_out, ...) and bias (C_out,) padded with zeros to n output channels, weight's layout kept."""
+    w = torch.zeros((n, *weight.shape[1:]), dtype=weight.dtype, device=weight.device)
+    w[: weight.shape[0]] = weight
+    fmt = torch.channels_last_3d if weight.dim() == 5 and is_channels_last(weight) else torch.contiguous_format
+    if bias is not None:
+        bias = torch.cat([bias, bias.new_zeros(n - bias.shape[0])])
+    return w.contiguous(memory_format=fmt), bias
+
+
+def _copy_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``dst.copy_(src)`` for two tensors of one dtype and shape. When the channels (dim 1) are
+    innermost in both, with C * itemsize a multiple of 8 bytes (the VAE's channels-last buffers,
+    their time slices and the time-folded conv's channel blocks), the copy runs on int64 views of
+    the same memory: PyTorch copies non-contiguous tensors with a generic kernel that moves one
+    element per step and does not vectorize, so 8-byte words instead of 2-byte bf16 elements cut
+    its work 4x. Bit exact either way."""
+    if WIDE_COPIES and dst.dtype == src.dtype and dst.shape == src.shape and dst.dim() >= 3:
+        d, s = _as_words(dst), _as_words(src)
+        if d is not None and s is not None:
+            d.copy_(s)
+            return dst
+    return dst.copy_(src)
+
+
+def _as_words(t: torch.Tensor) -> torch.Tensor | None:
+    """t (B, C, ...) with the channels moved last, viewed as int64 words; None when the memory
+    does not allow it (channels not innermost, C * itemsize or a stride not a multiple of 8 bytes)."""
+    size = t.element_size()
+    if size >= 8 or t.stride(1) != 1 or (t.shape[1] * size) % 8 or (t.storage_offset() * size) % 8:
+        return None
+    if any((st * size) % 8 for d, st in enumerate(t.stride()) if d != 1):
+        return None
+    return t.movedim(1, -1).view(torch.int64)
 
 
 def _layout_of(x: torch.Tensor) -> torch.memory_format:
@@ -316,7 +398,16 @@ class Upsample2x(nn.Module):
 
 
 class Resample(nn.Module):
-    """2x spatial upsampling (and, for 'upsample3d', 2x temporal through a causal time conv)."""
+    """2x spatial upsampling (and, for 'upsample3d', 2x temporal through a causal time conv).
+
+    The nearest 2x upsample + 3x3 conv (``resample.0``, ``resample.1``: Wan's modules and keys)
+    run as one sub-pixel convolution (``spiral_rt.ops.upsample_conv``): a 2x2 conv of the low-res
+    frames to 4 x C_out channels whose blocks are the four output phases, then one interleave pass;
+    2.25x fewer multiply-adds and no 4x-sized upsampled intermediate. Its combined weights are
+    computed once (fp32 sums, one rounding to the weights' dtype) and cached until the conv's
+    weights change (another tensor, or an in-place write: the version counter; weights created
+    under torch.inference_mode have none and are recombined per call). ``phase_conv =
+    False`` runs the explicit upsample and 3x3 conv instead (tests, A/B benchmarks)."""
 
     def __init__(self, dim: int, mode: str):
         super().__init__()
@@ -326,6 +417,29 @@ class Resample(nn.Module):
         self.resample = nn.Sequential(Upsample2x(), nn.Conv2d(dim, dim // 2, 3, padding=1))
         if mode == "upsample3d":
             self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        self.phase_conv = True
+        self._phase_cache: tuple | None = None  # (key, weight, bias, the source tensors)
+
+    def _phase_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The sub-pixel conv's (4 C_out, C_in, 2, 2) weights (in the 3x3 weights' layout: the
+        activations', see ``WanVAEDecoder._set_weight_layout``) and bias."""
+        conv = self.resample[1]
+        w, b = conv.weight, conv.bias
+        fmt = torch.channels_last if is_channels_last(w) else torch.contiguous_format
+        if (torch.is_grad_enabled() and (w.requires_grad or (b is not None and b.requires_grad))) \
+                or w.is_inference() or (b is not None and b.is_inference()):
+            # differentiable when autograd is on; weights made under torch.inference_mode have no
+            # version counter to tell an in-place write: both recomputed per call, not cached
+            w4, b4 = phase_weights(w, b)
+            return w4.contiguous(memory_format=fmt), b4
+        key = (w.data_ptr(), w._version, w.dtype, w.device, fmt,
+               None if b is None else (b.data_ptr(), b._version, b.dtype))
+        hit = self._phase_cache
+        if hit is None or hit[0] != key:
+            w4, b4 = phase_weights(w.detach(), None if b is None else b.detach())
+            # the sources stay referenced, so no other tensor can take their addresses while cached
+            hit = self._phase_cache = (key, w4.contiguous(memory_format=fmt), b4, (w.detach(), b))
+        return hit[1], hit[2]
 
     def forward(self, x: torch.Tensor, state: DecoderState | None) -> torch.Tensor:
         if self.mode == "upsample3d":
@@ -335,14 +449,19 @@ class Resample(nn.Module):
             if rest.shape[2]:
                 B, C, T, H, W = rest.shape
                 y = self.time_conv(rest, state).view(B, 2, C, T, H, W)
-                # interleave the two halves in time (frame t -> 2t, 2t + 1), keeping the layout
-                doubled = torch.empty((B, C, 2 * T, H, W), dtype=y.dtype, device=y.device, memory_format=_layout_of(rest))
-                doubled[:, :, 0::2] = y[:, 0]
-                doubled[:, :, 1::2] = y[:, 1]
+                # interleave the two halves in time (frame t -> 2t, 2t + 1), in x's layout (rest, a
+                # time slice, is not dense when B > 1)
+                doubled = torch.empty((B, C, 2 * T, H, W), dtype=y.dtype, device=y.device, memory_format=_layout_of(x))
+                _copy_(doubled[:, :, 0::2], y[:, 0])
+                _copy_(doubled[:, :, 1::2], y[:, 1])
                 parts.append(doubled)
             x = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
         B, C, T, H, W = x.shape
-        y = self.resample(x.permute(0, 2, 1, 3, 4).reshape(B * T, C, H, W))
+        frames = x.permute(0, 2, 1, 3, 4).reshape(B * T, C, H, W)
+        if self.phase_conv:
+            y = upsample_conv2d(frames, *self._phase_params())
+        else:
+            y = self.resample(frames)
         return y.view(B, T, *y.shape[1:]).permute(0, 2, 1, 3, 4)
 
 
@@ -369,6 +488,8 @@ class Decoder3d(nn.Module):
                 scale *= 2
         self.upsamples = nn.ModuleList(ups)
         self.head = nn.Sequential(RMSNorm3d(out_dim), nn.SiLU(), CausalConv3d(out_dim, cfg.out_channels, 3, padding=1))
+        self.head_impl = "auto"
+        """How the head conv runs (see ``WanVAEDecoder.head_impl``)."""
         convs_scale += [(m, scale) for m in self.head.modules()]
         self.cached_convs: list[CausalConv3d] = []
         for m, s in convs_scale:
@@ -382,7 +503,15 @@ class Decoder3d(nn.Module):
             x = layer(x, state)
         for layer in self.upsamples:
             x = layer(x, state)
-        return self.head[2](x, state, norm=self.head[0])  # head[1], the SiLU, fused into the norm
+        norm, conv = self.head[0], self.head[2]  # head[1], the SiLU, fused into the norm
+        impl = self.head_impl
+        if impl not in HEAD_IMPLS:
+            raise ValueError(f"Decoder3d: 'head_impl' must be one of {HEAD_IMPLS}, got {impl!r}")
+        if impl == "auto":
+            impl = "direct" if x.is_cuda and conv.out_channels <= NARROW_MAX_OUT_CHANNELS else "conv"
+        if impl == "direct":
+            return conv.forward_direct(x, state, norm)
+        return conv(x, state, norm=norm, pad_out=HEAD_PADDED_CHANNELS if impl == "padded" else 0)
 
 
 class WanVAEDecoder(nn.Module):
@@ -399,6 +528,33 @@ class WanVAEDecoder(nn.Module):
         self.channels_last: bool | None = None
         """Activation layout: True channels-last, False contiguous, None channels-last on CUDA only."""
         self._weights_channels_last: bool | None = None  # the layout _set_weight_layout last applied
+
+    @property
+    def phase_upsample(self) -> bool:
+        """Whether the Resamples run their upsample + 3x3 conv as a sub-pixel conv (the default;
+        see ``Resample``); setting it sets every Resample's ``phase_conv``."""
+        return all(m.phase_conv for m in self.modules() if isinstance(m, Resample))
+
+    @phase_upsample.setter
+    def phase_upsample(self, on: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, Resample):
+                m.phase_conv = bool(on)
+
+    @property
+    def head_impl(self) -> str:
+        """How the head conv (C -> 3, 3x3x3) runs: "direct" (``ops.narrow_causal_conv3d``, reading
+        the norm's output once and the cached frames in place), "conv" (the generic causal conv:
+        time-folded conv2d with channels-last activations), "padded" ("conv" with the output
+        channels zero-padded to 16, for cuDNN's Hopper kernels), or "auto" (direct on CUDA, conv
+        elsewhere; on a CPU "direct" runs the op's PyTorch reference)."""
+        return self.decoder.head_impl
+
+    @head_impl.setter
+    def head_impl(self, impl: str) -> None:
+        if impl not in HEAD_IMPLS:
+            raise ValueError(f"WanVAEDecoder: 'head_impl' must be one of {HEAD_IMPLS}, got {impl!r}")
+        self.decoder.head_impl = impl
 
     def _use_channels_last(self, device: torch.device) -> bool:
         return device.type == "cuda" if self.channels_last is None else bool(self.channels_last)

@@ -13,7 +13,11 @@ Ops:
 - ``qk_norm_rope_kv_write``: RMSNorm over heads + Wan 3D RoPE on q, k and the K/V page write;
 - ``modulated_norm``: LayerNorm * (1 + scale) + shift per frame, optionally after a gated residual;
 - ``channel_rms_norm``: the Wan VAE's RMS norm over channels * scale * gamma, optionally + SiLU;
-- ``bias_residual_add``: y + bias + residual in one pass (the end of a Wan VAE residual block).
+- ``bias_residual_add``: y + bias + residual in one pass (the end of a Wan VAE residual block);
+- ``phase_interleave``: the four sub-pixel phases of a 2x2 conv into the 2x upsampled image (the Wan
+  VAE's nearest-2x upsample + 3x3 conv as a sub-pixel conv);
+- ``narrow_causal_conv3d``: a causal 3x3x3 conv to a few output channels over cached frames (the
+  Wan VAE's head).
 """
 
 from . import bias_residual_add as _bias_residual_add_module
@@ -21,8 +25,10 @@ from . import channel_rms_norm as _channel_rms_norm_module
 from . import chunk_attention as _chunk_attention_module
 from . import merge_states as _merge_states_module
 from . import modulated_norm as _modulated_norm_module
+from . import narrow_causal_conv3d as _narrow_causal_conv3d_module
 from . import qk_norm_rope_kv_write as _qk_norm_rope_kv_write_module
 from . import sampler_step as _sampler_step_module
+from . import upsample_conv as _upsample_conv_module
 from .bias_residual_add import bias_residual_add
 from .channel_rms_norm import channel_rms_norm
 from .chunk_attention import (
@@ -35,8 +41,10 @@ from .chunk_attention import (
 from .dispatch import available_backends, select_backend
 from .merge_states import AttentionState, merge_states
 from .modulated_norm import ModulatedNormResult, modulated_norm
+from .narrow_causal_conv3d import narrow_causal_conv3d
 from .qk_norm_rope_kv_write import qk_norm_rope_kv_write
 from .sampler_step import SamplerStepResult, noise_key, sampler_step
+from .upsample_conv import phase_interleave
 
 # op name -> the backends that implement it (``spiral-rt info`` lists what runs where)
 OP_BACKENDS = {
@@ -49,6 +57,8 @@ OP_BACKENDS = {
         _modulated_norm_module,
         _channel_rms_norm_module,
         _bias_residual_add_module,
+        _upsample_conv_module,
+        _narrow_causal_conv3d_module,
     )
 }
 
@@ -60,5 +70,7 @@ __all__ = [
     "qk_norm_rope_kv_write",
     "channel_rms_norm",
     "bias_residual_add",
+    "phase_interleave",
+    "narrow_causal_conv3d",
     "available_backends", "select_backend", "OP_BACKENDS",
 ]
