@@ -21,46 +21,18 @@ during the timed calls. Writes bench/results/models.json.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_result  # noqa: E402
+from common import event_times_ms, print_table, write_result  # noqa: E402
 
 from spiral_rt.models.attention import ContiguousKVCache  # noqa: E402
 from spiral_rt.models.config import WanDiTConfig  # noqa: E402
 from spiral_rt.models.dit import build_dit  # noqa: E402
 from spiral_rt.models.vae import build_vae_decoder, tiny_vae, wan21_vae  # noqa: E402
-
-
-def cuda_times_ms(fn, warmup: int, iters: int) -> dict:
-    """Median / p20 / p80 of fn's GPU time in ms, one pair of CUDA events per call, after warm-up.
-    (On a CPU, for the smoke run only: wall-clock time.)"""
-    for _ in range(warmup):
-        fn()
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
-    return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
 
 
 def peak_bytes(fn) -> int:
@@ -76,7 +48,7 @@ def peak_bytes(fn) -> int:
 def matmul_peak_tflops(n: int = 8192) -> float:
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    t = cuda_times_ms(lambda: a @ b, warmup=5, iters=20)["median_ms"]
+    t = event_times_ms(lambda: a @ b, 20, warmup=5)["median_ms"]
     return 2 * n**3 / (t * 1e-3) / 1e12
 
 
@@ -129,7 +101,7 @@ def bench_dit(args, cfg: WanDiTConfig, dev, dtype, peak: float) -> tuple[list[di
     def encode():
         return model.encode_text(emb)
 
-    rows = [_row("text_conditioning", 0, cuda_times_ms(encode, args.warmup, args.iters), 0.0, peak, peak_bytes(encode) / 2**30)]
+    rows = [_row("text_conditioning", 0, event_times_ms(encode, args.iters, warmup=args.warmup), 0.0, peak, peak_bytes(encode) / 2**30)]
     for ctx in args.context:
         cache = ContiguousKVCache(cfg.num_layers)
         done = 0
@@ -149,7 +121,7 @@ def bench_dit(args, cfg: WanDiTConfig, dev, dtype, peak: float) -> tuple[list[di
             def forward(ts=ts, ctx=ctx, cache=cache):
                 return model(x, ts, ctx, cache, text)
 
-            tm = cuda_times_ms(forward, args.warmup, args.iters)
+            tm = event_times_ms(forward, args.iters, warmup=args.warmup)
             rows.append(_row(stage, ctx, tm, flops, peak, peak_bytes(forward) / 2**30))
     return rows, weights_gib
 
@@ -171,7 +143,7 @@ def bench_vae(args, vae_cfg, dev, dtype, peak: float) -> list[dict]:
                 state.reset()
             return vae.decode_chunk(z, state)
 
-        tm = cuda_times_ms(decode, args.warmup, args.iters)
+        tm = event_times_ms(decode, args.iters, warmup=args.warmup)
         rows.append(_row(stage, 0, tm, flops, peak, peak_bytes(decode) / 2**30,
                          frames_out=vae_cfg.output_frames(Fc, first)))
     return rows

@@ -27,9 +27,7 @@ tiny config (no timing meaning, no result file): a check of the script.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -58,22 +56,8 @@ class Timer:
         self.smoke = smoke
 
     def events(self, fn, n: int) -> dict:
-        """Per-call times of n calls (CUDA events around each)."""
-        times = []
-        for _ in range(n):
-            if self.smoke:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-                continue
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
-        return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
+        """Per-call times of n calls (CUDA events around each; wall clock in the smoke run)."""
+        return common.event_times_ms(fn, n)
 
     def bench(self, fn) -> dict:
         if self.smoke:

@@ -51,6 +51,35 @@ def time_ms(fn, warmup_ms: float = 25, rep_ms: float = 200) -> dict:
     return {"median_ms": med, "p20_ms": p20, "p80_ms": p80}
 
 
+def event_times_ms(fn, iters: int, warmup: int = 0) -> dict:
+    """Median / p20 / p80 of fn's GPU time in ms, one pair of CUDA events per call, after ``warmup``
+    calls: for work whose calls must each be timed (a stream's chunks, a model's forwards). On a
+    CPU (smoke runs only) wall-clock time."""
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        fn()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
+    return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
+
+
 def graphed(fns):
     """One CUDA graph of one call of each function in ``fns``, back to back; returns its replay."""
     for fn in fns:
