@@ -108,6 +108,9 @@ PATCHES = {  # each a list of source -> source functions; they apply to csrc as 
               _replace('if (c == 0) asm volatile("bar.arrive 3, 256;" ::: "memory");', "")],
     # one CTA per work item instead of one persistent CTA per SM
     "nonpersistent": [_replace("p.num_whole = static_cast<int>(a.num_work - a.num_pieces);", "p.num_whole = 0;")],
+    # every short tile's V rows past its keys zeroed, also at a page end where TMA filled zeros
+    "zero_all": [_replace("return (word >> 16) < BN && (word & 0xFFFF) + (word >> 16) < p.page_size;",
+                          "return (word >> 16) < BN;")],
     # the register split before FA3's (producer 40, consumers 232)
     "reg232": [_replace("setmaxnreg.dec.sync.aligned.u32 24;", "setmaxnreg.dec.sync.aligned.u32 40;"),
                _replace("setmaxnreg.inc.sync.aligned.u32 240;", "setmaxnreg.inc.sync.aligned.u32 232;")],

@@ -21,9 +21,10 @@
 // scheduler barrier makes them take turns on the tensor cores (bench/NOTES.md, session 7).
 //
 // Paged keys: a 3-D tensor map views the pool as (pages, page_size, H_kv * D); a tile is a box of
-// BN rows at (page, row0). Rows past the page end come back as zeros (TMA out-of-bounds fill),
-// rows past the sequence's last key are masked in S and zeroed in the V buffer (they may hold
-// stale data, even NaN). Shared-memory tiles are stored as two 64-column halves of 128-byte rows,
+// BN rows at (page, row0). Rows past the page end come back as zeros (TMA out-of-bounds fill);
+// rows past the sequence's last key are masked in S and, where they lie inside the page (stale
+// data, even NaN), zeroed in the V buffer. A page's last tile (9 in 10 of the short tiles at
+// 1560-token pages and BN 176) needs no zeroing. Shared-memory tiles are stored as two 64-column halves of 128-byte rows,
 // the layout of TMA's 128B swizzle and of the wgmma descriptors below.
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -59,6 +60,7 @@ struct Params {
   int num_whole;       // items [0, num_whole) run whole, strided over the first num_persistent CTAs;
   int num_persistent;  // every later CTA runs one piece (dispatched as SMs free up)
   int num_heads;
+  int page_size;
   int group;  // query heads per KV head
   float scale_log2;  // sm_scale * log2(e)
 };
@@ -260,7 +262,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   int shift = 0;  // tile t of the current item is the CTA's (t + shift)-th: its ring stage and phase
   auto stage_of = [&](int t) { return (t + shift) % STAGES; };
   auto phase_of = [&](int t) { return static_cast<uint32_t>(((t + shift) / STAGES) & 1); };
-  auto valid_of = [&](int t) { return p.tiles[2 * t + 1] >> 16; };
+  // A tile's word is row0 | valid << 16: keys in its first `valid` rows; the V rows after them
+  // need zeroing only when they lie inside the page (past its end TMA filled zeros).
+  auto word_of = [&](int t) { return p.tiles[2 * t + 1]; };
+  auto valid_in = [](int word) { return word >> 16; };
+  auto stale_rows = [&](int word) { return (word >> 16) < BN && (word & 0xFFFF) + (word >> 16) < p.page_size; };
 
   // S = Q K^T over D = 128: 8 k-steps, 4 in each 64-column half (issued, not waited for).
   auto issue_s = [&](int t) {
@@ -277,10 +283,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_commit();
   };
   // O += P V: BN / 16 k-steps of 16 key rows (2 KiB of each half apart).
-  auto issue_pv = [&](int t, int valid) {
+  auto issue_pv = [&](int t, int word) {
     const uint32_t v_offset = stage_of(t) * L::kTileBytes;
     mbar_wait(bar_v(stage_of(t)), phase_of(t));
-    if (valid < BN) {
+    if (stale_rows(word)) {
+      const int valid = valid_in(word);
       // Rows past the last key may hold stale values (NaN * 0 = NaN): zero them in this buffer.
       for (int idx = valid * 8 + tid; idx < BN * 8; idx += 128) {
         const int row = idx / 8, chunk = idx % 8;
@@ -381,31 +388,31 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_arrive(bar_q_free);  // no keys: O = 0, LSE = -inf
     } else {
       float alpha_lo, alpha_hi;
-      int valid = valid_of(t0);
+      int word = word_of(t0);
       wait_turn();
       issue_s(t0);
       pass_turn();
       wgmma_wait<0>();
       fence_regs(s_acc);
       mbar_arrive(bar_k_free(stage_of(t0)));
-      softmax(valid, alpha_lo, alpha_hi);
+      softmax(valid_in(word), alpha_lo, alpha_hi);
       pack_p();
       // Steady state: S of tile t and P V of tile t - 1 run on the tensor cores while this
       // warpgroup does the softmax of tile t (FA3's intra-warpgroup overlap); O is rescaled for
       // tile t - 1 in the shadow of S, before P V of t - 1 is issued.
       for (int t = t0 + 1; t < t1; ++t) {
-        const int valid_prev = valid;
-        valid = valid_of(t);  // loaded early: used after S of tile t is done
+        const int word_prev = word;
+        word = word_of(t);  // loaded early: used after S of tile t is done
         mbar_wait(bar_k(stage_of(t)), phase_of(t));  // outside the turn: data first
         wait_turn();
         issue_s(t);
         rescale_o(alpha_lo, alpha_hi);  // O is idle: P V of tile t - 2 is done
-        issue_pv(t - 1, valid_prev);
+        issue_pv(t - 1, word_prev);
         pass_turn();
         wgmma_wait<1>();  // S of tile t (committed first) is done: its K buffer is free
         fence_regs(s_acc);
         mbar_arrive(bar_k_free(stage_of(t)));
-        softmax(valid, alpha_lo, alpha_hi);
+        softmax(valid_in(word), alpha_lo, alpha_hi);
         wgmma_wait<0>();  // P V of tile t - 1 is done: its V buffer and the P registers are free
         fence_regs(o);
         mbar_arrive(bar_v_free(stage_of(t - 1)));
@@ -413,7 +420,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       mbar_arrive(bar_q_free);  // every S of this item is done: the producer may load the next Q
       rescale_o(alpha_lo, alpha_hi);
-      issue_pv(t1 - 1, valid);
+      issue_pv(t1 - 1, word);
       wgmma_wait<0>();
       fence_regs(o);
       mbar_arrive(bar_v_free(stage_of(t1 - 1)));
@@ -516,6 +523,7 @@ cudaError_t launch(const ChunkAttentionArgs& a, int num_sms, cudaStream_t stream
   p.num_whole = static_cast<int>(a.num_work - a.num_pieces);
   p.num_persistent = p.num_whole < num_sms ? p.num_whole : num_sms;
   p.num_heads = a.num_heads;
+  p.page_size = a.page_size;
   p.group = a.num_heads / a.num_kv_heads;
   p.scale_log2 = a.sm_scale * 1.4426950408889634f;
   // whole items: one persistent CTA per SM (its shared memory allows no second), striding over
