@@ -101,7 +101,9 @@ def _qk_norm_rope_kv_write_kernel(
 
 
 def _num_warps(block: int) -> int:
-    return 4 if block <= 2048 else 8 if block <= 4096 else 16
+    # 2 warps at 16 (padded) x 128: 2.56 vs 2.44 TB/s for 4 warps at one chunk, 2.91 vs 2.90 at
+    # eight (H100, bench/results/fused_ops.json); larger blocks keep ~32 elements a thread or more
+    return 2 if block <= 2048 else 8 if block <= 4096 else 16
 
 
 def qk_norm_rope_kv_write(q, k, v, q_weight, k_weight, inv_freq, q_out, k_pages, v_pages, slot_mapping,

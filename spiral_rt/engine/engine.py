@@ -523,7 +523,7 @@ class Engine:
                       else {"noise_key": keys[num_steps + 1]})
                 x_in = sampler_step(x, x, 1.0 - s, 0.0, s, return_mu=False, backend=cfg.sampler_backend, **kw).x_next
             t = torch.full((batch_size, cfg.chunk_frames), self._context_t, dtype=torch.float32, device=self.device)
-            self.model(x_in, t, positions, ctx, text)
+            self.model(x_in, t, positions, ctx, text, kv_only=True)
 
     def _recache(self, session: StreamSession, cond: TextConditioning) -> None:
         """LongLive re-cache: rewrite the K/V of the session's visible frames with the new prompt."""
@@ -547,7 +547,7 @@ class Engine:
                                  backend=self.config.sampler_backend).x_next
             t = torch.full((1, len(frames)), self._context_t, dtype=torch.float32, device=self.device)
             ctx = self.attention_context(plan)
-            self.model(x, t, plan_positions(plan.device.q_frame_idx, 1), ctx, cond)
+            self.model(x, t, plan_positions(plan.device.q_frame_idx, 1), ctx, cond, kv_only=True)
             cache.commit(plan)
 
     # ------------------------------------------------------------------ decode

@@ -128,10 +128,12 @@ class PagedAttentionContext:
 
     def self_attention_fused(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                              q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor, eps: float,
-                             grid_hw: tuple[int, int], frame_index: torch.Tensor) -> torch.Tensor:
+                             grid_hw: tuple[int, int], frame_index: torch.Tensor,
+                             attend: bool = True) -> torch.Tensor | None:
         """``self_attention`` for q, k, v (B, L, H, D) straight from the projections: qk RMSNorm (over
         all heads), Wan's 3D RoPE at ``frame_index`` ((B * F,) absolute frame of each query frame) on a
-        ``grid_hw`` token grid, and the K/V write run as one ``qk_norm_rope_kv_write``, then attention."""
+        ``grid_hw`` token grid, and the K/V write run as one ``qk_norm_rope_kv_write``, then attention
+        (``attend=False``: the K/V write alone, returning None)."""
         if not self.write:
             raise ValueError("PagedAttentionContext.self_attention_fused: this context does not write K/V (write=False)")
         k_pages, v_pages = self.cache.layer(layer)
@@ -140,6 +142,8 @@ class PagedAttentionContext:
         q_rot = qk_norm_rope_kv_write(q.reshape(B * L, H, D), k.reshape(B * L, H, D), v.reshape(B * L, H, D),
                                       q_norm_weight, k_norm_weight, k_pages, v_pages, self.write_slots,
                                       grid_hw=tuple(grid_hw), frame_index=frame_index, eps=eps, backend=self.backend)
+        if not attend:
+            return None
         state = chunk_attention(q_rot, k_pages, v_pages, self.attention_plan, sm_scale=self.sm_scale, backend=self.backend)
         return state.o.view(B, L, H, D)
 

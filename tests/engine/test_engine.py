@@ -102,6 +102,28 @@ def test_fused_path_equals_plain_path(dtype, tol, cross_attn_norm):
     assert rel_err(outs[1], outs[0]) < tol
 
 
+def test_clean_pass_kv_only_leaves_the_cache_of_the_full_forward(monkeypatch):
+    """The clean pass asks the DiT for its K/V alone (``kv_only``: the fused path stops after the last
+    block's K/V write, no head): the latents of later chunks, which attend to those K/V at every layer,
+    equal those with full forwards, exactly."""
+    torch.manual_seed(13)
+    model = tiny_model()
+    p = prompt(model)
+    text = model.encode_text(p[None])
+    x = torch.randn(1, model.config.in_channels, F, *LATENT_HW)
+    assert model(x, torch.full((1, F), 100.0), 0, None, text, kv_only=True) is None
+    runs = []
+    for full in (False, True):
+        if full:
+            forward = type(model).forward
+            monkeypatch.setattr(type(model), "forward",
+                                lambda self, *a, kv_only=False, **k: forward(self, *a, **k))
+        engine = make_engine(model, fused_ops=True)
+        session = engine.open_session(p, seed=5)
+        runs.append(run_chunks(session, 3))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 def test_same_seed_identical_other_seed_different_explicit_equals_philox():
     torch.manual_seed(12)
     model = tiny_model()
