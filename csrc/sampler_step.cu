@@ -132,6 +132,20 @@ __device__ __forceinline__ float block_sum(float v, float* smem) {
   return total;
 }
 
+// Takes a ticket with an acquire-release atomic: it publishes this block's partial (release) and,
+// in the block that draws the last ticket, orders the reads of every other partial after it
+// (acquire), so neither side needs a full __threadfence on the kernel's tail.
+__device__ __forceinline__ unsigned take_ticket(unsigned* ticket) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+  unsigned old;
+  asm volatile("atom.add.acq_rel.gpu.u32 %0, [%1], 1;" : "=r"(old) : "l"(ticket) : "memory");
+  return old;
+#else
+  __threadfence();
+  return atomicAdd(ticket, 1u);
+#endif
+}
+
 template <typename T, bool kVector, NoiseMode kNoise>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) sampler_step_kernel(SamplerStepArgs p) {
   using E = Elem<T>;
@@ -203,15 +217,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) sampler_step_kernel
   }
 
   // Deterministic two-level reduction of sq over the sequence. The partial is published and the
-  // ticket taken *before* this block's outputs are stored, so the fence waits for the partial
-  // alone, not for the block's stores to drain.
+  // ticket taken *before* this block's outputs are stored, so the ticket's release orders the
+  // partial alone, not the block's stores.
   const float partial = block_sum(sq, smem);
   float* partials = p.partials + seq * gridDim.x;
   if (threadIdx.x == 0) {
     partials[blockIdx.x] = partial;
-    __threadfence();  // publish the partial before taking a ticket
-    const unsigned ticket = atomicAdd(p.tickets + seq, 1u);
-    is_last_block = ticket == gridDim.x - 1;
+    is_last_block = take_ticket(p.tickets + seq) == gridDim.x - 1;
   }
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
@@ -221,7 +233,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) sampler_step_kernel
   }
   __syncthreads();
   if (!is_last_block) return;
-  __threadfence();
+  // thread 0's acquire, then the barrier above: the other partials are visible to every thread here
   float s = 0.f;
   for (int i = threadIdx.x; i < static_cast<int>(gridDim.x); i += kThreads) s += __ldcg(partials + i);
   const float total = block_sum(s, smem);
