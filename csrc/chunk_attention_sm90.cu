@@ -23,9 +23,10 @@
 // Paged keys: a 3-D tensor map views the pool as (pages, page_size, H_kv * D); a tile is a box of
 // BN rows at (page, row0). Rows past the page end come back as zeros (TMA out-of-bounds fill);
 // rows past the sequence's last key are masked in S and, where they lie inside the page (stale
-// data, even NaN), zeroed in the V buffer. A page's last tile (9 in 10 of the short tiles at
-// 1560-token pages and BN 176) needs no zeroing. Shared-memory tiles are stored as two 64-column halves of 128-byte rows,
-// the layout of TMA's 128B swizzle and of the wgmma descriptors below.
+// data, even NaN), zeroed in the V buffer: only in a sequence's partly filled last page, not in
+// the short tile that ends every full page (1560-token pages, BN 176). Shared-memory tiles are
+// stored as two 64-column halves of 128-byte rows, the layout of TMA's 128B swizzle and of the
+// wgmma descriptors below.
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -401,12 +401,10 @@ class CausalWanDiT(nn.Module):
                 cos, sin = self.rope.tables(frame_offset, frames, h, w, x.device)
             for i, block in enumerate(self.blocks):
                 tokens = self._block(i, block, tokens, e0, cos, sin, attention, text, frames, tokens_per_frame)
-            if kv_only:
-                return None
-            # head: per-frame 2-way modulation
-            mod = self.head.modulation.float()[:, None] + e[:, :, None]  # (B, F, 2, dim)
-            shift, scale = mod[:, :, 0:1], mod[:, :, 1:2]
-            y = _modulated_norm(tokens.view(B, frames, tokens_per_frame, -1), shift, scale, cfg.eps).to(dtype)
+            if not kv_only:  # head: per-frame 2-way modulation
+                mod = self.head.modulation.float()[:, None] + e[:, :, None]  # (B, F, 2, dim)
+                shift, scale = mod[:, :, 0:1], mod[:, :, 1:2]
+                y = _modulated_norm(tokens.view(B, frames, tokens_per_frame, -1), shift, scale, cfg.eps).to(dtype)
         if kv_only:
             return None
         out = self.head.head(y.view(B, L, -1))
