@@ -120,6 +120,9 @@ class WorldGRPOConfig:
     """A member's reward: the mean over its steps of the critic's graded "score", or of "completed" (1/0)."""
     seed: int = 0
     """Goal seeds (GRPO_SEED_BASE + seed * 100003 + goal index, ``iteration_goals``) and the rollouts' Philox seed."""
+    goal_pool: int = 0
+    """0: every iteration draws new goals; N > 0: iterations cycle over goals 0 .. N - 1 only (a fixed
+    training set: the check that updates raise the reward on the goals they are trained on)."""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     """Where the model runs."""
     critic_processes: int = min(8, max(0, (os.cpu_count() or 1) - 2)) if torch.cuda.is_available() else 0
@@ -165,8 +168,10 @@ class WorldGRPOConfig:
             raise ValueError(f"WorldGRPOConfig: 'reward' must be one of {REWARD_SIGNALS}, got {self.reward!r}")
         if isinstance(self.time_limit_min, bool) or not isinstance(self.time_limit_min, (int, float)) or not self.time_limit_min >= 0:
             raise ValueError(f"WorldGRPOConfig: 'time_limit_min' must be a number >= 0, got {self.time_limit_min!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"WorldGRPOConfig: 'seed' must be an int >= 0, got {self.seed!r}")
+        for name in ("seed", "goal_pool"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"WorldGRPOConfig: '{name}' must be an int >= 0, got {v!r}")
         if isinstance(self.critic_processes, bool) or not isinstance(self.critic_processes, int) or self.critic_processes < 0:
             raise ValueError(f"WorldGRPOConfig: 'critic_processes' must be an int >= 0, got {self.critic_processes!r}")
 
@@ -187,12 +192,15 @@ def goal_plan(seed: int, config: WorldConfig) -> tuple[Plan, int, Scene]:
     return plan, 1 + sum(s.span_chunks for s in steps), spec.scene
 
 
-def iteration_goals(seed: int, goals_per_iteration: int, config: WorldConfig) -> Iterator[list[tuple[int, Plan, int, Scene]]]:
+def iteration_goals(seed: int, goals_per_iteration: int, config: WorldConfig,
+                    pool: int = 0) -> Iterator[list[tuple[int, Plan, int, Scene]]]:
     """The goals of GRPO iterations 0, 1, 2, ...: random goals in seed order (goal index i has seed
-    ``GRPO_SEED_BASE + seed * 100003 + i``) go to buckets by chunk count; an iteration takes the first
-    bucket to hold ``goals_per_iteration`` goals. Items are (goal index, plan, chunks, start scene)."""
+    ``GRPO_SEED_BASE + seed * 100003 + i``; with ``pool`` > 0 the indices cycle over 0 .. pool - 1) go
+    to buckets by chunk count; an iteration takes the first bucket to hold ``goals_per_iteration``
+    goals (with a pool, a goal may come twice in one iteration). Items are (goal index, plan, chunks,
+    start scene)."""
     buckets: dict[int, list] = defaultdict(list)
-    for index in itertools.count():
+    for index in itertools.cycle(range(pool)) if pool > 0 else itertools.count():
         plan, num_chunks, scene = goal_plan(GRPO_SEED_BASE + seed * 100_003 + index, config)
         bucket = buckets[num_chunks]
         bucket.append((index, plan, num_chunks, scene))
@@ -257,7 +265,7 @@ def run(cfg: WorldGRPOConfig) -> dict:
                dynamic_ncols=True)
     deadline = time.perf_counter() + 60.0 * cfg.time_limit_min if cfg.time_limit_min > 0 else None
     updates = start
-    stream = iteration_goals(cfg.seed, cfg.goals_per_update * world_size, wcfg)
+    stream = iteration_goals(cfg.seed, cfg.goals_per_update * world_size, wcfg, cfg.goal_pool)
     for _ in range(start):  # a resumed run continues the goal stream where it stopped
         next(stream)
     for it in bar:

@@ -44,6 +44,16 @@ def test_iteration_goals_share_a_chunk_count_and_never_repeat():
     assert [[i for i, *_ in next(again)] for _ in range(6)] == [[i for i, *_ in it] for it in iterations]
 
 
+def test_goal_pool_cycles_over_its_goals_only():
+    wcfg = WorldConfig()
+    seen = [index for it, _ in zip(iteration_goals(5, 2, wcfg, pool=3), range(8)) for index, *_ in it]
+    assert len(seen) == 16 and set(seen) <= {0, 1, 2}
+    single = iteration_goals(5, 1, wcfg, pool=1)
+    assert [[i for i, *_ in next(single)] for _ in range(3)] == [[0]] * 3
+    with pytest.raises(ValueError, match="goal_pool"):
+        WorldGRPOConfig(goal_pool=-1).validate()
+
+
 def test_smoke_run_writes_loadable_weights_and_an_on_policy_log(tmp_path):
     summary = run(WorldGRPOConfig(out=str(tmp_path), smoke=True, progress=False, goals_per_update=1))
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
