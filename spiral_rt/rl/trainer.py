@@ -74,7 +74,7 @@ from .loss import GRPOLossConfig, gaussian_kl, grpo_loss, normalized_log_ratio, 
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GRPOTrainerConfig", "GRPOTrainer", "LoRALinear", "inject_lora", "lora_parameters", "lora_disabled",
+__all__ = ["GRPOTrainerConfig", "GRPOTrainer", "LoRALinear", "inject_lora", "gate_lora_by_timestep", "lora_parameters", "lora_disabled",
            "merge_lora", "unmerge_lora", "DEFAULT_LORA_TARGETS"]
 
 DEFAULT_LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.o",
@@ -112,6 +112,10 @@ class GRPOTrainerConfig:
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
     """nn.Linear modules that get adapters: a module matches when its name equals an entry or ends
     with "." + entry (e.g. "self_attn.q" matches "blocks.3.self_attn.q")."""
+    lora_timesteps: tuple[float, ...] | None = None
+    """With LoRA: the adapters act only in forwards at these timesteps (``gate_lora_by_timestep``;
+    the trained steps' t), so an update changes the trained steps alone and every other step and
+    the clean pass stay the base model's; None: the adapters act in every forward."""
     gradient_checkpointing: bool = False
     """Recompute each DiT block in the backward pass (torch.utils.checkpoint around the model's
     per-block call), trading compute for activation memory."""
@@ -146,6 +150,9 @@ class GRPOTrainerConfig:
         if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int)
                                            or self.lora_rank < 1):
             raise ValueError(f"GRPOTrainerConfig: 'lora_rank' must be None or a positive int, got {self.lora_rank!r}")
+        if self.lora_timesteps is not None and (self.lora_rank is None or not self.lora_timesteps):
+            raise ValueError("GRPOTrainerConfig: 'lora_timesteps' needs LoRA ('lora_rank') and at least one timestep, "
+                             f"got {self.lora_timesteps!r}")
         if self.reference == "lora_disabled" and self.lora_rank is None:
             raise ValueError("GRPOTrainerConfig: 'reference'='lora_disabled' needs LoRA ('lora_rank' is None)")
         if not (isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0):
@@ -180,8 +187,10 @@ class LoRALinear(nn.Linear):
     Shares the wrapped layer's ``weight`` and ``bias`` Parameters (same names in the state dict);
     ``lora_A`` (r, in) starts Kaiming-uniform, ``lora_B`` (out, r) at zero, so a fresh adapter
     leaves the output unchanged. ``enabled = False`` turns the update off (the reference policy);
-    ``merge()`` folds it into ``weight`` (then the forward is a plain linear), ``unmerge()`` undoes it.
-    Adapter parameters are fp32 and cast to the input dtype in the forward.
+    ``gate``, when set (``gate_lora_by_timestep``), is a 0-d device tensor the update is multiplied by
+    (1 in forwards at the trained steps, 0 elsewhere). ``merge()`` folds the update into ``weight``
+    (then the forward is a plain linear; not with a gate), ``unmerge()`` undoes it. Adapter parameters
+    are fp32 and cast to the input dtype in the forward.
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
@@ -197,6 +206,8 @@ class LoRALinear(nn.Linear):
         self.scale = float(alpha) / rank
         self.enabled = True
         self.merged = False
+        self.gate: torch.Tensor | None = None
+        self.gate_timesteps: tuple[float, ...] | None = None  # the timesteps the gate opens at
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scale
@@ -204,13 +215,19 @@ class LoRALinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         if self.enabled and not self.merged:
-            y = y + (F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale).to(y.dtype)
+            update = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale
+            if self.gate is not None:
+                update = update * self.gate.to(update.dtype)
+            y = y + update.to(y.dtype)
         elif self.merged and not self.enabled:
             y = y - F.linear(x, self.delta_weight().to(x.dtype)).to(y.dtype)
         return y
 
     @torch.no_grad()
     def merge(self) -> None:
+        if self.gate is not None:
+            raise ValueError("LoRALinear.merge: a timestep-gated adapter cannot be folded into the weight "
+                             "(it would act at every step)")
         if not self.merged:
             self.weight.add_(self.delta_weight().to(self.weight.dtype))
             self.merged = True
@@ -243,6 +260,39 @@ def inject_lora(model: nn.Module, targets: Sequence[str], rank: int, alpha: floa
         setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha))
     logger.info("inject_lora: %d adapters of rank %d on %s", len(names), rank, ", ".join(sorted(set(targets))))
     return names
+
+
+def gate_lora_by_timestep(model: nn.Module, timesteps: Sequence[float], atol: float = 1e-3):
+    """Make ``model``'s adapters act only in forwards at ``timesteps`` (argument 1 of the DiT's forward:
+    (B, F) or (B,) t in [0, 1000]); in every other forward (the untrained denoising steps, the clean
+    pass writing the cache) the model is the base model. A step-specific policy: an update credited to
+    the trained steps changes those steps alone. The gate is computed on the device from the timesteps
+    tensor (no host sync, so forwards stay capturable in CUDA graphs); a forward mixing trained and
+    other timesteps runs without adapters. Returns the hook handle (``.remove()``; the gates stay set).
+    """
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    if not layers:
+        raise ValueError("gate_lora_by_timestep: argument 'model' has no LoRA adapters (inject_lora first)")
+    if any(m.merged for m in layers):
+        raise ValueError("gate_lora_by_timestep: argument 'model' has merged adapters (unmerge first)")
+    allowed = sorted(float(t) for t in timesteps)
+    if not allowed:
+        raise ValueError("gate_lora_by_timestep: argument 'timesteps' is empty")
+    cache: dict[torch.device, torch.Tensor] = {}
+    for m in layers:  # off until the first forward sets it (and marked as gated for lora_merged_state_dict)
+        m.gate = torch.zeros((), device=m.lora_A.device)
+        m.gate_timesteps = tuple(allowed)
+
+    def set_gates(module, args, kwargs):
+        t = args[1] if len(args) > 1 else kwargs["timesteps"]
+        if t.device not in cache:
+            cache[t.device] = torch.tensor(allowed, dtype=torch.float64, device=t.device)
+        near = (t.reshape(-1, 1).double() - cache[t.device]).abs() <= atol
+        gate = near.any(dim=1).all().float()
+        for m in layers:
+            m.gate = gate
+
+    return model.register_forward_pre_hook(set_gates, with_kwargs=True)
 
 
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -281,6 +331,9 @@ def unmerge_lora(model: nn.Module) -> None:
 def lora_merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with every enabled adapter folded into its base weight and the
     adapter tensors left out: the plain model's key names (for exporting), ``model`` unchanged."""
+    if any(isinstance(m, LoRALinear) and m.gate is not None for m in model.modules()):
+        raise ValueError("lora_merged_state_dict: the model's adapters are timestep-gated; folded into the "
+                         "weights they would act at every step (save the adapters and their timesteps instead)")
     sd = {k: v for k, v in model.state_dict().items() if not k.endswith((".lora_A", ".lora_B"))}
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear) and m.enabled and not m.merged:
@@ -380,6 +433,8 @@ class GRPOTrainer:
             self.reference_model = copy.deepcopy(model).eval().requires_grad_(False)
         if use_lora:
             self.lora_modules = inject_lora(model, config.lora_targets, config.lora_rank, config.lora_alpha)
+            if config.lora_timesteps is not None:
+                gate_lora_by_timestep(model, config.lora_timesteps)
         else:
             self.lora_modules = []
             for p in model.parameters():

@@ -296,6 +296,44 @@ def test_lora_keeps_base_weights_and_reference_is_base():
         torch.testing.assert_close(now[n], p, rtol=0, atol=1e-6)
 
 
+def test_timestep_gated_adapters_act_only_at_their_timesteps():
+    """GRPOTrainerConfig.lora_timesteps: after updates, forwards at the trained steps' timesteps use the
+    adapters and every other forward is the base model exactly; the update still follows the advantage,
+    and a gated adapter refuses to be folded into the weights."""
+    from spiral_rt.rl.trainer import lora_merged_state_dict
+
+    model = tiny_model(seed=9)
+    base = copy.deepcopy(model)
+    batch, ecfg, emb = rollout(model, plans=[[["a fox in snow"]]], group_size=2, train_steps=(1,))
+    batch.advantages = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    trained_t = float(ecfg.schedule.model_timesteps[1])
+    cfg = GRPOTrainerConfig(lora_rank=4, lr=1e-2, lora_timesteps=(trained_t,))
+    trainer = GRPOTrainer(model, cfg, emb, engine_config=ecfg)
+    before = trainer.log_probs(batch)
+    for _ in range(2):
+        trainer.train_step(batch)
+    after = trainer.log_probs(batch)
+    assert after[0, 0] - before[0, 0] > after[1, 0] - before[1, 0]  # the positive member gained
+    x = batch.x[:, 0]
+    text = model.encode_text(emb["a fox in snow"][None])
+    base_text = base.encode_text(emb["a fox in snow"][None])
+    with torch.no_grad():
+        for t, gated_on in ((trained_t, True), (500.0, False), (trained_t + 0.5, False)):
+            ts = torch.full((2, F), t)
+            out, ref = model(x, ts, 0, None, text), base(x, ts, 0, None, base_text)
+            if gated_on:
+                assert (out - ref).abs().max() > 1e-5
+            else:
+                assert torch.equal(out, ref), t
+        mixed = torch.full((2, F), trained_t)
+        mixed[1] = 500.0  # a forward mixing trained and other timesteps runs without adapters
+        assert torch.equal(model(x, mixed, 0, None, text), base(x, mixed, 0, None, base_text))
+    with pytest.raises(ValueError, match="gated"):
+        lora_merged_state_dict(model)
+    with pytest.raises(ValueError, match="lora_timesteps"):
+        GRPOTrainerConfig(lora_rank=None, lora_timesteps=(trained_t,)).validate()
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 

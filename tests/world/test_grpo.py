@@ -10,6 +10,9 @@ import torch
 
 from spiral_rt.engine.generator import HashTextEncoder
 from spiral_rt.world.goals import random_goal
+from safetensors.torch import load_file
+
+from spiral_rt.rl.trainer import LoRALinear
 from spiral_rt.world.grpo import GRPO_SEED_BASE, WorldGRPOConfig, goal_plan, iteration_goals, run
 from spiral_rt.world.language import goal_to_steps
 from spiral_rt.world.model.loader import load_world_model
@@ -54,8 +57,9 @@ def test_goal_pool_cycles_over_its_goals_only():
         WorldGRPOConfig(goal_pool=-1).validate()
 
 
-def test_smoke_run_writes_loadable_weights_and_an_on_policy_log(tmp_path):
-    summary = run(WorldGRPOConfig(out=str(tmp_path), smoke=True, progress=False, goals_per_update=1))
+@pytest.mark.parametrize("gate", [True, False])
+def test_smoke_run_writes_loadable_weights_and_an_on_policy_log(tmp_path, gate):
+    summary = run(WorldGRPOConfig(out=str(tmp_path), smoke=True, progress=False, goals_per_update=1, gate_adapters=gate))
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert len(lines) == summary["goals"] == summary["updates"] == 2 and summary["ranks"] == 1
     for rec in lines:
@@ -63,7 +67,17 @@ def test_smoke_run_writes_loadable_weights_and_an_on_policy_log(tmp_path):
         assert abs(rec["ratio_mean"] - 1.0) < 1e-4 and rec["transitions"] > 0
         assert 0.0 <= rec["reward_mean"] <= 1.0 and 0.0 <= rec["step_success"] <= 1.0
     world = load_world_model(tmp_path / "world.safetensors", text_encoder=HashTextEncoder(384, 16))
-    assert not any("lora" in k for k in world.dit.state_dict())  # adapters folded into the weights
+    adapters = [m for m in world.dit.modules() if isinstance(m, LoRALinear)]
+    if gate:  # the adapters come back gated to the trained steps' timesteps (folded, they would act everywhere)
+        assert adapters and all(m.gate_timesteps == adapters[0].gate_timesteps for m in adapters)
+        assert len(adapters[0].gate_timesteps) == 3
+        trained = load_file(str(tmp_path / "trainer" / "weights.safetensors"))  # the trainer's own adapters
+        loaded = dict(world.dit.named_parameters())
+        assert set(trained) <= set(loaded)
+        for name, t in trained.items():
+            torch.testing.assert_close(loaded[name], t.half().float())  # stored at fp16
+    else:
+        assert not adapters and not any("lora" in k for k in world.dit.state_dict())  # folded into the weights
     assert json.loads((tmp_path / "summary.json").read_text())["weights"].endswith("world.safetensors")
     assert torch.isfinite(next(world.dit.parameters())).all()
 

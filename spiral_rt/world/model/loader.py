@@ -128,13 +128,22 @@ class WorldModel:
         """Write this model as a world weights file (e.g. after GRPO post-training, for
         ``load_world_model(path)`` and ``bench_world.py --grpo-weights``): the codec, sampling and
         text-encoder settings are this model's; ``dit`` (default ``self.dit``) may carry LoRA
-        adapters, which are folded into the weights."""
-        from spiral_rt.rl.trainer import lora_merged_state_dict
+        adapters, which are folded into the weights, or timestep-gated adapters
+        (``gate_lora_by_timestep``), which are stored beside the base weights with their timesteps
+        (``train_info["gated_adapters"]``) and gated again by ``load_world_model``."""
+        from spiral_rt.rl.trainer import LoRALinear, lora_merged_state_dict
 
         dit = dit if dit is not None else self.dit
         max_length = int(self.metadata.get("text_encoder", {}).get("max_length", 64))
+        gated = [m for m in dit.modules() if isinstance(m, LoRALinear) and m.gate_timesteps is not None]
+        if gated:
+            state_dict = {k: v for k, v in dit.state_dict().items()}  # base weights + lora_A / lora_B
+            train_info = {**dict(train_info or {}), "gated_adapters": {
+                "timesteps": list(gated[0].gate_timesteps), "rank": gated[0].rank, "scale": gated[0].scale}}
+        else:
+            state_dict = lora_merged_state_dict(dit)
         return save_world_weights(path, dit, self.codec.config, sampling=self.sampling, text_max_length=max_length,
-                                  train_info=train_info, dtype=dtype, state_dict=lora_merged_state_dict(dit))
+                                  train_info=train_info, dtype=dtype, state_dict=state_dict)
 
     def scene_latents(self, scene, world_config=None) -> torch.Tensor:
         """(C, F, h, w) latents of one chunk showing ``scene`` still (``scene_latents``)."""
@@ -159,6 +168,25 @@ def scene_latents(codec: PixelCodec, scene, world_config=None) -> torch.Tensor:
     config = world_config or WorldConfig()
     frames = np.repeat(render_frame(scene, config)[None], config.frames_per_chunk, axis=0)
     return codec.encode_frames(torch.from_numpy(frames)[None])[0]
+
+
+def _load_gated_adapters(dit: torch.nn.Module, adapters: dict[str, torch.Tensor], info: Mapping | None, where: str) -> None:
+    """Re-inject the LoRA adapters ``WorldModel.save`` stored and gate them to their timesteps."""
+    from spiral_rt.rl.trainer import gate_lora_by_timestep, inject_lora
+
+    if not info:
+        raise CheckpointError(f"load_world_model({where})", ["LoRA adapter tensors without 'gated_adapters' metadata"])
+    modules = sorted({k.rsplit(".", 1)[0] for k in adapters})
+    inject_lora(dit, modules, int(info["rank"]), float(info["scale"]) * int(info["rank"]))
+    dit.requires_grad_(False)
+    with torch.no_grad():
+        for name, p in dit.named_parameters():
+            if name in adapters:
+                p.copy_(adapters[name].float())
+    missing = [n for n, _ in dit.named_parameters() if n.endswith((".lora_A", ".lora_B")) and n not in adapters]
+    if missing:
+        raise CheckpointError(f"load_world_model({where})", [f"adapters without stored tensors: {missing[:4]}"])
+    gate_lora_by_timestep(dit, info["timesteps"])
 
 
 def _json_meta(obj) -> str:
@@ -268,11 +296,14 @@ def load_world_model(path: str | os.PathLike | None = None, *, device=None, dtyp
                                                             f"channels ({dit_cfg.in_channels}, {dit_cfg.out_channels})"])
     with torch.device("meta"):
         dit = WorldDiT(dit_cfg)
+    adapters = {k: sd.pop(k) for k in [k for k in sd if k.endswith((".lora_A", ".lora_B"))]}
     check_state_dict(dit, sd, f"load_world_model({path})")
     dit.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
     dit.to(device)
     dit.to_dtype(dtype)
     dit.eval().requires_grad_(False)
+    if adapters:  # GRPO's timestep-gated adapters (WorldModel.save)
+        _load_gated_adapters(dit, adapters, (meta.get("train") or {}).get("gated_adapters"), str(path))
     s = meta["sampling"]
     # files written before context_frames existed were sampled over the whole video
     sampling = SamplingConfig(timesteps=tuple(s["timesteps"]), shift=float(s["shift"]), context_noise=float(s["context_noise"]),
