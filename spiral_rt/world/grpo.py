@@ -123,8 +123,9 @@ class WorldGRPOConfig:
     gate_adapters: bool = True
     """The LoRA adapters act only at the trained steps' timesteps (``gate_lora_by_timestep``); off:
     in every forward, where an update credited to steps 0-2 also moves the untrained steps and the
-    clean pass (one update at lr 3e-3 on a goal: fresh groups 0.56 -> 0.20 step success with the
-    adapters everywhere, 0.48 at the trained steps alone; session 10, CPU)."""
+    clean pass (after one update at lr 3e-3, fresh groups of the goal it saw: step success 0.55 with
+    the base model, 0.48 with the adapters at the trained steps alone, 0.20 with them everywhere;
+    bench/NOTES.md, session 10)."""
     goal_pool: int = 0
     """0: every iteration draws new goals; N > 0: iterations cycle over goals 0 .. N - 1 only (a fixed
     training set: the check that updates raise the reward on the goals they are trained on)."""
