@@ -28,6 +28,8 @@ Before any update the recomputed log-probs therefore equal the recorded ones (ra
 Policy parameterisation: LoRA adapters (``LoRALinear``, a built-in nn.Linear subclass keeping the
 base parameter names; peft is not required) with the reference = the same model with adapters
 disabled, or full fine-tuning with the reference = a frozen deep copy of the initial weights.
+With ``lora_timesteps`` the adapters act only at the trained steps' timesteps: shared linears would
+otherwise carry an update credited to a few steps into every step and the clean pass.
 Gradient checkpointing wraps each DiT block call (``CausalWanDiT._block``, patched on the instance,
 the model's code is not edited) in ``torch.utils.checkpoint``. bf16 autocast is used on CUDA only.
 
@@ -74,8 +76,8 @@ from .loss import GRPOLossConfig, gaussian_kl, grpo_loss, normalized_log_ratio, 
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GRPOTrainerConfig", "GRPOTrainer", "LoRALinear", "inject_lora", "gate_lora_by_timestep", "lora_parameters", "lora_disabled",
-           "merge_lora", "unmerge_lora", "DEFAULT_LORA_TARGETS"]
+__all__ = ["GRPOTrainerConfig", "GRPOTrainer", "LoRALinear", "inject_lora", "gate_lora_by_timestep", "lora_parameters",
+           "lora_disabled", "merge_lora", "unmerge_lora", "DEFAULT_LORA_TARGETS"]
 
 DEFAULT_LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.o",
                         "ffn.0", "ffn.2")

@@ -137,7 +137,7 @@ class WorldModel:
         max_length = int(self.metadata.get("text_encoder", {}).get("max_length", 64))
         gated = [m for m in dit.modules() if isinstance(m, LoRALinear) and m.gate_timesteps is not None]
         if gated:
-            state_dict = {k: v for k, v in dit.state_dict().items()}  # base weights + lora_A / lora_B
+            state_dict = dict(dit.state_dict())  # base weights + lora_A / lora_B
             train_info = {**dict(train_info or {}), "gated_adapters": {
                 "timesteps": list(gated[0].gate_timesteps), "rank": gated[0].rank, "scale": gated[0].scale}}
         else:
