@@ -237,6 +237,18 @@ def _load(cfg: WorldGRPOConfig):
                             text_encoder=HashTextEncoder(dit_cfg.text_dim, 16))
 
 
+def _trained_timesteps(cfg: WorldGRPOConfig, model_timesteps) -> tuple[float, ...]:
+    """The model timesteps of the trained denoising steps (all of them when ``train_steps`` is empty)."""
+    timesteps = [float(t) for t in model_timesteps]
+    steps = cfg.trained_step_indices()
+    if steps is None:
+        return tuple(timesteps)
+    if max(steps) >= len(timesteps):
+        raise ValueError(f"WorldGRPOConfig: 'train_steps' {cfg.train_steps!r} names a step past the schedule's "
+                         f"{len(timesteps)} denoising steps")
+    return tuple(timesteps[i] for i in steps)
+
+
 def run(cfg: WorldGRPOConfig) -> dict:
     """Post-train as ``cfg`` says; returns a summary (per-iteration rewards and the weights path)."""
     from tqdm import tqdm
@@ -252,13 +264,10 @@ def run(cfg: WorldGRPOConfig) -> dict:
     world = _load(cfg)
     members = cfg.goals_per_update * cfg.group_size
     engine = world.engine(max_batch_size=members)
-    timesteps = [float(t) for t in engine.config.schedule.model_timesteps]
-    steps = cfg.trained_step_indices()
     trainer = GRPOTrainer(world.dit, GRPOTrainerConfig(
         lr=cfg.lr, lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), bf16_autocast=False,
         micro_batch_size=min(cfg.micro_batch_size, members), loss=GRPOLossConfig(kl_coef=cfg.kl_coef),
-        lora_timesteps=(tuple(timesteps[i] for i in steps if i < len(timesteps)) if steps is not None else tuple(timesteps))
-        if cfg.gate_adapters else None),
+        lora_timesteps=_trained_timesteps(cfg, engine.config.schedule.model_timesteps) if cfg.gate_adapters else None),
         world.text_encoder, engine_config=engine.config)
     runner = RolloutRunner(engine, WorldCritic(wcfg), critic_processes=cfg.critic_processes)
     step_policy = (FlowGRPOStep(noise_level=cfg.noise_level) if cfg.policy == "flow_grpo"

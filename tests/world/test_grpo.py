@@ -7,12 +7,11 @@ import json
 
 import pytest
 import torch
-
-from spiral_rt.engine.generator import HashTextEncoder
-from spiral_rt.world.goals import random_goal
 from safetensors.torch import load_file
 
+from spiral_rt.engine.generator import HashTextEncoder
 from spiral_rt.rl.trainer import LoRALinear
+from spiral_rt.world.goals import random_goal
 from spiral_rt.world.grpo import GRPO_SEED_BASE, WorldGRPOConfig, goal_plan, iteration_goals, run
 from spiral_rt.world.language import goal_to_steps
 from spiral_rt.world.model.loader import load_world_model
