@@ -26,7 +26,10 @@ Modes (each goal is one engine session, through ``EngineGenerator``, the closed 
 
 Noise: goal i uses noise id i and seeds derived as the closed loop derives them
 (``SeedSequence([goal_seed, step_index, attempt])``), so the plan mode and the closed loop's first attempts see identical noise, and the
-open mode the same noise as the plan mode's first step.
+open mode the same noise as the plan mode's first step. ``--seed 0,1,2`` runs every mode once per
+base seed (goal i of base seed s: seed s * 1000 + i) and pools the goals of all seeds into the mode's
+row, which also lists each seed's rates (``by_seed``) and the standard error of the pooled step rate
+(binomial over the pooled steps; one seed of the 60 goals: ~3.6 points).
 
 Metrics, judged by ground truth on the generated frames after the run (not timed):
 
@@ -327,6 +330,8 @@ def summarize(mode: str, scores: list[GoalScore]) -> dict:
            "step_completion_rate": sum(s.steps_completed for s in scores) / max(steps, 1),
            "goal_success_rate": sum(s.steps_completed == s.steps for s in scores) / max(len(scores), 1),
            "scene_consistency_rate": sum(s.consistent for s in scores) / max(len(scores), 1)}
+    p = row["step_completion_rate"]
+    row["step_completion_se"] = math.sqrt(p * (1 - p) / max(steps, 1))
     if mode != "ground_truth":
         row.update(wall_s_per_goal=sum(s.wall_s for s in scores) / max(len(scores), 1),
                    wall_s_total=sum(s.wall_s for s in scores),
@@ -352,7 +357,7 @@ def load_model(args, path: Path | None, device: torch.device, dtype: torch.dtype
     if args.random_weights and path is None:
         from spiral_rt.world.model import PixelCodecConfig, build_world_dit, save_world_weights, world_dit_config
 
-        torch.manual_seed(args.seed)
+        torch.manual_seed(args.seed[0])
         dit = build_world_dit(world_dit_config("tiny"))
         with tempfile.TemporaryDirectory() as tmp:
             f = save_world_weights(Path(tmp) / "random.safetensors", dit, PixelCodecConfig(), dtype=torch.float32,
@@ -382,7 +387,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--max-retries", type=int, default=LoopConfig.max_retries, help="closed loop: retries per step")
     p.add_argument("--max-replans", type=int, default=LoopConfig.max_replans, help="closed loop: replans per goal")
-    p.add_argument("--seed", type=int, default=SEED, help="base seed (goal i uses seed * 1000 + i)")
+    p.add_argument("--seed", default=str(SEED),
+                   help="base seed, or comma-separated base seeds pooled into each row (goal i uses seed * 1000 + i)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--no-ground-truth", action="store_true", help="skip the ground-truth sanity row")
@@ -403,6 +409,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad or not modes:
         parser.error(f"argument --modes: unknown mode(s) {bad} (choose from {', '.join(MODES)})")
     args.modes = [m for m in MODES if m in modes]
+    try:
+        args.seed = [int(x) for x in str(args.seed).split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"argument --seed: expected comma-separated integers, got {args.seed!r}")
+    if not args.seed or len(set(args.seed)) != len(args.seed) or min(args.seed) < 0:
+        parser.error(f"argument --seed: expected distinct integers >= 0, got {args.seed}")
     if args.goals is not None and args.goals < 1:
         parser.error(f"argument --goals: must be >= 1, got {args.goals}")
     if args.write_smoke and not args.random_weights:
@@ -468,22 +480,30 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             with EngineGenerator(engine) as warm:
                 warm.warmup(goals[0].scene.describe())
             gen_mode = "plan" if mode == "grpo" else mode
-            scores = []
-            for i, g in enumerate(goals):
-                run = run_goal(engine, gen_mode, g, i, args.seed, loop_config, world, models[key].scene_latents)
-                scores.append(score_run(run, world, critic))
-                logger.info("%s %s: %d/%d steps, consistent %s, %.2f s", mode, g.id, scores[-1].steps_completed,
-                            scores[-1].steps, scores[-1].consistent, run.wall_s)
+            by_seed = {}
+            for seed in args.seed:
+                by_seed[seed] = []
+                for i, g in enumerate(goals):
+                    run = run_goal(engine, gen_mode, g, i, seed, loop_config, world, models[key].scene_latents)
+                    by_seed[seed].append(score_run(run, world, critic))
+                    logger.info("%s seed %d %s: %d/%d steps, consistent %s, %.2f s", mode, seed, g.id,
+                                by_seed[seed][-1].steps_completed, by_seed[seed][-1].steps, by_seed[seed][-1].consistent,
+                                run.wall_s)
         finally:
             engine.close()
-        rows.append(summarize(mode, scores))
-        per_goal[mode] = [s.to_dict() for s in scores]
+        scores = [s for seed_scores in by_seed.values() for s in seed_scores]
+        row = summarize(mode, scores)
+        if len(by_seed) > 1:
+            row["by_seed"] = [{"seed": seed, **{k: summarize(mode, ss)[k] for k in ("step_completion_rate", "goal_success_rate")}}
+                              for seed, ss in by_seed.items()]
+        rows.append(row)
+        per_goal[mode] = [{**s.to_dict(), "seed": seed} for seed, ss in by_seed.items() for s in ss]
 
     settings = {"goals": len(goals), "goal_set": str(args.goal_set or "spiral_rt/world/goals.json"),
                 "modes": args.modes, "weights": "random (tiny, smoke run)" if args.random_weights else str(args.weights),
                 "grpo_weights": str(args.grpo_weights) if args.grpo_weights else None,
                 "random_weights": bool(args.random_weights), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-                "seed": args.seed, "loop": {"max_retries": args.max_retries, "max_replans": args.max_replans, "speculate": True},
+                "seed": args.seed[0] if len(args.seed) == 1 else args.seed, "loop": {"max_retries": args.max_retries, "max_replans": args.max_replans, "speculate": True},
                 "intro": "the rendered start scene, 1 observed chunk under Scene.describe() (as in training)"}
     if "base" in models:
         settings["weights_train_info"] = models["base"].metadata.get("train", {})

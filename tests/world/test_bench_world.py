@@ -97,6 +97,21 @@ def test_grpo_mode_loads_its_own_weights(tmp_path):
     assert (p["step_done"], p["consistent"], p["chunks"]) == (g["step_done"], g["consistent"], g["chunks"])
 
 
+def test_seeds_pool_into_one_row_with_each_seeds_rates():
+    base = ["--random-weights", "--goals", "2", "--modes", "plan", "--no-ground-truth"]
+    single = {seed: bw.run_benchmark(bw.parse_args(base + ["--seed", str(seed)])) for seed in (0, 3)}
+    pooled = bw.run_benchmark(bw.parse_args(base + ["--seed", "0,3"]))
+    row = pooled["rows"][0]
+    # each seed's goals are exactly its single-seed run's (same noise), pooled in order
+    assert [(r["id"], r["seed"], r["step_done"]) for r in pooled["per_goal"]["plan"]] == [
+        (r["id"], seed, r["step_done"]) for seed in (0, 3) for r in single[seed]["per_goal"]["plan"]]
+    assert [b["step_completion_rate"] for b in row["by_seed"]] == [single[s]["rows"][0]["step_completion_rate"] for s in (0, 3)]
+    assert row["goals"] == 4 and row["steps"] == sum(single[s]["rows"][0]["steps"] for s in (0, 3))
+    p = row["step_completion_rate"]
+    assert row["step_completion_se"] == pytest.approx((p * (1 - p) / row["steps"]) ** 0.5)
+    assert pooled["settings"]["seed"] == [0, 3] and "by_seed" not in single[0]["rows"][0]
+
+
 def test_smoke_writes_only_with_write_smoke_and_never_world_json(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     monkeypatch.delenv("OUT", raising=False)
@@ -180,6 +195,9 @@ def test_predicate_holds_reads_recolour_and_regions(goals, world, critic):
     (["--random-weights", "--weights", __file__], "not allowed with"),
     (["--random-weights", "--max-retries", "-1"], "--max-retries"),
     (["--random-weights", "--goal-set", "/nonexistent/goals.json"], "--goal-set"),
+    (["--random-weights", "--seed", "0,x"], "--seed"),
+    (["--random-weights", "--seed", "1,1"], "--seed"),
+    (["--random-weights", "--seed", "-1"], "--seed"),
 ])
 def test_argument_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
