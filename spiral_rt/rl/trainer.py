@@ -17,6 +17,10 @@ transition t is denoising step ``batch.step[t]`` of chunk ``batch.chunk[t]``)::
             clean pass of chunk j: DiT(latents of chunk j (+ context noise), t_context), write=True; commit
     clip the gradient norm; optimizer step
 
+With ``objective="denoising"`` the per-transition term is instead the advantage-weighted denoising
+loss of the member's clean chunk j, noised afresh at the transition's sigma (same contexts, same
+reference): adv * mean (x0_hat - x0)^2 + kl_coef * mean (x0_hat - x0_ref)^2, x0_hat = x_t - sigma v.
+
 The context reconstruction mirrors the engine's chunk loop (``Engine.chunk_sequence``): a chunk's K/V
 come from a clean pass over its clean latents (``batch.latents``) at the context timestep
 ``context_noise * num_train_timesteps``, attending to the earlier chunks' K/V, with the chunk's own
@@ -118,6 +122,15 @@ class GRPOTrainerConfig:
     """With LoRA: the adapters act only in forwards at these timesteps (``gate_lora_by_timestep``;
     the trained steps' t), so an update changes the trained steps alone and every other step and
     the clean pass stay the base model's; None: the adapters act in every forward."""
+    objective: Literal["policy_gradient", "denoising"] = "policy_gradient"
+    """"policy_gradient": the clipped GRPO objective on the recorded transitions' log-probs (module
+    docstring). "denoising": advantage-weighted denoising, a GRPO update whose per-member likelihood
+    is the denoising bound of its clean video (the flow-matching loss, as Diffusion-DPO and
+    DiffusionNFT use it): at each trained transition the member's clean chunk is noised afresh at the
+    step's sigma, and the loss is adv * mean (x0_hat - x0)^2 + kl_coef * mean (x0_hat - x0_ref)^2;
+    a supervised target instead of one Gaussian draw's direction, so far less gradient noise per
+    sample. Keep ``loss.kl_coef`` above the largest |advantage| (~2.7 for groups of 8): the per-sample
+    loss is then a convex quadratic in x0_hat, bounded for negative advantages too."""
     gradient_checkpointing: bool = False
     """Recompute each DiT block in the backward pass (torch.utils.checkpoint around the model's
     per-block call), trading compute for activation memory."""
@@ -163,6 +176,8 @@ class GRPOTrainerConfig:
                 isinstance(t, str) and t for t in self.lora_targets):
             raise ValueError(f"GRPOTrainerConfig: 'lora_targets' must be a non-empty sequence of module names, "
                              f"got {self.lora_targets!r}")
+        if self.objective not in ("policy_gradient", "denoising"):
+            raise ValueError(f"GRPOTrainerConfig: 'objective' must be 'policy_gradient' or 'denoising', got {self.objective!r}")
         if isinstance(self.micro_batch_size, bool) or not isinstance(self.micro_batch_size, int) or self.micro_batch_size < 1:
             raise ValueError(f"GRPOTrainerConfig: 'micro_batch_size' must be a positive int, got {self.micro_batch_size!r}")
         if not isinstance(self.advantage, AdvantageConfig):
@@ -667,8 +682,8 @@ class GRPOTrainer:
         for b in batches:
             self._check_batch(b)
         self.optimizer.zero_grad(set_to_none=True)
-        parts = [self._accumulate_gradients(b, 1.0 / len(batches), last=i == len(batches) - 1)
-                 for i, b in enumerate(batches)]
+        accumulate = self._accumulate_gradients if self.config.objective == "policy_gradient" else self._accumulate_denoising
+        parts = [accumulate(b, 1.0 / len(batches), last=i == len(batches) - 1) for i, b in enumerate(batches)]
         stats = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0] if k != "transitions"}
         stats["transitions"] = sum(p["transitions"] for p in parts)
         return stats
@@ -737,6 +752,76 @@ class GRPOTrainer:
             stats["reward_mean"] = float(batch.rewards.double().mean())
         return stats
 
+    def _denoising_input(self, batch, rows: list[int], t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, x_t) of transition ``t`` for ``rows``: the members' clean chunk and that chunk noised
+        afresh at the transition's sigma, (1 - sigma) x0 + sigma eps. eps is drawn from a generator
+        keyed by (rollout seed, optimizer step, member, transition), so the policy and the reference
+        see the same x_t."""
+        ecfg = self.engine_config
+        F_ = ecfg.chunk_frames
+        chunk = int(batch.chunk[t])
+        x0 = batch.latents[rows, :, chunk * F_:(chunk + 1) * F_].to(self.device, torch.float32)
+        sigma = float(batch.sigma[t])
+        eps = torch.empty_like(x0)
+        gen = torch.Generator(device=self.device)
+        for i, m in enumerate(rows):
+            gen.manual_seed(hash((int(batch.spec["seed"]), self.step, int(m), int(t))) & (2**63 - 1))
+            eps[i] = torch.randn(x0.shape[1:], generator=gen, device=self.device)
+        return x0, ((1 - sigma) * x0 + sigma * eps).to(ecfg.latent_dtype)
+
+    def _predict_x0(self, module, batch, rows: list[int], t: int, x_t: torch.Tensor, cache) -> torch.Tensor:
+        """x0_hat = x_t - sigma v (the engine's conversion of the model's velocity), fp32."""
+        ecfg = self.engine_config
+        chunk = int(batch.chunk[t])
+        ts = torch.full((len(rows), ecfg.chunk_frames), float(batch.timestep[t]), dtype=torch.float32, device=self.device)
+        with self._autocast():
+            v = module(x_t, ts, chunk * ecfg.chunk_frames, cache, self._row_embeddings(batch, rows, chunk))
+        return x_t.float() - float(batch.sigma[t]) * v.to(ecfg.latent_dtype).float()
+
+    def _accumulate_denoising(self, batch, scale: float, last: bool) -> dict:
+        """Backward of ``scale`` times one batch's advantage-weighted denoising loss (``objective``
+        "denoising"): mean over members and trained transitions of
+        adv * mean (x0_hat - x0)^2 + kl_coef * mean (x0_hat - x0_ref)^2."""
+        lcfg = self.config.loss
+        adv_all = self._advantages(batch)
+        need_ref = lcfg.kl_coef > 0 and lcfg.kl != "none"
+        M, T = batch.num_members, batch.num_transitions
+        total = M * T
+        sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "denoise_mse": 0.0}
+        micro = self._micro_batches(M)
+        backwards = len(micro) * T
+        done = 0
+        for rows in micro:
+            n = len(rows)
+            ref_x0: dict[int, torch.Tensor] = {}
+            if need_ref:
+                with torch.no_grad(), self._reference_mode() as ref:
+                    for t, rcache in self._transitions(ref, batch, rows):
+                        ref_x0[t] = self._predict_x0(_PolicyForward(ref), batch, rows, t,
+                                                     self._denoising_input(batch, rows, t)[1], rcache)
+            for t, cache in self._transitions(self.model, batch, rows):
+                done += 1
+                sync = (last and done == backwards) or not self.distributed
+                with (contextlib.nullcontext() if sync else self._forward.no_sync()):
+                    x0, x_t = self._denoising_input(batch, rows, t)
+                    x0_hat = self._predict_x0(self._forward, batch, rows, t, x_t, cache)
+                    mse = (x0_hat - x0).square().flatten(1).mean(1)
+                    policy = (adv_all[rows, t].to(self.device, torch.float32) * mse).mean()
+                    kl = (x0_hat - ref_x0[t]).square().mean() if need_ref else torch.zeros((), device=self.device)
+                    loss = policy + lcfg.kl_coef * kl
+                    (loss * (scale * n / total)).backward()
+                w = n / total
+                sums["loss"] += float(loss.detach()) * w
+                sums["policy_loss"] += float(policy.detach()) * w
+                sums["kl"] += float(kl.detach()) * w
+                sums["denoise_mse"] += float(mse.detach().mean()) * w
+        stats = dict(sums)
+        stats["transitions"] = total
+        stats["advantage_mean"] = float(adv_all.mean())
+        if batch.rewards is not None:
+            stats["reward_mean"] = float(batch.rewards.double().mean())
+        return stats
+
     def train_step(self, batch) -> dict:
         """One GRPO update on ``batch`` (a RolloutBatch or a list of them, accumulated: see
         ``compute_gradients``): gradients, clipping, optimizer step,
@@ -754,8 +839,9 @@ class GRPOTrainer:
         stats["grad_norm"] = float(grad_norm)
         stats["step"] = self.step
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
-        logger.info("GRPOTrainer step %d: loss %.5g, ratio %.4f, clipfrac %.3f, kl %.4g, grad norm %.4g", self.step,
-                    stats["loss"], stats["ratio_mean"], stats["clipfrac"], stats["kl"], stats["grad_norm"])
+        logger.info("GRPOTrainer step %d: %s, grad norm %.4g", self.step, ", ".join(
+            f"{k} {stats[k]:.4g}" for k in ("loss", "ratio_mean", "clipfrac", "denoise_mse", "kl") if k in stats),
+            stats["grad_norm"])
         cfg = self.config
         if cfg.checkpoint_dir and cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0:
             self.save(Path(cfg.checkpoint_dir) / f"step-{self.step:08d}")

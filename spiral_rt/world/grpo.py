@@ -20,7 +20,8 @@ engine step per chunk and denoising step for all goals x G members, and one trai
                the mean over its steps of the graded score or of completion (``--reward``);
                advantages are normalised within the group
     update     one ``GRPOTrainer.train_step`` (LoRA adapters on the DiT's linears, fp32 so the
-               recomputed log-probs equal the recorded ones before the update)
+               recomputed log-probs equal the recorded ones before the update; ``--objective``:
+               the clipped policy gradient, or advantage-weighted denoising of the members' videos)
 
 Several GPUs: ``torchrun --nproc_per_node N -m spiral_rt.world.grpo ...`` runs N ranks (NCCL on CUDA,
 gloo on the CPU), each on its own device with its own goal per iteration; the trainer averages the
@@ -120,6 +121,10 @@ class WorldGRPOConfig:
     """A member's reward: the mean over its steps of the critic's graded "score", or of "completed" (1/0)."""
     seed: int = 0
     """Goal seeds (GRPO_SEED_BASE + seed * 100003 + goal index, ``iteration_goals``) and the rollouts' Philox seed."""
+    objective: str = "policy_gradient"
+    """``GRPOTrainerConfig.objective``: "policy_gradient" (clipped ratio of the recorded transitions'
+    log-probs) or "denoising" (advantage-weighted denoising loss of the members' clean chunks at the
+    trained steps' noise levels; give it a ``kl_coef`` above the largest |advantage|, e.g. 3)."""
     gate_adapters: bool = True
     """The LoRA adapters act only at the trained steps' timesteps (``gate_lora_by_timestep``); off:
     in every forward, where an update credited to steps 0-2 also moves the untrained steps and the
@@ -166,6 +171,8 @@ class WorldGRPOConfig:
         if steps is not None and min(steps) < 0:
             raise ValueError(f"WorldGRPOConfig: 'train_steps' must be empty or comma-separated step indices >= 0, "
                              f"got {self.train_steps!r}")
+        if self.objective not in ("policy_gradient", "denoising"):
+            raise ValueError(f"WorldGRPOConfig: 'objective' must be 'policy_gradient' or 'denoising', got {self.objective!r}")
         if self.noise not in NOISE_POLICIES:
             raise ValueError(f"WorldGRPOConfig: 'noise' must be one of {NOISE_POLICIES}, got {self.noise!r}")
         if self.credit not in CREDITS:
@@ -267,6 +274,7 @@ def run(cfg: WorldGRPOConfig) -> dict:
     trainer = GRPOTrainer(world.dit, GRPOTrainerConfig(
         lr=cfg.lr, lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), bf16_autocast=False,
         micro_batch_size=min(cfg.micro_batch_size, members), loss=GRPOLossConfig(kl_coef=cfg.kl_coef),
+        objective=cfg.objective,
         lora_timesteps=_trained_timesteps(cfg, engine.config.schedule.model_timesteps) if cfg.gate_adapters else None),
         world.text_encoder, engine_config=engine.config)
     runner = RolloutRunner(engine, WorldCritic(wcfg), critic_processes=cfg.critic_processes)
@@ -332,7 +340,7 @@ def run(cfg: WorldGRPOConfig) -> dict:
                     "goals_per_update": cfg.goals_per_update, "group_size": cfg.group_size,
                     "lr": cfg.lr, "lora_rank": cfg.lora_rank, "kl_coef": cfg.kl_coef, "reward": cfg.reward,
                     "policy": cfg.policy, "noise": cfg.noise, "train_steps": cfg.train_steps, "credit": cfg.credit,
-                    "gate_adapters": cfg.gate_adapters}})
+                    "gate_adapters": cfg.gate_adapters, "objective": cfg.objective}})
         if stop:
             logger.info("time limit of %.1f min reached after %d update(s)", cfg.time_limit_min, updates)
             break
