@@ -256,6 +256,24 @@ def _trained_timesteps(cfg: WorldGRPOConfig, model_timesteps) -> tuple[float, ..
     return tuple(timesteps[i] for i in steps)
 
 
+def step_policy_of(cfg: WorldGRPOConfig):
+    """The rollouts' step policy ``cfg.policy`` names."""
+    return FlowGRPOStep(noise_level=cfg.noise_level) if cfg.policy == "flow_grpo" else SelfForcingRenoise(prediction="velocity")
+
+
+def rollout_goals(runner: RolloutRunner, world, cfg: WorldGRPOConfig, goals: list, seed: int, step_policy=None):
+    """One scored RolloutBatch of ``goals`` (items of ``iteration_goals``, one chunk count), each an
+    execution group of ``cfg.group_size`` members after its observed intro chunk, generated together."""
+    plans = [plan for _, plan, _, _ in goals]
+    spec = RolloutSpec(goals=[p.goal for p in plans], plans=[[p] for p in plans], group_size=cfg.group_size,
+                       num_chunks=goals[0][2], fork_chunk=1, observed_chunks=1, seed=seed, keep_frames=False,
+                       step_policy=step_policy or step_policy_of(cfg), reward_signal=cfg.reward, credit=cfg.credit,
+                       noise=cfg.noise, progress=False, train_steps=cfg.trained_step_indices())
+    with torch.no_grad():
+        return runner.run(spec, observations=[world.scene_latents(scene, WorldConfig()) for _, _, _, scene in goals],
+                          concurrent_groups=len(goals))
+
+
 def run(cfg: WorldGRPOConfig) -> dict:
     """Post-train as ``cfg`` says; returns a summary (per-iteration rewards and the weights path)."""
     from tqdm import tqdm
@@ -278,8 +296,7 @@ def run(cfg: WorldGRPOConfig) -> dict:
         lora_timesteps=_trained_timesteps(cfg, engine.config.schedule.model_timesteps) if cfg.gate_adapters else None),
         world.text_encoder, engine_config=engine.config)
     runner = RolloutRunner(engine, WorldCritic(wcfg), critic_processes=cfg.critic_processes)
-    step_policy = (FlowGRPOStep(noise_level=cfg.noise_level) if cfg.policy == "flow_grpo"
-                   else SelfForcingRenoise(prediction="velocity"))
+    step_policy = step_policy_of(cfg)
     log_path = out / "log.jsonl"
     start = 0
     if (out / TRAINER_DIR / "trainer.json").is_file():  # resume: adapters, optimizer state, update count
@@ -299,15 +316,8 @@ def run(cfg: WorldGRPOConfig) -> dict:
         t0 = time.perf_counter()
         mine = next(stream)[rank * cfg.goals_per_update:(rank + 1) * cfg.goals_per_update]  # every rank its own goals
         plans = [plan for _, plan, _, _ in mine]
-        spec = RolloutSpec(goals=[p.goal for p in plans], plans=[[p] for p in plans], group_size=cfg.group_size,
-                           num_chunks=mine[0][2], fork_chunk=1, observed_chunks=1,
-                           seed=cfg.seed * 1_000_003 + it * world_size + rank, keep_frames=False,
-                           step_policy=step_policy, reward_signal=cfg.reward, credit=cfg.credit, noise=cfg.noise,
-                           progress=False,
-                           train_steps=cfg.trained_step_indices())
-        with torch.no_grad():
-            batch = runner.run(spec, observations=[world.scene_latents(scene, wcfg) for _, _, _, scene in mine],
-                               concurrent_groups=len(mine))
+        batch = rollout_goals(runner, world, cfg, mine, seed=cfg.seed * 1_000_003 + it * world_size + rank,
+                              step_policy=step_policy)
         t1 = time.perf_counter()
         stats = trainer.train_step(batch)
         verdicts = [v for member in batch.verdicts for v in member]
