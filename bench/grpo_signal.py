@@ -15,8 +15,13 @@ Measured at the start of post-training (fresh LoRA adapters, B = 0, so only the 
 gradients) on the shipped world model, for each objective of ``GRPOTrainerConfig``: the clipped
 policy gradient of the recorded transitions, and advantage-weighted denoising with 1 or several
 fresh noise draws per transition (``--draws``: more draws, less of the denoising loss's own noise).
-No update is taken; the KL term is off (zero gradient at the start). Prints a table and writes
-bench/results/grpo_signal.json.
+The KL term is off (zero gradient at the start).
+
+With ``--update-steps N`` it then checks whether the direction raises the reward: N updates of one
+objective (``--update-objective``, ``--lr``) on the first batch alone, then fresh groups of the same
+goals and of the other goals (new seeds), compared with the base model's groups on the same seeds
+and noise (before the update: the adapters start at zero, so those are the base model's). Prints a
+table and writes bench/results/grpo_signal.json (``--result`` names another).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from spiral_rt.rl import GRPOLossConfig
 from spiral_rt.rl.trainer import GRPOTrainer, GRPOTrainerConfig
 from spiral_rt.rollout import RolloutRunner
 from spiral_rt.world import WorldConfig, WorldCritic
-from spiral_rt.world.grpo import WorldGRPOConfig, _trained_timesteps, iteration_goals, rollout_goals
+from spiral_rt.world.grpo import WorldGRPOConfig, trained_timesteps, grpo_engine, iteration_goals, rollout_goals
 from spiral_rt.world.model.loader import load_world_model
 
 
@@ -59,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--goals", type=int, default=4, help="goals per batch")
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--draws", default="1,4", help="noise draws per transition of the denoising objective")
+    p.add_argument("--update-steps", type=int, default=0, help="updates on the first batch before the fresh groups")
+    p.add_argument("--update-objective", default="denoising", choices=("policy_gradient", "denoising"))
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate of those updates")
+    p.add_argument("--denoising-weights", default="advantage", choices=("advantage", "positive"),
+                   help="GRPOTrainerConfig.denoising_weights of those updates")
+    p.add_argument("--skip-cosines", action="store_true", help="only the update check")
+    p.add_argument("--result", default="grpo_signal", help="name of the result file (bench/results/NAME.json)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
@@ -69,20 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     cfg.validate()
     world = load_world_model(None, device=args.device, dtype=torch.float32)
     members = args.goals * args.group_size
-    engine = world.engine(max_batch_size=members)
+    engine = grpo_engine(world, members)
     trainer = GRPOTrainer(world.dit, GRPOTrainerConfig(
-        lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), bf16_autocast=False, micro_batch_size=members,
-        loss=GRPOLossConfig(kl_coef=0.0), lora_timesteps=_trained_timesteps(cfg, engine.config.schedule.model_timesteps)),
+        lr=args.lr, lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), bf16_autocast=False, micro_batch_size=members,
+        loss=GRPOLossConfig(kl_coef=0.0), lora_timesteps=trained_timesteps(cfg, engine.config.schedule.model_timesteps)),
         world.text_encoder, engine_config=engine.config)
     runner = RolloutRunner(engine, WorldCritic(WorldConfig()), critic_processes=0)
     stream = iteration_goals(cfg.seed, args.goals, WorldConfig())
     goals_a, goals_b = next(stream), next(stream)
     t0 = time.perf_counter()
-    batches = {"A seed 1": rollout_goals(runner, world, cfg, goals_a, seed=1),
-               "A seed 2": rollout_goals(runner, world, cfg, goals_a, seed=2),
-               "B seed 3": rollout_goals(runner, world, cfg, goals_b, seed=3)}
+    sources = {"A seed 1": (goals_a, 1)} if args.skip_cosines else \
+        {"A seed 1": (goals_a, 1), "A seed 2": (goals_a, 2), "B seed 3": (goals_b, 3)}
+    batches = {name: rollout_goals(runner, world, cfg, g, seed=s) for name, (g, s) in sources.items()}
     rollout_s = time.perf_counter() - t0
-    objectives = [("policy_gradient", 1)] + [("denoising", d) for d in draws]
+    objectives = [] if args.skip_cosines else [("policy_gradient", 1)] + [("denoising", d) for d in draws]
     rows = []
     for objective, d in objectives:
         g = {name: gradient(trainer, b, objective, d) for name, b in batches.items()}
@@ -90,14 +102,30 @@ def main(argv: list[str] | None = None) -> int:
                      "cos_same_goals": cosine(g["A seed 1"], g["A seed 2"]),
                      "cos_other_goals": 0.5 * (cosine(g["A seed 1"], g["B seed 3"]) + cosine(g["A seed 2"], g["B seed 3"])),
                      "grad_norm": float(sum(x.norm() for x in g.values()) / len(g))})
+    update = {}
+    if args.update_steps > 0:
+        fresh = {"same goals": (goals_a, 11), "other goals": (goals_b, 12)}
+        before = {name: rollout_goals(runner, world, cfg, g, seed=s).rewards for name, (g, s) in fresh.items()}
+        trainer.config.objective, trainer.config.denoising_weights = args.update_objective, args.denoising_weights
+        for _ in range(args.update_steps):
+            trainer.train_step(batches["A seed 1"])
+        after = {name: rollout_goals(runner, world, cfg, g, seed=s).rewards for name, (g, s) in fresh.items()}
+        update = {"objective": args.update_objective, "denoising_weights": args.denoising_weights,
+                  "steps": args.update_steps, "lr": args.lr,
+                  **{name: {"reward_before": float(before[name].mean()), "reward_after": float(after[name].mean()),
+                            "members_changed": int((before[name] != after[name]).sum())} for name in fresh}}
     runner.close()
     engine.close()
     rewards = {name: float(b.rewards.mean()) for name, b in batches.items()}
-    print_table(rows, ["objective", "cos_same_goals", "cos_other_goals", "grad_norm"])
+    if rows:
+        print_table(rows, ["objective", "cos_same_goals", "cos_other_goals", "grad_norm"])
     print(f"batch rewards {rewards}; rollouts {rollout_s:.0f} s")
-    write_result("grpo_signal", {"goals": args.goals, "group_size": args.group_size, "device": args.device,
+    if update:
+        print(f"after {args.update_steps} {args.update_objective} update(s) at lr {args.lr} on batch 'A seed 1': {update}")
+    write_result(args.result, {"goals": args.goals, "group_size": args.group_size, "device": args.device,
                                  "train_steps": cfg.train_steps, "noise": cfg.noise, "reward": cfg.reward,
-                                 "policy": cfg.policy, "batch_rewards": rewards, "rollout_s": rollout_s}, rows)
+                                 "policy": cfg.policy, "batch_rewards": rewards, "rollout_s": rollout_s},
+                 rows, {"update": update} if update else None)
     return 0
 
 

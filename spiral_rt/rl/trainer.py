@@ -131,6 +131,12 @@ class GRPOTrainerConfig:
     a supervised target instead of one Gaussian draw's direction, so far less gradient noise per
     sample. Keep ``loss.kl_coef`` above the largest |advantage| (~2.7 for groups of 8): the per-sample
     loss is then a convex quadratic in x0_hat, bounded for negative advantages too."""
+    denoising_weights: Literal["advantage", "positive"] = "advantage"
+    """Member weights of the "denoising" objective: the advantage (members below their group's mean
+    are pushed away from their own videos), or "positive": max(advantage, 0), only the members above
+    the mean are fitted (reward-weighted regression on the group's better videos; bounded without
+    a KL term, where pushing away is not: five unregularised updates at lr 3e-3 on one batch dropped
+    fresh groups' reward from 0.68 to 0.11, bench/NOTES.md session 11)."""
     gradient_checkpointing: bool = False
     """Recompute each DiT block in the backward pass (torch.utils.checkpoint around the model's
     per-block call), trading compute for activation memory."""
@@ -178,6 +184,9 @@ class GRPOTrainerConfig:
                              f"got {self.lora_targets!r}")
         if self.objective not in ("policy_gradient", "denoising"):
             raise ValueError(f"GRPOTrainerConfig: 'objective' must be 'policy_gradient' or 'denoising', got {self.objective!r}")
+        if self.denoising_weights not in ("advantage", "positive"):
+            raise ValueError(f"GRPOTrainerConfig: 'denoising_weights' must be 'advantage' or 'positive', "
+                             f"got {self.denoising_weights!r}")
         if isinstance(self.micro_batch_size, bool) or not isinstance(self.micro_batch_size, int) or self.micro_batch_size < 1:
             raise ValueError(f"GRPOTrainerConfig: 'micro_batch_size' must be a positive int, got {self.micro_batch_size!r}")
         if not isinstance(self.advantage, AdvantageConfig):
@@ -745,9 +754,13 @@ class GRPOTrainer:
                 sums["logp_new"] += float(logp_new.detach().sum()) / total
                 for k in ("ratio_mean", "clipfrac", "approx_kl_old"):
                     sums[k] += out.stats[k] * w
-        stats = dict(sums)
-        stats["transitions"] = total
-        stats["advantage_mean"] = float(adv_all.mean())
+        return self._batch_stats(sums, batch, adv_all)
+
+    @staticmethod
+    def _batch_stats(sums: dict, batch, adv_all: torch.Tensor) -> dict:
+        """One batch's statistics: the loss terms' weighted sums, its transitions, mean advantage and reward."""
+        stats = {**sums, "transitions": batch.num_members * batch.num_transitions,
+                 "advantage_mean": float(adv_all.mean())}
         if batch.rewards is not None:
             stats["reward_mean"] = float(batch.rewards.double().mean())
         return stats
@@ -781,9 +794,12 @@ class GRPOTrainer:
     def _accumulate_denoising(self, batch, scale: float, last: bool) -> dict:
         """Backward of ``scale`` times one batch's advantage-weighted denoising loss (``objective``
         "denoising"): mean over members and trained transitions of
-        adv * mean (x0_hat - x0)^2 + kl_coef * mean (x0_hat - x0_ref)^2."""
+        adv * mean (x0_hat - x0)^2 + kl_coef * mean (x0_hat - x0_ref)^2 (adv clamped at 0 with
+        ``denoising_weights="positive"``)."""
         lcfg = self.config.loss
         adv_all = self._advantages(batch)
+        if self.config.denoising_weights == "positive":
+            adv_all = adv_all.clamp_min(0.0)
         need_ref = lcfg.kl_coef > 0 and lcfg.kl != "none"
         M, T = batch.num_members, batch.num_transitions
         total = M * T
@@ -815,12 +831,7 @@ class GRPOTrainer:
                 sums["policy_loss"] += float(policy.detach()) * w
                 sums["kl"] += float(kl.detach()) * w
                 sums["denoise_mse"] += float(mse.detach().mean()) * w
-        stats = dict(sums)
-        stats["transitions"] = total
-        stats["advantage_mean"] = float(adv_all.mean())
-        if batch.rewards is not None:
-            stats["reward_mean"] = float(batch.rewards.double().mean())
-        return stats
+        return self._batch_stats(sums, batch, adv_all)
 
     def train_step(self, batch) -> dict:
         """One GRPO update on ``batch`` (a RolloutBatch or a list of them, accumulated: see

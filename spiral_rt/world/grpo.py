@@ -125,6 +125,9 @@ class WorldGRPOConfig:
     """``GRPOTrainerConfig.objective``: "policy_gradient" (clipped ratio of the recorded transitions'
     log-probs) or "denoising" (advantage-weighted denoising loss of the members' clean chunks at the
     trained steps' noise levels; give it a ``kl_coef`` above the largest |advantage|, e.g. 3)."""
+    denoising_weights: str = "advantage"
+    """``GRPOTrainerConfig.denoising_weights`` of the "denoising" objective: "advantage" or "positive"
+    (only the members above their group's mean are fitted)."""
     gate_adapters: bool = True
     """The LoRA adapters act only at the trained steps' timesteps (``gate_lora_by_timestep``); off:
     in every forward, where an update credited to steps 0-2 also moves the untrained steps and the
@@ -173,6 +176,9 @@ class WorldGRPOConfig:
                              f"got {self.train_steps!r}")
         if self.objective not in ("policy_gradient", "denoising"):
             raise ValueError(f"WorldGRPOConfig: 'objective' must be 'policy_gradient' or 'denoising', got {self.objective!r}")
+        if self.denoising_weights not in ("advantage", "positive"):
+            raise ValueError(f"WorldGRPOConfig: 'denoising_weights' must be 'advantage' or 'positive', "
+                             f"got {self.denoising_weights!r}")
         if self.noise not in NOISE_POLICIES:
             raise ValueError(f"WorldGRPOConfig: 'noise' must be one of {NOISE_POLICIES}, got {self.noise!r}")
         if self.credit not in CREDITS:
@@ -244,7 +250,7 @@ def _load(cfg: WorldGRPOConfig):
                             text_encoder=HashTextEncoder(dit_cfg.text_dim, 16))
 
 
-def _trained_timesteps(cfg: WorldGRPOConfig, model_timesteps) -> tuple[float, ...]:
+def trained_timesteps(cfg: WorldGRPOConfig, model_timesteps) -> tuple[float, ...]:
     """The model timesteps of the trained denoising steps (all of them when ``train_steps`` is empty)."""
     timesteps = [float(t) for t in model_timesteps]
     steps = cfg.trained_step_indices()
@@ -254,6 +260,19 @@ def _trained_timesteps(cfg: WorldGRPOConfig, model_timesteps) -> tuple[float, ..
         raise ValueError(f"WorldGRPOConfig: 'train_steps' {cfg.train_steps!r} names a step past the schedule's "
                          f"{len(timesteps)} denoising steps")
     return tuple(timesteps[i] for i in steps)
+
+
+CPU_KV_BYTES_PER_MEMBER = 16 * 2**20
+"""KV pool per rollout member on the CPU (where the engine's default pool is 256 MiB): the world
+model's window of 9 context frames plus the chunk being generated, 1.1 MiB a frame, with room."""
+
+
+def grpo_engine(world, members: int):
+    """An engine for rollouts of ``members`` members: on CUDA the default pool (40% of free memory),
+    on the CPU one sized for the members."""
+    if world.dit.patch_embedding.weight.device.type == "cuda":
+        return world.engine(max_batch_size=members)
+    return world.engine(max_batch_size=members, kv_memory_bytes=max(256 * 2**20, members * CPU_KV_BYTES_PER_MEMBER))
 
 
 def step_policy_of(cfg: WorldGRPOConfig):
@@ -288,12 +307,12 @@ def run(cfg: WorldGRPOConfig) -> dict:
     wcfg = WorldConfig()
     world = _load(cfg)
     members = cfg.goals_per_update * cfg.group_size
-    engine = world.engine(max_batch_size=members)
+    engine = grpo_engine(world, members)
     trainer = GRPOTrainer(world.dit, GRPOTrainerConfig(
         lr=cfg.lr, lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), bf16_autocast=False,
         micro_batch_size=min(cfg.micro_batch_size, members), loss=GRPOLossConfig(kl_coef=cfg.kl_coef),
-        objective=cfg.objective,
-        lora_timesteps=_trained_timesteps(cfg, engine.config.schedule.model_timesteps) if cfg.gate_adapters else None),
+        objective=cfg.objective, denoising_weights=cfg.denoising_weights,
+        lora_timesteps=trained_timesteps(cfg, engine.config.schedule.model_timesteps) if cfg.gate_adapters else None),
         world.text_encoder, engine_config=engine.config)
     runner = RolloutRunner(engine, WorldCritic(wcfg), critic_processes=cfg.critic_processes)
     step_policy = step_policy_of(cfg)
@@ -350,7 +369,8 @@ def run(cfg: WorldGRPOConfig) -> dict:
                     "goals_per_update": cfg.goals_per_update, "group_size": cfg.group_size,
                     "lr": cfg.lr, "lora_rank": cfg.lora_rank, "kl_coef": cfg.kl_coef, "reward": cfg.reward,
                     "policy": cfg.policy, "noise": cfg.noise, "train_steps": cfg.train_steps, "credit": cfg.credit,
-                    "gate_adapters": cfg.gate_adapters, "objective": cfg.objective}})
+                    "gate_adapters": cfg.gate_adapters, "objective": cfg.objective,
+                    "denoising_weights": cfg.denoising_weights}})
         if stop:
             logger.info("time limit of %.1f min reached after %d update(s)", cfg.time_limit_min, updates)
             break

@@ -251,6 +251,21 @@ def test_denoising_objective_favours_the_positive_member():
     assert change[0] < 0 and change[0] < change[1] and change[0] < change[2], change
 
 
+def test_positive_denoising_weights_fit_only_the_members_above_the_mean():
+    model = tiny_model(seed=9)
+    batch, ecfg, emb = rollout(model, plans=[[["a fox in snow"]]], group_size=3)
+    batch.advantages = torch.tensor([1.1, 0.2, -1.3], dtype=torch.float64)
+    grads = {}
+    for weights, adv in (("positive", batch.advantages), ("advantage", batch.advantages.clamp_min(0))):
+        net = copy.deepcopy(model)
+        trainer = GRPOTrainer(net, GRPOTrainerConfig(lora_rank=None, micro_batch_size=2, objective="denoising",
+                                                     denoising_weights=weights), emb, engine_config=ecfg)
+        trainer.compute_gradients(dataclasses.replace(batch, advantages=adv))
+        grads[weights] = torch.cat([p.grad.flatten() for p in net.parameters()])
+    torch.testing.assert_close(grads["positive"], grads["advantage"], rtol=0, atol=0)
+    assert grads["positive"].abs().sum() > 0
+
+
 # ----------------------------------------------------------------------------- learning signal
 
 
@@ -496,6 +511,7 @@ def test_two_process_gloo_step(tmp_path):
     (dict(lr=-1.0), "'lr'"), (dict(micro_batch_size=0), "'micro_batch_size'"), (dict(lora_rank=0), "'lora_rank'"),
     (dict(reference="lora_disabled", lora_rank=None), "'reference'"), (dict(checkpoint_interval=3), "'checkpoint_interval'"),
     (dict(grad_clip=0.0), "'grad_clip'"), (dict(lora_targets=()), "'lora_targets'"), (dict(objective="ppo"), "'objective'"),
+    (dict(denoising_weights="negative"), "'denoising_weights'"),
 ])
 def test_config_errors_name_the_field(kw, name):
     with pytest.raises(ValueError, match=name):

@@ -99,7 +99,7 @@ def test_two_ranks_roll_out_different_goals_and_rank0_logs_both(tmp_path):
                                           ("kl_coef", -1.0), ("save_every", 0), ("goals_per_update", 0),
                                           ("train_steps", "0,x"), ("train_steps", "-1"),
                                           ("critic_processes", -1), ("noise", "shared"), ("credit", "chunk"),
-                                          ("objective", "ppo")])
+                                          ("objective", "ppo"), ("denoising_weights", "all")])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         WorldGRPOConfig(**{field: value}).validate()
