@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     world = load_world_model(None, device=args.device, dtype=torch.float32)
     members = args.goals * args.group_size
     engine = grpo_engine(world, members)
+    torch.manual_seed(0)  # the adapters' random A matrices: the gradients (of B) depend on them
     trainer = GRPOTrainer(world.dit, GRPOTrainerConfig(
         lr=args.lr, lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), bf16_autocast=False, micro_batch_size=members,
         loss=GRPOLossConfig(kl_coef=0.0), lora_timesteps=trained_timesteps(cfg, engine.config.schedule.model_timesteps)),

@@ -308,6 +308,7 @@ def run(cfg: WorldGRPOConfig) -> dict:
     world = _load(cfg)
     members = cfg.goals_per_update * cfg.group_size
     engine = grpo_engine(world, members)
+    torch.manual_seed(cfg.seed)  # the adapters' random initialisation: a run is reproducible
     trainer = GRPOTrainer(world.dit, GRPOTrainerConfig(
         lr=cfg.lr, lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), bf16_autocast=False,
         micro_batch_size=min(cfg.micro_batch_size, members), loss=GRPOLossConfig(kl_coef=cfg.kl_coef),
