@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--denoising-weights", default="advantage", choices=("advantage", "positive"),
                    help="GRPOTrainerConfig.denoising_weights of those updates")
     p.add_argument("--skip-cosines", action="store_true", help="only the update check")
+    p.add_argument("--train-steps", default=WorldGRPOConfig.train_steps,
+                   help="trained denoising steps (comma-separated; empty: all), as world GRPO's --train-steps")
     p.add_argument("--result", default="grpo_signal", help="name of the result file (bench/results/NAME.json)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--log-level", default="WARNING")
@@ -77,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper())
     draws = [int(x) for x in args.draws.split(",")]
 
-    cfg = WorldGRPOConfig(goals_per_update=args.goals, group_size=args.group_size, device=args.device, critic_processes=0)
+    cfg = WorldGRPOConfig(goals_per_update=args.goals, group_size=args.group_size, device=args.device, critic_processes=0,
+                          train_steps=args.train_steps)
     cfg.validate()
     world = load_world_model(None, device=args.device, dtype=torch.float32)
     members = args.goals * args.group_size
