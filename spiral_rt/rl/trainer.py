@@ -87,6 +87,11 @@ DEFAULT_LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.
                         "ffn.0", "ffn.2")
 """Linear layers of every DiT block that get adapters by default (suffixes of module names)."""
 
+OBJECTIVES = ("policy_gradient", "denoising")
+"""``GRPOTrainerConfig.objective`` values."""
+DENOISING_WEIGHTS = ("advantage", "positive")
+"""``GRPOTrainerConfig.denoising_weights`` values."""
+
 TextProvider = Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor]
 
 
@@ -182,10 +187,10 @@ class GRPOTrainerConfig:
                 isinstance(t, str) and t for t in self.lora_targets):
             raise ValueError(f"GRPOTrainerConfig: 'lora_targets' must be a non-empty sequence of module names, "
                              f"got {self.lora_targets!r}")
-        if self.objective not in ("policy_gradient", "denoising"):
-            raise ValueError(f"GRPOTrainerConfig: 'objective' must be 'policy_gradient' or 'denoising', got {self.objective!r}")
-        if self.denoising_weights not in ("advantage", "positive"):
-            raise ValueError(f"GRPOTrainerConfig: 'denoising_weights' must be 'advantage' or 'positive', "
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"GRPOTrainerConfig: 'objective' must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.denoising_weights not in DENOISING_WEIGHTS:
+            raise ValueError(f"GRPOTrainerConfig: 'denoising_weights' must be one of {DENOISING_WEIGHTS}, "
                              f"got {self.denoising_weights!r}")
         if isinstance(self.micro_batch_size, bool) or not isinstance(self.micro_batch_size, int) or self.micro_batch_size < 1:
             raise ValueError(f"GRPOTrainerConfig: 'micro_batch_size' must be a positive int, got {self.micro_batch_size!r}")

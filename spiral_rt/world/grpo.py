@@ -58,7 +58,7 @@ from spiral_rt.agents.types import Goal, Plan, Step
 from spiral_rt.config_cli import config_from_args, dataclass_parser
 from spiral_rt.rl import GRPOLossConfig
 from spiral_rt.rl.launch import join_from_env
-from spiral_rt.rl.trainer import GRPOTrainer, GRPOTrainerConfig
+from spiral_rt.rl.trainer import DENOISING_WEIGHTS, OBJECTIVES, GRPOTrainer, GRPOTrainerConfig
 from spiral_rt.rollout import RolloutRunner, RolloutSpec
 from spiral_rt.rollout.spec import CREDITS, NOISE_POLICIES, REWARD_SIGNALS
 from spiral_rt.sampling import FlowGRPOStep, SelfForcingRenoise
@@ -174,10 +174,10 @@ class WorldGRPOConfig:
         if steps is not None and min(steps) < 0:
             raise ValueError(f"WorldGRPOConfig: 'train_steps' must be empty or comma-separated step indices >= 0, "
                              f"got {self.train_steps!r}")
-        if self.objective not in ("policy_gradient", "denoising"):
-            raise ValueError(f"WorldGRPOConfig: 'objective' must be 'policy_gradient' or 'denoising', got {self.objective!r}")
-        if self.denoising_weights not in ("advantage", "positive"):
-            raise ValueError(f"WorldGRPOConfig: 'denoising_weights' must be 'advantage' or 'positive', "
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"WorldGRPOConfig: 'objective' must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.denoising_weights not in DENOISING_WEIGHTS:
+            raise ValueError(f"WorldGRPOConfig: 'denoising_weights' must be one of {DENOISING_WEIGHTS}, "
                              f"got {self.denoising_weights!r}")
         if self.noise not in NOISE_POLICIES:
             raise ValueError(f"WorldGRPOConfig: 'noise' must be one of {NOISE_POLICIES}, got {self.noise!r}")
