@@ -494,7 +494,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         scores = [s for seed_scores in by_seed.values() for s in seed_scores]
         row = summarize(mode, scores)
         if len(by_seed) > 1:
-            row["by_seed"] = [{"seed": seed, **{k: summarize(mode, ss)[k] for k in ("step_completion_rate", "goal_success_rate")}}
+            row["by_seed"] = [{"seed": seed, **{k: v for k, v in summarize(mode, ss).items()
+                                                if k in ("step_completion_rate", "goal_success_rate")}}
                               for seed, ss in by_seed.items()]
         rows.append(row)
         per_goal[mode] = [{**s.to_dict(), "seed": seed} for seed, ss in by_seed.items() for s in ss]

@@ -27,18 +27,16 @@ table and writes bench/results/grpo_signal.json (``--result`` names another).
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import time
 
 import torch
 
 from common import print_table, write_result
-from spiral_rt.rl import GRPOLossConfig
-from spiral_rt.rl.trainer import GRPOTrainer, GRPOTrainerConfig
+from spiral_rt.rl.trainer import DENOISING_WEIGHTS, OBJECTIVES, GRPOTrainer
 from spiral_rt.rollout import RolloutRunner
 from spiral_rt.world import WorldConfig, WorldCritic
-from spiral_rt.world.grpo import WorldGRPOConfig, trained_timesteps, grpo_engine, iteration_goals, rollout_goals
+from spiral_rt.world.grpo import WorldGRPOConfig, grpo_engine, grpo_trainer, iteration_goals, rollout_goals
 from spiral_rt.world.model.loader import load_world_model
 
 
@@ -65,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--draws", default="1,4", help="noise draws per transition of the denoising objective")
     p.add_argument("--update-steps", type=int, default=0, help="updates on the first batch before the fresh groups")
-    p.add_argument("--update-objective", default="denoising", choices=("policy_gradient", "denoising"))
+    p.add_argument("--update-objective", default="denoising", choices=OBJECTIVES)
     p.add_argument("--lr", type=float, default=3e-3, help="learning rate of those updates")
-    p.add_argument("--denoising-weights", default="advantage", choices=("advantage", "positive"),
+    p.add_argument("--denoising-weights", default="advantage", choices=DENOISING_WEIGHTS,
                    help="GRPOTrainerConfig.denoising_weights of those updates")
     p.add_argument("--skip-cosines", action="store_true", help="only the update check")
     p.add_argument("--train-steps", default=WorldGRPOConfig.train_steps,
@@ -79,17 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper())
     draws = [int(x) for x in args.draws.split(",")]
 
+    # KL off: its gradient is zero at the start; seed 0 fixes the adapters' random A matrices, on
+    # which the B gradients depend
     cfg = WorldGRPOConfig(goals_per_update=args.goals, group_size=args.group_size, device=args.device, critic_processes=0,
-                          train_steps=args.train_steps)
+                          train_steps=args.train_steps, lr=args.lr, kl_coef=0.0, micro_batch_size=args.goals * args.group_size)
     cfg.validate()
     world = load_world_model(None, device=args.device, dtype=torch.float32)
     members = args.goals * args.group_size
     engine = grpo_engine(world, members)
-    torch.manual_seed(0)  # the adapters' random A matrices: the gradients (of B) depend on them
-    trainer = GRPOTrainer(world.dit, GRPOTrainerConfig(
-        lr=args.lr, lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), bf16_autocast=False, micro_batch_size=members,
-        loss=GRPOLossConfig(kl_coef=0.0), lora_timesteps=trained_timesteps(cfg, engine.config.schedule.model_timesteps)),
-        world.text_encoder, engine_config=engine.config)
+    trainer = grpo_trainer(world, engine, cfg)
     runner = RolloutRunner(engine, WorldCritic(WorldConfig()), critic_processes=0)
     stream = iteration_goals(cfg.seed, args.goals, WorldConfig())
     goals_a, goals_b = next(stream), next(stream)

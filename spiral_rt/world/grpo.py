@@ -275,6 +275,19 @@ def grpo_engine(world, members: int):
     return world.engine(max_batch_size=members, kv_memory_bytes=max(256 * 2**20, members * CPU_KV_BYTES_PER_MEMBER))
 
 
+def grpo_trainer(world, engine, cfg: WorldGRPOConfig) -> GRPOTrainer:
+    """The trainer ``cfg`` describes over ``world``'s DiT (LoRA adapters injected into it, initialised
+    from ``cfg.seed``: a run is reproducible), for rollouts of ``engine``."""
+    members = cfg.goals_per_update * cfg.group_size
+    torch.manual_seed(cfg.seed)
+    return GRPOTrainer(world.dit, GRPOTrainerConfig(
+        lr=cfg.lr, lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), bf16_autocast=False,
+        micro_batch_size=min(cfg.micro_batch_size, members), loss=GRPOLossConfig(kl_coef=cfg.kl_coef),
+        objective=cfg.objective, denoising_weights=cfg.denoising_weights,
+        lora_timesteps=trained_timesteps(cfg, engine.config.schedule.model_timesteps) if cfg.gate_adapters else None),
+        world.text_encoder, engine_config=engine.config)
+
+
 def step_policy_of(cfg: WorldGRPOConfig):
     """The rollouts' step policy ``cfg.policy`` names."""
     return FlowGRPOStep(noise_level=cfg.noise_level) if cfg.policy == "flow_grpo" else SelfForcingRenoise(prediction="velocity")
@@ -308,13 +321,7 @@ def run(cfg: WorldGRPOConfig) -> dict:
     world = _load(cfg)
     members = cfg.goals_per_update * cfg.group_size
     engine = grpo_engine(world, members)
-    torch.manual_seed(cfg.seed)  # the adapters' random initialisation: a run is reproducible
-    trainer = GRPOTrainer(world.dit, GRPOTrainerConfig(
-        lr=cfg.lr, lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), bf16_autocast=False,
-        micro_batch_size=min(cfg.micro_batch_size, members), loss=GRPOLossConfig(kl_coef=cfg.kl_coef),
-        objective=cfg.objective, denoising_weights=cfg.denoising_weights,
-        lora_timesteps=trained_timesteps(cfg, engine.config.schedule.model_timesteps) if cfg.gate_adapters else None),
-        world.text_encoder, engine_config=engine.config)
+    trainer = grpo_trainer(world, engine, cfg)
     runner = RolloutRunner(engine, WorldCritic(wcfg), critic_processes=cfg.critic_processes)
     step_policy = step_policy_of(cfg)
     log_path = out / "log.jsonl"
