@@ -102,6 +102,8 @@ class Engine:
         if vae is not None and vae.config.z_dim != model.config.out_channels:
             raise ValueError(f"Engine: 'vae' decodes {vae.config.z_dim} latent channels, the model makes "
                              f"{model.config.out_channels}")
+        if config.fused_ops:
+            model.pack_qkv()  # q, k, v weights in one buffer: the fused path's one QKV GEMM
         self.model = model
         self.vae = vae
         self.config = config
