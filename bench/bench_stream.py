@@ -232,7 +232,12 @@ def _part_b(model, vae, args, clock, prompts, rows, extra, recache: bool):
 def part_c(model, vae, args, clock, prompt, rows, extra):
     n = args.chunks_81
     for streams in args.streams:
-        eng = make_engine(model, vae, args, policy=GlobalPolicy(), kv_frames=streams * (n * 3 + 3))
+        if args.streams_policy == "global":  # every stream keeps all its frames (8 x 81 frames: ~55 GiB of K/V)
+            policy, kv_frames = GlobalPolicy(), streams * (n * 3 + 3)
+        else:  # LongLive's span: constant K/V per stream
+            pol = args.long_policy
+            policy, kv_frames = pol, streams * (pol.sink_frames + pol.window_frames + 6)
+        eng = make_engine(model, vae, args, policy=policy, kv_frames=kv_frames)
         for _ in range(args.warmup):
             run_streams(eng, clock, streams, n, prompt)
         runs = [run_streams(eng, clock, streams, n, prompt) for _ in range(args.repeats)]
@@ -241,7 +246,8 @@ def part_c(model, vae, args, clock, prompt, rows, extra):
         total = statistics.median(r[1] for r in runs)
         per_chunk = statistics.median(p for r in runs for p in r[0])
         frames = video_frames(n * 3) * streams
-        rows.append({"part": "c", "setting": f"{streams} stream(s) x {video_frames(n * 3)} frames", "streams": streams,
+        rows.append({"part": "c", "setting": f"{streams} stream(s) x {video_frames(n * 3)} frames, {args.streams_policy} cache",
+                     "streams": streams,
                      "fps": frames / (total / 1e3), "per_stream_fps": frames / streams / (total / 1e3),
                      "chunk_latency_ms": per_chunk, "first_frames_ms": statistics.median(r[0][0] for r in runs)})
 
@@ -297,6 +303,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2, help="warm-up videos per configuration")
     ap.add_argument("--repeats", type=int, default=3, help="timed videos per configuration")
     ap.add_argument("--streams", default="1,2,4,8", help="stream counts of part c")
+    ap.add_argument("--streams-policy", choices=("global", "longlive"), default="global",
+                    help="part c's cache: every frame kept (as part a; 8 streams need more than an 80 GB H100), or "
+                         "--long-policy's sink + window (constant memory per stream)")
     ap.add_argument("--name", default=None, help="result name (bench/results/<name>.json); default stream / stream_smoke")
     ap.add_argument("--profile", default=None, help="write a torch.profiler trace of one part-a video here")
     ap.add_argument("--long-policy", default=None, metavar="SINK,WINDOW",
@@ -341,7 +350,7 @@ def main(argv=None):
     rows, extra = [], {}
     settings = {"model": dcfg.name, "latent_hw": list(args.latent_hw), "steps": 4, "clean_pass": True,
                 "dtype": str(dtype).replace("torch.", ""), "cuda_graphs": args.graphs, "warmup": args.warmup,
-                "repeats": args.repeats, "parts": sorted(parts), "smoke": args.smoke,
+                "repeats": args.repeats, "parts": sorted(parts), "smoke": args.smoke, "streams_policy": args.streams_policy,
                 "attention_kernel": attention_kernel(torch.device(args.device), dtype, dcfg.head_dim)}
     columns = ["part", "setting", "fps", "psnr_db", "first_frames_ms", "dit_fps", "chunk_ms", "stall_ms", "peak_gib_81",
                "peak_gib", "chunk_latency_ms", "per_stream_fps", "roofline_fraction"]
