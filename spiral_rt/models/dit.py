@@ -571,18 +571,19 @@ class CausalWanDiT(nn.Module):
         affine of the blocks that have one, as a frame-independent modulation (shift = bias, scale =
         weight - 1). Each (B, F, dim) slice is contiguous, as ``modulated_norm`` takes it."""
         B, frames, _, C = e0.shape
-        table = torch.cat([block.modulation.float() for block in self.blocks])  # (num_layers, 6, dim)
+        table = torch.cat([block.modulation for block in self.blocks]).float()  # (num_layers, 6, dim)
         mods = torch.empty((len(self.blocks), 6, B, frames, C), device=e0.device)  # contiguous, whatever e0's strides
         torch.add(table[:, :, None, None, :], e0.permute(2, 0, 1, 3), out=mods)
         norms = {i: block.norm3 for i, block in enumerate(self.blocks) if isinstance(block.norm3, nn.LayerNorm)}
         if not norms:
             return mods, {}
-        zeros = torch.zeros(C, device=e0.device)
-        affine = torch.stack([
-            torch.stack([n.bias.float() if n.bias is not None else zeros,
-                         n.weight.float() - 1.0 if n.weight is not None else zeros])
-            for n in norms.values()
-        ])  # (num_norms, 2, dim)
+        def stacked(name: str, default: float) -> torch.Tensor:  # (num_norms, dim) fp32, one cast for all
+            params = [getattr(n, name) for n in norms.values()]
+            like = next((p for p in params if p is not None), None)
+            fill = torch.full((C,), default, device=e0.device, dtype=like.dtype if like is not None else torch.float32)
+            return torch.stack([p if p is not None else fill for p in params]).float()
+
+        affine = torch.stack([stacked("bias", 0.0), stacked("weight", 1.0) - 1.0], dim=1)  # (num_norms, 2, dim)
         affine = affine[:, :, None, None, :].expand(-1, -1, B, frames, -1).contiguous()
         return mods, dict(zip(norms, affine))
 

@@ -82,14 +82,19 @@ def test_chunk_loop_equals_independent_reference_loop():
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("cross_attn_norm", [True, False])
+@pytest.mark.parametrize("cross_attn_norm", ["affine", "no_affine", None])
 def test_fused_path_equals_plain_path(dtype, tol, cross_attn_norm):
     """EngineConfig.fused_ops: the DiT's fused path (ops.modulated_norm, qk_norm_rope_kv_write) gives
-    the plain PyTorch path's latents; fp32 to rounding, bf16 within its precision over 4 chunks."""
+    the plain PyTorch path's latents; fp32 to rounding, bf16 within its precision over 4 chunks. The
+    cross-attention norm: Wan's affine LayerNorm, one without weight and bias, or none."""
+    from spiral_rt.models.dit import LayerNorm
+
     torch.manual_seed(12)
     model = tiny_model(dtype=dtype)
-    if not cross_attn_norm:
-        for block in model.blocks:
+    for block in model.blocks:
+        if cross_attn_norm == "no_affine":
+            block.norm3 = LayerNorm(model.config.dim, model.config.eps, elementwise_affine=False)
+        elif cross_attn_norm is None:
             block.norm3 = torch.nn.Identity()
     p = prompt(model)
     outs = []
