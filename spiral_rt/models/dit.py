@@ -577,6 +577,7 @@ class CausalWanDiT(nn.Module):
         norms = {i: block.norm3 for i, block in enumerate(self.blocks) if isinstance(block.norm3, nn.LayerNorm)}
         if not norms:
             return mods, {}
+
         def stacked(name: str, default: float) -> torch.Tensor:  # (num_norms, dim) fp32, one cast for all
             params = [getattr(n, name) for n in norms.values()]
             like = next((p for p in params if p is not None), None)
