@@ -78,6 +78,11 @@ class EngineConfig:
     """Decoded frames as (F, H, W, 3) uint8 or float in [-1, 1], or "latents": no VAE decode."""
     recache_on_switch: bool = False
     """At a prompt switch, recompute the K/V of the visible frames with the new prompt (LongLive's re-cache)."""
+    clean_pass_last_chunk: bool = False
+    """Run the clean pass for the last chunk of a session with ``max_chunks`` too. Nothing can attend to
+    that chunk's K/V (the session ends with it), so by default the step skips it when every session of
+    its batch is at its last chunk: one forward of the chunk's N + 1 (its pages then hold the last
+    denoising step's K/V); the frames are the same either way."""
     policy: CachePolicy = field(default_factory=GlobalPolicy)
     """Default cache policy of new sessions (GlobalPolicy, or SinkWindowPolicy for constant memory)."""
     kv_memory_bytes: int | None = None
@@ -118,7 +123,7 @@ class EngineConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"EngineConfig: '{name}' must be a positive int, got {v!r}")
-        for name in ("fused_ops", "cuda_graphs", "vae_side_stream", "timing", "recache_on_switch"):
+        for name in ("fused_ops", "cuda_graphs", "vae_side_stream", "timing", "recache_on_switch", "clean_pass_last_chunk"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EngineConfig: '{name}' must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.schedule, FlowMatchSchedule):

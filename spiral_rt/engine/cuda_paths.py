@@ -10,7 +10,8 @@ stream overlaps it. Decoder states live on the side stream (snapshots clone them
 frames come back with an event that ``ChunkOutput.frames`` makes the reader's stream wait on.
 
 ``ChunkGraphRunner``: one CUDA graph per *bucket*, i.e. per exact shape of the chunk's work (batch
-size, per-sequence query and key lengths, page-list and work-partition sizes). With the window
+size, per-sequence query and key lengths, page-list and work-partition sizes, and whether the clean
+pass runs: not at the sessions' last chunk, ``EngineConfig.clean_pass_last_chunk``). With the window
 policy the context length stops growing after sink + window frames, so a long video replays one
 graph; with the global policy each context length is its own bucket (captured the second time it
 is met, e.g. in the second video). A graph holds the whole per-chunk sequence of
@@ -125,9 +126,10 @@ class ChunkGraphRunner:
                        for n in _PLAN_TENSORS)
         return (plan.num_seqs, plan.num_q_frames, attn_plan.kv_lens, attn_plan.config, shapes)
 
-    def run(self, plan, attn_plan, text: TextConditioning, keys: torch.Tensor) -> torch.Tensor | None:
+    def run(self, plan, attn_plan, text: TextConditioning, keys: torch.Tensor,
+            clean_pass: bool = True) -> torch.Tensor | None:
         """Latents (B, C, F, h, w) from a graph of this bucket, or None: run eagerly (first sighting)."""
-        key = self.bucket_key(plan, attn_plan)
+        key = (*self.bucket_key(plan, attn_plan), clean_pass)
         b = self.buckets.setdefault(key, _Bucket())
         b.seen += 1
         if b.seen == 1:
@@ -149,11 +151,11 @@ class ChunkGraphRunner:
             side = torch.cuda.Stream(engine.device)
             side.wait_stream(torch.cuda.current_stream(engine.device))
             with torch.cuda.stream(side):
-                result = engine.chunk_sequence(ctx, b.text.cond, b.keys, None, b.frame_idx, B)
+                result = engine.chunk_sequence(ctx, b.text.cond, b.keys, None, b.frame_idx, B, clean_pass=clean_pass)
             torch.cuda.current_stream(engine.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with engine.stages.suspended(), torch.cuda.graph(graph, pool=self.pool):
-                b.out = engine.chunk_sequence(ctx, b.text.cond, b.keys, None, b.frame_idx, B)
+                b.out = engine.chunk_sequence(ctx, b.text.cond, b.keys, None, b.frame_idx, B, clean_pass=clean_pass)
             b.graph = graph
             self.num_captures += 1
             logger.info("ChunkGraphRunner: captured bucket %d (batch %d, kv lens %s)", len(self.buckets), B,

@@ -15,7 +15,7 @@ One ``Engine.step()`` follows schedule -> execute -> update:
            v = DiT(x, t_k | pages, text)           (the chunk's own reserved slots are scratch)
            x = step_policy(x, v, sigma, sigma')    (sampler_step; noise key (.., k + 1))
        DiT(x (+ context noise), t = context | pages, text)   the clean pass writes the chunk's K/V
-       cache.commit(plan)
+       cache.commit(plan)                          (skipped at the sessions' last chunk: no reader)
 
    An observed chunk (``Engine.observe``: given clean latents, e.g. a world model's current
    observation) skips the denoising forwards and runs only the clean pass over them.
@@ -431,12 +431,14 @@ class Engine:
         explicit = None
         if any(g is not None for g in given):
             explicit = self._explicit_noise(batch, given, keys)
+        clean_pass = cfg.clean_pass_last_chunk or not all(s.next_is_last for s in batch)
         if self._graphs is not None and explicit is None and step_policy is None:
-            x = self._graphs.run(plan, attn_plan, text, keys)
+            x = self._graphs.run(plan, attn_plan, text, keys, clean_pass)
             if x is not None:
                 return x
         ctx = self.attention_context(plan, attn_plan)
-        return self.chunk_sequence(ctx, text, keys, explicit, plan.device.q_frame_idx, len(batch), step_policy)
+        return self.chunk_sequence(ctx, text, keys, explicit, plan.device.q_frame_idx, len(batch), step_policy,
+                                   clean_pass)
 
     def _write_observed(self, plan, batch, text, latents: torch.Tensor) -> torch.Tensor:
         """The clean pass alone over given latents (``observe``); returns them."""
@@ -479,7 +481,8 @@ class Engine:
         return torch.stack(per)
 
     def chunk_sequence(self, ctx, text: TextConditioning, keys: torch.Tensor, explicit: torch.Tensor | None,
-                       frame_idx: torch.Tensor, batch_size: int, step_policy: StepPolicy | None = None) -> torch.Tensor:
+                       frame_idx: torch.Tensor, batch_size: int, step_policy: StepPolicy | None = None,
+                       clean_pass: bool = True) -> torch.Tensor:
         """The fixed per-chunk forward sequence (also what a CUDA graph captures).
 
         Args:
@@ -490,6 +493,7 @@ class Engine:
             explicit: (B, num_steps + 1, C, F, h, w) explicit noise, or None for Philox.
             frame_idx: (B * F,) int32 absolute frame of each query frame (RoPE).
             step_policy: the policy of the denoising steps (default ``config.step_policy``).
+            clean_pass: run the clean pass that writes the chunk's K/V (False: the sessions' last chunk).
         Returns:
             (B, C, F, h, w) clean latents in ``config.latent_dtype``.
         """
@@ -509,7 +513,8 @@ class Engine:
                     kw = ({"noise": explicit[:, k + 1].contiguous()} if explicit is not None
                           else {"noise_key": keys[k + 1]})
                 x = policy.step(x, v, sigma, sigma_next, return_mu=False, backend=backend, **kw).x_next
-        self._clean_pass(ctx, x, text, keys, explicit, positions, B)
+        if clean_pass:
+            self._clean_pass(ctx, x, text, keys, explicit, positions, B)
         return x
 
     def _clean_pass(self, ctx, x: torch.Tensor, text: TextConditioning, keys: torch.Tensor,

@@ -178,7 +178,7 @@ class EngineGenerator:
         ``prompt``); the generator's own session is untouched. Meant for ``ClosedLoop.run(warmup=...)``."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"EngineGenerator.warmup: argument 'prompt' must be a non-empty str, got {prompt!r}")
-        tmp = self.engine.open_session(prompt, seed=seed, max_chunks=1)
+        tmp = self.engine.open_session(prompt, seed=seed)  # open-ended: its chunk runs the clean pass, as real chunks do
         try:
             tmp.next_chunk()
         finally:

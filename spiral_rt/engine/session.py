@@ -170,6 +170,11 @@ class StreamSession:
     def ready(self) -> bool:
         return self.status == "ready"
 
+    @property
+    def next_is_last(self) -> bool:
+        """Whether the next chunk is this session's last (``max_chunks``): nothing will attend to its K/V."""
+        return self.max_chunks is not None and self.chunk_index + 1 >= self.max_chunks
+
     def next_chunk(self, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Generate this session's next chunk alone and return its frames (F, H, W, 3), or its latents
         (C, F, h, w) when the engine's output is "latents".

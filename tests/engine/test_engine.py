@@ -129,6 +129,51 @@ def test_clean_pass_kv_only_leaves_the_cache_of_the_full_forward(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+def test_last_chunk_skips_the_clean_pass_with_the_same_frames(monkeypatch):
+    """A session's last chunk (``max_chunks``) runs no clean pass (nothing can attend to its K/V): one
+    forward fewer, the same latents as with ``clean_pass_last_chunk=True``, exactly; a session without
+    ``max_chunks``, or a batch where one session goes on, keeps every clean pass; no page leaks."""
+    torch.manual_seed(14)
+    model = tiny_model()
+    p = prompt(model)
+    forwards = {"kv_only": 0}
+    forward = type(model).forward
+
+    def counting(self, *a, kv_only=False, **k):
+        forwards["kv_only"] += int(kv_only)
+        return forward(self, *a, kv_only=kv_only, **k)
+
+    monkeypatch.setattr(type(model), "forward", counting)
+    runs = {}
+    for keep in (True, False):
+        engine = make_engine(model, clean_pass_last_chunk=keep)
+        forwards["kv_only"] = 0
+        a = engine.open_session(p, seed=5, noise_id=0, max_chunks=3)
+        assert not a.next_is_last
+        runs[keep] = run_chunks(a, 3)
+        assert a.status == "finished" and forwards["kv_only"] == (3 if keep else 2)
+        a.close()
+        assert_no_leaks(engine)
+    assert all(torch.equal(x, y) for x, y in zip(runs[True], runs[False]))
+
+    engine = make_engine(model)
+    forwards["kv_only"] = 0
+    open_ended = engine.open_session(p, seed=5, noise_id=0)
+    run_chunks(open_ended, 3)
+    assert forwards["kv_only"] == 3 and not open_ended.next_is_last
+    open_ended.close()
+    # batched: one session ends at chunk 2, the other goes on, so chunk 2's clean pass runs for both
+    forwards["kv_only"] = 0
+    ends = engine.open_session(p, seed=5, noise_id=0, max_chunks=2)
+    goes_on = engine.open_session(p, seed=6, noise_id=1, max_chunks=3)
+    outs = [engine.step([ends, goes_on]) for _ in range(2)] + [engine.step([goes_on])]
+    assert forwards["kv_only"] == 2 + 0  # steps 1 and 2 batched (goes_on continues), step 3 alone and last
+    assert rel_err(outs[1][ends.session_id].latents, runs[True][1]) < 1e-5  # batched: fp32 rounding
+    for s in (ends, goes_on):
+        s.close()
+    assert_no_leaks(engine)
+
+
 def test_same_seed_identical_other_seed_different_explicit_equals_philox():
     torch.manual_seed(12)
     model = tiny_model()

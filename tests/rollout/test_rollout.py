@@ -188,8 +188,8 @@ def test_prefix_once_per_plan_shared_pages_and_memory(model):
         batch = runner_for(engine, model).run(spec(group_size=G, num_chunks=n, fork_chunk=fork))
     finally:
         calls.remove()
-    per_chunk = N + 1  # denoising forwards + the clean pass
-    plan_calls = [1] * (fork * per_chunk) + [G] * ((n - fork) * per_chunk)
+    per_chunk = N + 1  # denoising forwards + the clean pass (none at the last chunk: nothing reads its K/V)
+    plan_calls = [1] * (fork * per_chunk) + [G] * ((n - fork) * per_chunk - 1)
     assert calls.batches == plan_calls * 2  # K = 2 plans, each: prefix once (batch 1), members batched (batch G)
     size, tables, refcounts = seen[0]
     assert size == G and all(t == tables[0] for t in tables) and len(tables[0]) == fork * F
@@ -227,10 +227,10 @@ def test_baseline_schedules_agree_with_batched(model):
             assert rel_err(getattr(b, name), getattr(ref, name)) < 1e-5, (schedule, name)
         assert torch.allclose(b.log_prob, ref.log_prob, rtol=1e-5, atol=0), schedule
         assert b.stats["schedule"] == schedule
-    per_chunk = N + 1
-    assert ref_calls == [1] * (fork * per_chunk) + [G] * ((n - fork) * per_chunk)
-    assert out["prefix_once"][1] == [1] * ((fork + G * (n - fork)) * per_chunk)
-    assert out["naive"][1] == [1] * (G * n * per_chunk)
+    per_chunk = N + 1  # a member's last chunk runs no clean pass: one call fewer per member run
+    assert ref_calls == [1] * (fork * per_chunk) + [G] * ((n - fork) * per_chunk - 1)
+    assert out["prefix_once"][1] == [1] * (fork * per_chunk + G * ((n - fork) * per_chunk - 1))
+    assert out["naive"][1] == [1] * (G * (n * per_chunk - 1))
     assert out["naive"][0].stats["peak_kv_pages"] == n * F
     assert out["prefix_once"][0].stats["peak_kv_pages"] == n * F
 
@@ -242,7 +242,7 @@ def test_members_split_by_max_batch_size(model):
         small = runner_for(engine, model).run(spec(group_size=3, num_plans=1, plans=[PLANS[0][:1]]))
     finally:
         calls.remove()
-    assert calls.batches[2 * (N + 1):] == ([2] * (N + 1) + [1] * (N + 1)) * 2
+    assert calls.batches[2 * (N + 1):] == [2] * (N + 1) + [1] * (N + 1) + [2] * N + [1] * N  # no clean pass at the last
     big = runner_for(make_engine(model), model).run(spec(group_size=3, num_plans=1, plans=[PLANS[0][:1]]))
     assert rel_err(small.latents, big.latents) < 1e-5 and torch.allclose(small.log_prob, big.log_prob, rtol=1e-5, atol=0)
 
@@ -266,9 +266,11 @@ def test_concurrent_groups_give_the_same_batch_in_fewer_engine_steps(model, vae)
     ref, one = out[1]
     b, three = out[3]
     per_chunk = N + 1
-    assert three == ([3] * fork * per_chunk + ([5] * per_chunk + [4] * per_chunk) * (n - fork)  # wave 1: groups 0-2
-                     + [1] * fork * per_chunk + [3] * (n - fork) * per_chunk)       # wave 2: group 3
-    assert one == ([1] * fork * per_chunk + [3] * (n - fork) * per_chunk) * 4
+    # the last chunk runs no clean pass (N calls, not N + 1)
+    assert three == ([3] * fork * per_chunk + ([5] * per_chunk + [4] * per_chunk) * (n - fork - 1)  # wave 1: groups 0-2
+                     + [5] * N + [4] * N
+                     + [1] * fork * per_chunk + [3] * ((n - fork) * per_chunk - 1))       # wave 2: group 3
+    assert one == ([1] * fork * per_chunk + [3] * ((n - fork) * per_chunk - 1)) * 4
     assert b.stats["engine_steps"] < ref.stats["engine_steps"]
     for name in ("goal_index", "plan_index", "member_index", "group_index", "noise_ids", "prompt_ids", "chunk", "step"):
         assert torch.equal(getattr(b, name), getattr(ref, name)), name
