@@ -300,7 +300,9 @@ def main(argv=None):
     ap.add_argument("--no-graphs", dest="graphs", action="store_false", help="run eagerly (no CUDA graphs)")
     ap.add_argument("--recache", choices=("on", "off", "both"), default="both",
                     help="part b: prompt switches with LongLive's re-cache of the window, without, or both")
-    ap.add_argument("--warmup", type=int, default=2, help="warm-up videos per configuration")
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="warm-up videos per configuration (>= 2 with CUDA graphs: a context length's graph is captured "
+                         "the second time it is met, so with 1 the first timed video captures)")
     ap.add_argument("--repeats", type=int, default=3, help="timed videos per configuration")
     ap.add_argument("--streams", default="1,2,4,8", help="stream counts of part c")
     ap.add_argument("--streams-policy", choices=("global", "longlive"), default="global",
@@ -311,6 +313,8 @@ def main(argv=None):
     ap.add_argument("--long-policy", default=None, metavar="SINK,WINDOW",
                     help="part b: sink and window context frames (default: LongLive's local_attn_size 12, sink 3)")
     args = ap.parse_args(argv)
+    if args.graphs and not args.smoke and args.warmup < 2:
+        logging.warning("--warmup %d < 2 with CUDA graphs: the first timed video captures graphs (slower)", args.warmup)
     if args.long_policy:
         try:
             sink, window = (int(v) for v in args.long_policy.split(","))
