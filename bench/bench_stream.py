@@ -232,7 +232,7 @@ def _part_b(model, vae, args, clock, prompts, rows, extra, recache: bool):
 def part_c(model, vae, args, clock, prompt, rows, extra):
     n = args.chunks_81
     for streams in args.streams:
-        if args.streams_policy == "global":  # every stream keeps all its frames (8 x 81 frames: ~55 GiB of K/V)
+        if args.streams_policy == "global":  # every stream keeps all its frames (8 x 81 frames: ~51 GiB of K/V)
             policy, kv_frames = GlobalPolicy(), streams * (n * 3 + 3)
         else:  # LongLive's span: constant K/V per stream
             pol = args.long_policy

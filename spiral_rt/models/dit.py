@@ -125,12 +125,19 @@ class Block(nn.Module):
         return ca.heads(ca.norm_k(ca.k(context))), ca.heads(ca.v(context))
 
 
+def _plain_qkv(attn: Attention) -> tuple[nn.Linear, nn.Linear, nn.Linear] | None:
+    """``attn``'s q, k, v projections when all three are plain biased ``nn.Linear``s (the ones
+    ``pack_qkv`` can pack), else None (LoRA wrappers, FP8 linears)."""
+    lins = (attn.q, attn.k, attn.v)
+    return lins if all(type(lin) is nn.Linear and lin.bias is not None for lin in lins) else None
+
+
 def _packed_qkv(attn: Attention) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The (3 dim, dim) weight and (3 dim,) bias of ``attn``'s q, k, v projections as views of the one
     buffer ``CausalWanDiT.pack_qkv`` put them in, or None: not packed (or unpacked since by a dtype or
     device cast), not plain biased ``nn.Linear``s (LoRA wrappers, FP8 linears), or gradients wanted."""
-    lins = (attn.q, attn.k, attn.v)
-    if not all(type(lin) is nn.Linear and lin.bias is not None for lin in lins):
+    lins = _plain_qkv(attn)
+    if lins is None:
         return None
     packed = []
     for name in ("weight", "bias"):
@@ -321,9 +328,8 @@ class CausalWanDiT(nn.Module):
         (optimizers keep working; state dicts load into them in place); only where their data lives
         changes. A later dtype or device cast unpacks them, and the three GEMMs run again."""
         for block in self.blocks:
-            sa = block.self_attn
-            lins = (sa.q, sa.k, sa.v)
-            if _packed_qkv(sa) is not None or not all(type(lin) is nn.Linear and lin.bias is not None for lin in lins):
+            lins = _plain_qkv(block.self_attn)
+            if lins is None or _packed_qkv(block.self_attn) is not None:
                 continue
             for name in ("weight", "bias"):
                 params = [getattr(lin, name) for lin in lins]
