@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_result  # noqa: E402
+from common import PROMPT_TOKENS, print_table, prompt_embedding, write_result  # noqa: E402
 
 from spiral_rt.agents.types import Verdict  # noqa: E402
 from spiral_rt.engine import Engine, EngineConfig  # noqa: E402
@@ -78,6 +78,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=1, help="warm-up rollouts per configuration")
     ap.add_argument("--repeats", type=int, default=2, help="timed rollouts per configuration")
     ap.add_argument("--critic", action="store_true", help="score members with a brightness critic (thread pool)")
+    ap.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS,
+                    help="tokens per prompt (the rest of the 512 text rows are Wan's zero padding)")
     ap.add_argument("--name", default=None, help="result name (bench/results/<name>.json); default rollout / rollout_smoke")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -106,7 +108,7 @@ def main(argv=None):
     model = build_dit(dcfg, device=args.device, dtype=dtype)
     vae = build_vae_decoder(vcfg, device=args.device, dtype=dtype)
     prompt = "a robot arm picks up a red cube"
-    emb = {prompt: torch.randn(text_len, dcfg.text_dim, device=args.device, dtype=dtype) * 0.1}
+    emb = {prompt: prompt_embedding(min(args.prompt_tokens, text_len), dcfg.text_dim, args.device, dtype)}
     critic = BrightnessCritic() if args.critic else None
     rows = []
     with torch.inference_mode():
@@ -152,6 +154,7 @@ def main(argv=None):
                 "num_plans": 1, "groups": groups, "steps": 4, "step_policy": "flow_grpo", "recorded": "every stochastic step after the fork",
                 "decode": "every member, streaming VAE", "dtype": str(dtype).replace("torch.", ""),
                 "critic": args.critic, "warmup": args.warmup, "repeats": args.repeats, "smoke": args.smoke,
+                "prompt_tokens": min(args.prompt_tokens, text_len),
                 "self_forcing_videos_per_s": SELF_FORCING_VIDEOS_PER_S}
     write_result(args.name or name, settings, rows)
 

@@ -1,5 +1,6 @@
 """Streaming benchmark of spiral_rt.engine (issue 5, DESIGN §4): Wan2.1-1.3B config, random weights,
-832x480 (latents 60x104), Self-Forcing's 4 steps + the clean pass, bf16, text embeddings precomputed.
+832x480 (latents 60x104), Self-Forcing's 4 steps + the clean pass, bf16, text embeddings precomputed
+(``--prompt-tokens`` random rows, zero-padded to 512 by the DiT as Wan does).
 
 Parts (``--parts a,b,c``):
   a  81 frames (21 latent frames, global cache): end-to-end FPS incl. streaming VAE decode, time to
@@ -38,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_result  # noqa: E402
+from common import PROMPT_TOKENS, print_table, prompt_embedding, write_result  # noqa: E402
 
 from spiral_rt.cache import GlobalPolicy, SinkWindowPolicy  # noqa: E402
 from spiral_rt.engine import Engine, EngineConfig, PromptSpan  # noqa: E402
@@ -308,6 +309,8 @@ def main(argv=None):
     ap.add_argument("--streams-policy", choices=("global", "longlive"), default="global",
                     help="part c's cache: every frame kept (as part a; 8 streams need more than an 80 GB H100), or "
                          "--long-policy's sink + window (constant memory per stream)")
+    ap.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS,
+                    help="tokens per prompt (the rest of the 512 text rows are Wan's zero padding)")
     ap.add_argument("--name", default=None, help="result name (bench/results/<name>.json); default stream / stream_smoke")
     ap.add_argument("--profile", default=None, help="write a torch.profiler trace of one part-a video here")
     ap.add_argument("--long-policy", default=None, metavar="SINK,WINDOW",
@@ -349,12 +352,12 @@ def main(argv=None):
     torch.manual_seed(0)
     model = build_dit(dcfg, device=args.device, dtype=dtype)
     vae = build_vae_decoder(vcfg, device=args.device, dtype=dtype)
-    prompts = [torch.randn(text_len, dcfg.text_dim, device=args.device, dtype=dtype) * 0.1 for _ in range(2)]
+    prompts = [prompt_embedding(min(args.prompt_tokens, text_len), dcfg.text_dim, args.device, dtype) for _ in range(2)]
     clock = Clock(args.device == "cuda")
     rows, extra = [], {}
     settings = {"model": dcfg.name, "latent_hw": list(args.latent_hw), "steps": 4, "clean_pass": True,
                 "dtype": str(dtype).replace("torch.", ""), "cuda_graphs": args.graphs, "warmup": args.warmup,
-                "repeats": args.repeats, "parts": sorted(parts), "smoke": args.smoke, "streams_policy": args.streams_policy,
+                "repeats": args.repeats, "prompt_tokens": min(args.prompt_tokens, text_len), "parts": sorted(parts), "smoke": args.smoke, "streams_policy": args.streams_policy,
                 "attention_kernel": attention_kernel(torch.device(args.device), dtype, dcfg.head_dim)}
     columns = ["part", "setting", "fps", "psnr_db", "first_frames_ms", "dit_fps", "chunk_ms", "stall_ms", "peak_gib_81",
                "peak_gib", "chunk_latency_ms", "per_stream_fps", "roofline_fraction"]

@@ -18,6 +18,16 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+PROMPT_TOKENS = 128
+"""Tokens in the benchmarks' prompts (a Self-Forcing-style prompt of ~100 words); ``--prompt-tokens``."""
+
+
+def prompt_embedding(tokens: int, text_dim: int, device, dtype) -> torch.Tensor:
+    """A text encoder's output for a prompt of ``tokens`` tokens, (tokens, text_dim) random rows; the
+    DiT's ``encode_text`` zero-pads it to ``text_len`` rows as Wan does, so the padding is as real."""
+    return torch.randn(tokens, text_dim, device=device, dtype=dtype) * 0.1
+
+
 def env_info() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

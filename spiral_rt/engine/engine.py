@@ -282,11 +282,7 @@ class Engine:
         sig = tuple(keys)
         if self._batch_text is not None and self._batch_text[0] == sig:
             return self._batch_text[1]
-        text = TextConditioning(
-            context=torch.cat([c.context for c in conds]),
-            cross_k=[torch.cat([c.cross_k[i] for c in conds]) for i in range(len(conds[0].cross_k))],
-            cross_v=[torch.cat([c.cross_v[i] for c in conds]) for i in range(len(conds[0].cross_v))],
-        )
+        text = TextConditioning.cat(conds)
         self._batch_text = (sig, text)
         return text
 

@@ -406,11 +406,7 @@ def _encode_texts(dit: CausalWanDiT, embeddings: list[torch.Tensor]) -> TextCond
         rows.append(uniq[id(e)])
     if len(uniq) == 1:
         return rows[0]
-    return TextConditioning(
-        context=torch.cat([c.context for c in rows]),
-        cross_k=[torch.cat([c.cross_k[i] for c in rows]) for i in range(len(rows[0].cross_k))],
-        cross_v=[torch.cat([c.cross_v[i] for c in rows]) for i in range(len(rows[0].cross_v))],
-    )
+    return TextConditioning.cat(rows)
 
 
 def _signed(seed: int) -> int:

@@ -12,7 +12,7 @@ import torch
 from model_helpers import randomize_, rel_err
 from spiral_rt.models.attention import ContiguousKVCache, DenseAttention, block_causal_mask
 from spiral_rt.models.config import WanDiTConfig, tiny_test, wan21_t2v_1_3b, wan21_t2v_14b
-from spiral_rt.models.dit import CausalWanDiT, RotaryEmbedding3D, build_dit
+from spiral_rt.models.dit import CausalWanDiT, RotaryEmbedding3D, TextConditioning, build_dit
 
 
 def _model(cfg):
@@ -157,6 +157,23 @@ def test_scalar_timesteps_and_text_broadcast(tiny_cfg):
 
 
 @torch.no_grad()
+def test_distinct_text_rows(tiny_cfg):
+    """encode_text finds the rows before the trailing run of identical rows (Wan's zero padding after
+    the text MLP), per prompt and through cat / rows; a full-length prompt keeps all but its last."""
+    model = build_dit(tiny_cfg)
+    L = tiny_cfg.text_len
+    emb = torch.randn(3, L, tiny_cfg.text_dim)
+    emb[0, 5:] = 0  # 5 tokens, then padding
+    emb[1, 2:4] = 0  # zero rows inside the prompt are not trailing: only the padding after row 11 counts
+    emb[1, 11:] = 0
+    text = model.encode_text(emb)
+    assert text.distinct_rows.dtype == torch.int32
+    assert text.distinct_rows.tolist() == [5, 11, L - 1]
+    assert model.encode_text(emb[:1, :3]).distinct_rows.tolist() == [3]  # shorter than text_len: padded
+    both = TextConditioning.cat([text.rows(2, 3), text.rows(0, 1)])
+    assert both.distinct_rows.tolist() == [L - 1, 5] and torch.equal(both.cross_k[1][1], text.cross_k[1][0])
+
+
 def test_frame_positions_tensor_equals_offsets_per_sequence(tiny_cfg):
     """A (B, F) position tensor: consecutive positions equal the int offset; sequences at
     different (and non-consecutive) positions equal separate calls."""
@@ -170,9 +187,7 @@ def test_frame_positions_tensor_equals_offsets_per_sequence(tiny_cfg):
     positions = torch.tensor([[0, 1], [5, 6], [2, 9]])
     mixed = model(x, t, positions, None, text)
     for b, (p0, p1) in enumerate(positions.tolist()):
-        one = _text(model, 1)
-        one.context, one.cross_k, one.cross_v = (text.context[b:b + 1], [k[b:b + 1] for k in text.cross_k],
-                                                 [v[b:b + 1] for v in text.cross_v])
+        one = text.rows(b, b + 1)
         if p1 == p0 + 1:
             alone = model(x[b:b + 1], t[b:b + 1], p0, None, one)
         else:

@@ -1,0 +1,112 @@
+"""Same-process A/B of the DiT's fused path: DiT-only 81-frame videos (output="latents", CUDA graphs,
+bench_stream's part-a settings) for named variants, interleaved so that clocks and machine drift
+hit every variant alike.
+
+Each variant is the current code with one change undone (a patch applied while that variant's
+engine runs: warm-up, graph captures and timed videos), so the table reads as "what this change is
+worth now". The engines share one model and one prompt; the final latents of each variant are
+compared with the first variant's (relative L2).
+
+Variants (``--variants``, the first is the baseline of the ratios):
+  current     the code as committed;
+  sdpa_text   the cross-attention as SDPA over every text row (before ``ops.text_attention``).
+
+    python bench/dit_ab.py [--variants current,sdpa_text] [--rounds 5] [--prompt-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_stream import CHUNK_FRAMES, Clock, free, make_engine, run_video  # noqa: E402
+from common import PROMPT_TOKENS, print_table, prompt_embedding, write_result  # noqa: E402
+
+from spiral_rt.cache import GlobalPolicy  # noqa: E402
+from spiral_rt.models import dit as dit_module  # noqa: E402
+from spiral_rt.models.attention import sdpa_blhd  # noqa: E402
+from spiral_rt.models.config import wan21_t2v_1_3b  # noqa: E402
+from spiral_rt.models.dit import build_dit  # noqa: E402
+
+NUM_CHUNKS = 7  # 21 latent frames = 81 video frames
+
+
+@contextlib.contextmanager
+def _patched(module, name, value):
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def _sdpa_every_text_row(q, k, v, distinct_rows):
+    B = q.shape[0]
+    return sdpa_blhd(q, k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1))
+
+
+VARIANTS = {
+    "current": contextlib.nullcontext,
+    "sdpa_text": lambda: _patched(dit_module, "_text_attention_fused", _sdpa_every_text_row),
+}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", default="current,sdpa_text")
+    ap.add_argument("--rounds", type=int, default=5, help="timed videos per variant, interleaved")
+    ap.add_argument("--warmup", type=int, default=2, help="warm-up videos per variant (>= 2: graphs capture on the second)")
+    ap.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
+    ap.add_argument("--name", default="dit_ab")
+    args = ap.parse_args(argv)
+    names = args.variants.split(",")
+    if unknown := [n for n in names if n not in VARIANTS]:
+        ap.error(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU")
+    args.device, args.latent_hw, args.graphs = "cuda", (60, 104), True
+    torch.manual_seed(0)
+    cfg = wan21_t2v_1_3b()
+    model = build_dit(cfg, device="cuda", dtype=torch.bfloat16)
+    prompt = prompt_embedding(args.prompt_tokens, cfg.text_dim, "cuda", torch.bfloat16)
+    clock = Clock(True)
+    engines = {n: make_engine(model, None, args, policy=GlobalPolicy(), output="latents",
+                              kv_frames=NUM_CHUNKS * CHUNK_FRAMES + 3) for n in names}
+    times = {n: [] for n in names}
+    latents = {}
+    for n in names:
+        with VARIANTS[n]():
+            for _ in range(args.warmup):
+                run_video(engines[n], clock, NUM_CHUNKS, prompt)
+            s = engines[n].open_session(prompt, seed=7, noise_id=0, max_chunks=NUM_CHUNKS)
+            latents[n] = torch.cat([engines[n].step([s])[s.session_id].latents.float() for _ in range(NUM_CHUNKS)], dim=1)
+            s.close()
+    for _ in range(args.rounds):
+        for n in names:
+            with VARIANTS[n]():
+                times[n].append(run_video(engines[n], clock, NUM_CHUNKS, prompt)[1])
+    frames = 1 + 4 * (NUM_CHUNKS * CHUNK_FRAMES - 1)
+    base = statistics.median(times[names[0]])
+    ref = latents[names[0]]
+    rows = []
+    for n in names:
+        ms = statistics.median(times[n])
+        rows.append({"variant": n, "ms_per_video": ms, "dit_fps": frames / (ms / 1e3), "x_first": ms / base,
+                     "rel_l2_vs_first": float((latents[n] - ref).norm() / ref.norm()), "all_ms": times[n]})
+    print_table([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "all_ms"} for r in rows],
+                ["variant", "ms_per_video", "dit_fps", "x_first", "rel_l2_vs_first"])
+    free(*engines.values())
+    write_result(args.name, {"model": cfg.name, "latent_hw": [60, 104], "frames": frames, "cuda_graphs": True,
+                             "prompt_tokens": args.prompt_tokens, "rounds": args.rounds, "warmup": args.warmup,
+                             "timing": "CUDA events around each engine step, variants interleaved per round"}, rows)
+
+
+if __name__ == "__main__":
+    main()
