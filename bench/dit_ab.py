@@ -8,10 +8,13 @@ worth now". The engines share one model and one prompt; the final latents of eac
 compared with the first variant's (relative L2).
 
 Variants (``--variants``, the first is the baseline of the ratios):
-  current     the code as committed;
-  sdpa_text   the cross-attention as SDPA over every text row (before ``ops.text_attention``).
+  current        the code as committed;
+  unpacked_qkv   q, k, v as three GEMMs (``CausalWanDiT.pack_qkv`` undone: session 12's change).
+A change under study adds its "undone" variant here. Session 13 measured a cross-attention that read
+a prompt's repeated padding rows once (a Triton kernel, commit dca156a, since removed) against SDPA
+over every row this way: results/text_attention_ab.json.
 
-    python bench/dit_ab.py [--variants current,sdpa_text] [--rounds 5] [--prompt-tokens 128]
+    python bench/dit_ab.py [--variants current,unpacked_qkv] [--rounds 5] [--prompt-tokens 128]
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from common import PROMPT_TOKENS, print_table, prompt_embedding, write_result  #
 
 from spiral_rt.cache import GlobalPolicy  # noqa: E402
 from spiral_rt.models import dit as dit_module  # noqa: E402
-from spiral_rt.models.attention import sdpa_blhd  # noqa: E402
 from spiral_rt.models.config import wan21_t2v_1_3b  # noqa: E402
 from spiral_rt.models.dit import build_dit  # noqa: E402
 
@@ -47,20 +49,15 @@ def _patched(module, name, value):
         setattr(module, name, old)
 
 
-def _sdpa_every_text_row(q, k, v, distinct_rows):
-    B = q.shape[0]
-    return sdpa_blhd(q, k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1))
-
-
 VARIANTS = {
     "current": contextlib.nullcontext,
-    "sdpa_text": lambda: _patched(dit_module, "_text_attention_fused", _sdpa_every_text_row),
+    "unpacked_qkv": lambda: _patched(dit_module, "_packed_qkv", lambda attn: None),
 }
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", default="current,sdpa_text")
+    ap.add_argument("--variants", default="current,unpacked_qkv")
     ap.add_argument("--rounds", type=int, default=5, help="timed videos per variant, interleaved")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up videos per variant (>= 2: graphs capture on the second)")
     ap.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)

@@ -97,14 +97,14 @@ class _StaticText:
             return torch.empty((batch, *t.shape[1:]), dtype=t.dtype, device=t.device)
 
         self.cond = TextConditioning(context=alloc(like.context), cross_k=[alloc(k) for k in like.cross_k],
-                                     cross_v=[alloc(v) for v in like.cross_v], distinct_rows=alloc(like.distinct_rows))
+                                     cross_v=[alloc(v) for v in like.cross_v])
         self.source: TextConditioning | None = None
 
     def fill(self, text: TextConditioning) -> None:
         if text is self.source:
             return
-        for dst, src in zip([self.cond.context, *self.cond.cross_k, *self.cond.cross_v, self.cond.distinct_rows],
-                            [text.context, *text.cross_k, *text.cross_v, text.distinct_rows]):
+        for dst, src in zip([self.cond.context, *self.cond.cross_k, *self.cond.cross_v],
+                            [text.context, *text.cross_k, *text.cross_v]):
             dst.copy_(src.expand_as(dst), non_blocking=True)
         self.source = text
 

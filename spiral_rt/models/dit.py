@@ -53,7 +53,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.modulated_norm import modulated_norm
-from ..ops.text_attention import text_attention
 from .attention import AttentionContext, DenseAttention, sdpa_blhd
 from .config import WanDiTConfig, rope_split
 
@@ -172,15 +171,6 @@ def _rms_norm_fused(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
 
 
-def _text_attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, distinct_rows: torch.Tensor) -> torch.Tensor:
-    """The fused path's cross-attention: ``spiral_rt.ops.text_attention`` (each repeated padding row of
-    the text K/V read once), or SDPA over every row when gradients are wanted (the op has no backward)."""
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        B = q.shape[0]
-        return sdpa_blhd(q, k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1))
-    return text_attention(q, k, v, distinct_rows)
-
-
 def _ffn_fused(ffn: nn.Sequential, y: torch.Tensor) -> torch.Tensor:
     """``ffn(y)`` with the bias and tanh-GELU of the first linear in its GEMM epilogue
     (torch._addmm_activation: cuBLASLt's GELU_BIAS on CUDA), saving a pass over the (L, ffn_dim)
@@ -295,10 +285,6 @@ class TextConditioning:
     """Per block, (B, text_len, H, D): cross-attention keys after the k RMSNorm."""
     cross_v: list[torch.Tensor]
     """Per block, (B, text_len, H, D): cross-attention values."""
-    distinct_rows: torch.Tensor
-    """(B,) int32 on the device: rows of ``context`` before its trailing run of identical rows (the
-    padding, one repeated row after the text MLP; at least the last row is in the run). The fused
-    path's cross-attention reads only rows [0, distinct_rows] (``spiral_rt.ops.text_attention``)."""
 
     @property
     def batch_size(self) -> int:
@@ -307,8 +293,7 @@ class TextConditioning:
     def rows(self, start: int, stop: int) -> "TextConditioning":
         """The conditioning of batch rows [start, stop) (views)."""
         return TextConditioning(context=self.context[start:stop], cross_k=[k[start:stop] for k in self.cross_k],
-                                cross_v=[v[start:stop] for v in self.cross_v],
-                                distinct_rows=self.distinct_rows[start:stop])
+                                cross_v=[v[start:stop] for v in self.cross_v])
 
     @staticmethod
     def cat(conds: "list[TextConditioning]") -> "TextConditioning":
@@ -317,7 +302,6 @@ class TextConditioning:
             context=torch.cat([c.context for c in conds]),
             cross_k=[torch.cat([c.cross_k[i] for c in conds]) for i in range(len(conds[0].cross_k))],
             cross_v=[torch.cat([c.cross_v[i] for c in conds]) for i in range(len(conds[0].cross_v))],
-            distinct_rows=torch.cat([c.distinct_rows for c in conds]),
         )
 
 
@@ -395,11 +379,7 @@ class CausalWanDiT(nn.Module):
             text_embeddings = F.pad(text_embeddings, (0, 0, 0, cfg.text_len - length))
         context = self.text_embedding(text_embeddings.to(self.dtype))
         ks, vs = zip(*(block.text_kv(context) for block in self.blocks))
-        # K and V are row-wise functions of the context: identical context rows give identical K/V rows
-        same_as_last = (context == context[:, -1:]).all(dim=-1)  # (B, text_len)
-        trailing_run = same_as_last.flip(1).to(torch.int32).cumprod(dim=1).sum(dim=1)
-        distinct_rows = (context.shape[1] - trailing_run).to(torch.int32)
-        return TextConditioning(context=context, cross_k=list(ks), cross_v=list(vs), distinct_rows=distinct_rows)
+        return TextConditioning(context=context, cross_k=list(ks), cross_v=list(vs))
 
     # ------------------------------------------------------------------ forward
 
@@ -564,7 +544,6 @@ class CausalWanDiT(nn.Module):
             frame_index = torch.arange(frame_offset, frame_offset + frames, device=device).repeat(B)
         ones = torch.ones(B, frames, C, device=device)
         mods, norm3_mods = self._fused_modulations(e0)
-        distinct_rows = text.distinct_rows.expand(B).contiguous()  # (B,) even for one prompt's conditioning
         carry = None  # (branch, gate) of the residual add not yet applied: the previous block's FFN
         for i, block in enumerate(self.blocks):
             shift, scale, gate, c_shift, c_scale, c_gate = mods[i]
@@ -592,7 +571,10 @@ class CausalWanDiT(nn.Module):
 
             ca = block.cross_attn
             q = ca.heads(_rms_norm_fused(ca.norm_q, ca.q(y)))
-            branch = ca.o(_text_attention_fused(q, text.cross_k[i], text.cross_v[i], distinct_rows).flatten(2))
+            k, v = text.cross_k[i], text.cross_v[i]
+            if k.shape[0] != B:
+                k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
+            branch = ca.o(sdpa_blhd(q, k, v).flatten(2))
             y, x = modulated_norm(x, c_shift, c_scale, gate=ones, branch=branch, eps=block.eps)
             carry = (_ffn_fused(block.ffn, y), c_gate)
 

@@ -10,7 +10,6 @@ Ops:
 - ``sampler_step``: fused stochastic sampler transition with Philox noise and log-prob terms;
 - ``chunk_attention``: a chunk's queries over paged K/V (varlen, plan once, run per layer/step);
 - ``merge_states``: exact log-sum-exp merge of partial attention states (shared prefixes);
-- ``text_attention``: cross-attention to a prompt's text K/V, its repeated padding rows read once;
 - ``qk_norm_rope_kv_write``: RMSNorm over heads + Wan 3D RoPE on q, k and the K/V page write;
 - ``modulated_norm``: LayerNorm * (1 + scale) + shift per frame, optionally after a gated residual;
 - ``channel_rms_norm``: the Wan VAE's RMS norm over channels * scale * gamma, optionally + SiLU;
@@ -29,7 +28,6 @@ from . import modulated_norm as _modulated_norm_module
 from . import narrow_causal_conv3d as _narrow_causal_conv3d_module
 from . import qk_norm_rope_kv_write as _qk_norm_rope_kv_write_module
 from . import sampler_step as _sampler_step_module
-from . import text_attention as _text_attention_module
 from . import upsample_conv as _upsample_conv_module
 from .bias_residual_add import bias_residual_add
 from .channel_rms_norm import channel_rms_norm
@@ -46,7 +44,6 @@ from .modulated_norm import ModulatedNormResult, modulated_norm
 from .narrow_causal_conv3d import narrow_causal_conv3d
 from .qk_norm_rope_kv_write import qk_norm_rope_kv_write
 from .sampler_step import SamplerStepResult, noise_key, sampler_step
-from .text_attention import text_attention
 from .upsample_conv import phase_interleave
 
 # op name -> the backends that implement it (``spiral-rt info`` lists what runs where)
@@ -62,7 +59,6 @@ OP_BACKENDS = {
         _bias_residual_add_module,
         _upsample_conv_module,
         _narrow_causal_conv3d_module,
-        _text_attention_module,
     )
 }
 
@@ -70,7 +66,6 @@ __all__ = [
     "sampler_step", "SamplerStepResult", "noise_key",
     "chunk_attention", "chunk_attention_shared_prefix", "plan_chunk_attention", "ChunkAttentionPlan", "AttentionConfig",
     "merge_states", "AttentionState",
-    "text_attention",
     "modulated_norm", "ModulatedNormResult",
     "qk_norm_rope_kv_write",
     "channel_rms_norm",

@@ -107,28 +107,6 @@ def test_fused_path_equals_plain_path(dtype, tol, cross_attn_norm):
     assert rel_err(outs[1], outs[0]) < tol
 
 
-def test_fused_path_reads_the_text_padding_once(monkeypatch):
-    """The fused path's cross-attention through the Triton text_attention (the interpreter on the
-    CPU), which reads a 7-token prompt's 16 text rows as 8, gives the plain path's latents (fp32)."""
-    from spiral_rt.ops import dispatch
-
-    if not dispatch.TRITON_INSTALLED:
-        pytest.skip("triton is not installed")
-    torch.manual_seed(14)
-    model = tiny_model()
-    p = prompt(model, n=7)
-    assert model.encode_text(p[None]).distinct_rows.tolist() == [7]
-    outs = []
-    for fused in (False, True):
-        if fused:
-            monkeypatch.setenv("SPIRAL_RT_BACKEND", "text_attention=triton")
-        engine = make_engine(model, fused_ops=fused)
-        s = engine.open_session(p, seed=5, noise_id=0)
-        outs.append(torch.cat(run_chunks(s, 2), dim=1).float())
-        s.close()
-    assert rel_err(outs[1], outs[0]) < 1e-5
-
-
 def test_clean_pass_kv_only_leaves_the_cache_of_the_full_forward(monkeypatch):
     """The clean pass asks the DiT for its K/V alone (``kv_only``: the fused path stops after the last
     block's K/V write, no head): the latents of later chunks, which attend to those K/V at every layer,

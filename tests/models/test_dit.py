@@ -157,21 +157,14 @@ def test_scalar_timesteps_and_text_broadcast(tiny_cfg):
 
 
 @torch.no_grad()
-def test_distinct_text_rows(tiny_cfg):
-    """encode_text finds the rows before the trailing run of identical rows (Wan's zero padding after
-    the text MLP), per prompt and through cat / rows; a full-length prompt keeps all but its last."""
+def test_text_conditioning_rows_and_cat(tiny_cfg):
+    """TextConditioning.rows / cat (the engine's and the trainer's batches of prompts): rows in order."""
     model = build_dit(tiny_cfg)
-    L = tiny_cfg.text_len
-    emb = torch.randn(3, L, tiny_cfg.text_dim)
-    emb[0, 5:] = 0  # 5 tokens, then padding
-    emb[1, 2:4] = 0  # zero rows inside the prompt are not trailing: only the padding after row 11 counts
-    emb[1, 11:] = 0
-    text = model.encode_text(emb)
-    assert text.distinct_rows.dtype == torch.int32
-    assert text.distinct_rows.tolist() == [5, 11, L - 1]
-    assert model.encode_text(emb[:1, :3]).distinct_rows.tolist() == [3]  # shorter than text_len: padded
+    text = model.encode_text(torch.randn(3, 5, tiny_cfg.text_dim))
     both = TextConditioning.cat([text.rows(2, 3), text.rows(0, 1)])
-    assert both.distinct_rows.tolist() == [L - 1, 5] and torch.equal(both.cross_k[1][1], text.cross_k[1][0])
+    assert both.batch_size == 2 and len(both.cross_k) == tiny_cfg.num_layers
+    assert torch.equal(both.context[0], text.context[2]) and torch.equal(both.cross_k[1][1], text.cross_k[1][0])
+    assert torch.equal(both.cross_v[0][0], text.cross_v[0][2])
 
 
 def test_frame_positions_tensor_equals_offsets_per_sequence(tiny_cfg):
