@@ -7,7 +7,7 @@ video's kernel time (what to optimise first). Eager by default (graphs hide the 
 the profiler's CPU side, not from its GPU side; --graphs profiles the replayed path).
 ``--trace PATH`` also writes the Chrome trace (large: keep it off the device's return limit).
 
-    python bench/profile_stream.py [--frames 81] [--no-vae] [--top 30]
+    python bench/profile_stream.py [--frames 81] [--no-vae] [--graphs] [--top 30] [--name profile_stream]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import PROMPT_TOKENS, prompt_embedding, write_result  # noqa: E402
 
 from spiral_rt.cache import GlobalPolicy  # noqa: E402
 from spiral_rt.engine import Engine, EngineConfig  # noqa: E402
@@ -36,6 +36,7 @@ def main(argv=None):
     ap.add_argument("--no-vae", action="store_true", help="latents only (DiT work alone)")
     ap.add_argument("--top", type=int, default=30, help="kernels listed")
     ap.add_argument("--trace", default=None, help="also write a Chrome trace here")
+    ap.add_argument("--name", default="profile_stream", help="result name (bench/results/<name>.json)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
@@ -51,7 +52,7 @@ def main(argv=None):
                        cuda_graphs=args.graphs, vae_side_stream=True, latent_dtype=torch.float32,
                        kv_num_pages=chunks * 3 + 3, device="cuda", max_batch_size=1)
     engine = Engine(model, vae, cfg)
-    prompt = torch.randn(512, dcfg.text_dim, device="cuda", dtype=torch.bfloat16) * 0.1
+    prompt = prompt_embedding(PROMPT_TOKENS, dcfg.text_dim, "cuda", torch.bfloat16)
 
     def video():
         s = engine.open_session(prompt, seed=0, max_chunks=chunks)
@@ -79,8 +80,8 @@ def main(argv=None):
         rows.append(row)
         print(f"{row['kernel'][:80]:80s} {row['calls']:6d} {row['total_ms']:9.2f} {row['share']:6.1%}")
     print(f"kernel time of one {args.frames}-frame video: {total / 1e3:.1f} ms over {chunks} chunks")
-    write_result("profile_stream", {"frames": args.frames, "graphs": args.graphs, "vae": not args.no_vae,
-                                    "model": dcfg.name, "latent_hw": [60, 104]},
+    write_result(args.name, {"frames": args.frames, "graphs": args.graphs, "vae": not args.no_vae,
+                             "model": dcfg.name, "latent_hw": [60, 104], "prompt_tokens": PROMPT_TOKENS},
                  rows, extra={"kernel_ms_total": total / 1e3})
 
 
