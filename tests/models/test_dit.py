@@ -167,6 +167,7 @@ def test_text_conditioning_rows_and_cat(tiny_cfg):
     assert torch.equal(both.cross_v[0][0], text.cross_v[0][2])
 
 
+@torch.no_grad()
 def test_frame_positions_tensor_equals_offsets_per_sequence(tiny_cfg):
     """A (B, F) position tensor: consecutive positions equal the int offset; sequences at
     different (and non-consecutive) positions equal separate calls."""
