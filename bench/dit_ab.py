@@ -15,6 +15,7 @@ a prompt's repeated padding rows once (a Triton kernel, commit dca156a, since re
 over every row this way: results/text_attention_ab.json.
 
     python bench/dit_ab.py [--variants current,unpacked_qkv] [--rounds 5] [--prompt-tokens 128]
+    python bench/dit_ab.py --smoke     (CPU, tiny model, no timing meaning, no result file)
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from common import PROMPT_TOKENS, print_table, prompt_embedding, write_result  #
 
 from spiral_rt.cache import GlobalPolicy  # noqa: E402
 from spiral_rt.models import dit as dit_module  # noqa: E402
-from spiral_rt.models.config import wan21_t2v_1_3b  # noqa: E402
+from spiral_rt.models.config import tiny_test, wan21_t2v_1_3b  # noqa: E402
 from spiral_rt.models.dit import build_dit  # noqa: E402
 
 NUM_CHUNKS = 7  # 21 latent frames = 81 video frames
@@ -62,34 +63,40 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2, help="warm-up videos per variant (>= 2: graphs capture on the second)")
     ap.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
     ap.add_argument("--name", default="dit_ab")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny model: checks that the script runs")
     args = ap.parse_args(argv)
     names = args.variants.split(",")
     if unknown := [n for n in names if n not in VARIANTS]:
         ap.error(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
-    if not torch.cuda.is_available():
-        ap.error("needs a CUDA GPU")
-    args.device, args.latent_hw, args.graphs = "cuda", (60, 104), True
+    if args.smoke:
+        args.device, args.latent_hw, args.graphs = "cpu", (4, 6), False
+        args.rounds, args.warmup, num_chunks = 1, 1, 3
+        cfg, dtype = tiny_test(num_layers=2, dim=128, num_heads=2, ffn_dim=256, text_dim=64, freq_dim=32, in_channels=16), torch.float32
+    else:
+        if not torch.cuda.is_available():
+            ap.error("needs a CUDA GPU (or --smoke)")
+        args.device, args.latent_hw, args.graphs = "cuda", (60, 104), True
+        cfg, dtype, num_chunks = wan21_t2v_1_3b(), torch.bfloat16, NUM_CHUNKS
     torch.manual_seed(0)
-    cfg = wan21_t2v_1_3b()
-    model = build_dit(cfg, device="cuda", dtype=torch.bfloat16)
-    prompt = prompt_embedding(args.prompt_tokens, cfg.text_dim, "cuda", torch.bfloat16)
-    clock = Clock(True)
+    model = build_dit(cfg, device=args.device, dtype=dtype)
+    prompt = prompt_embedding(min(args.prompt_tokens, cfg.text_len), cfg.text_dim, args.device, dtype)
+    clock = Clock(args.device == "cuda")
     engines = {n: make_engine(model, None, args, policy=GlobalPolicy(), output="latents",
-                              kv_frames=NUM_CHUNKS * CHUNK_FRAMES + 3) for n in names}
+                              kv_frames=num_chunks * CHUNK_FRAMES + 3) for n in names}
     times = {n: [] for n in names}
     latents = {}
     for n in names:
         with VARIANTS[n]():
             for _ in range(args.warmup):
-                run_video(engines[n], clock, NUM_CHUNKS, prompt)
-            s = engines[n].open_session(prompt, seed=7, noise_id=0, max_chunks=NUM_CHUNKS)
-            latents[n] = torch.cat([engines[n].step([s])[s.session_id].latents.float() for _ in range(NUM_CHUNKS)], dim=1)
+                run_video(engines[n], clock, num_chunks, prompt)
+            s = engines[n].open_session(prompt, seed=7, noise_id=0, max_chunks=num_chunks)
+            latents[n] = torch.cat([engines[n].step([s])[s.session_id].latents.float() for _ in range(num_chunks)], dim=1)
             s.close()
     for _ in range(args.rounds):
         for n in names:
             with VARIANTS[n]():
-                times[n].append(run_video(engines[n], clock, NUM_CHUNKS, prompt)[1])
-    frames = 1 + 4 * (NUM_CHUNKS * CHUNK_FRAMES - 1)
+                times[n].append(run_video(engines[n], clock, num_chunks, prompt)[1])
+    frames = 1 + 4 * (num_chunks * CHUNK_FRAMES - 1)
     base = statistics.median(times[names[0]])
     ref = latents[names[0]]
     rows = []
@@ -100,7 +107,9 @@ def main(argv=None):
     print_table([{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "all_ms"} for r in rows],
                 ["variant", "ms_per_video", "dit_fps", "x_first", "rel_l2_vs_first"])
     free(*engines.values())
-    write_result(args.name, {"model": cfg.name, "latent_hw": [60, 104], "frames": frames, "cuda_graphs": True,
+    if args.smoke:
+        return
+    write_result(args.name, {"model": cfg.name, "latent_hw": list(args.latent_hw), "frames": frames, "cuda_graphs": True,
                              "prompt_tokens": args.prompt_tokens, "rounds": args.rounds, "warmup": args.warmup,
                              "timing": "CUDA events around each engine step, variants interleaved per round"}, rows)
 
