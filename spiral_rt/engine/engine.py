@@ -497,7 +497,6 @@ class Engine:
         B, F = batch_size, cfg.chunk_frames
         shape = self._latent_shape(B)
         policy, backend = step_policy or cfg.step_policy, cfg.sampler_backend
-        num_steps = len(self._transitions)
         positions = plan_positions(frame_idx, B)
         x = explicit[:, 0].contiguous() if explicit is not None else self._philox(shape, keys[0])
         for k, (sigma, sigma_next) in enumerate(self._transitions):
