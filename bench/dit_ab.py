@@ -9,7 +9,10 @@ compared with the first variant's (relative L2).
 
 Variants (``--variants``, the first is the baseline of the ratios):
   current        the code as committed;
-  unpacked_qkv   q, k, v as three GEMMs (``CausalWanDiT.pack_qkv`` undone: session 12's change).
+  unpacked_qkv   q, k, v as three GEMMs (``CausalWanDiT.pack_qkv`` undone: session 12's change);
+  torch_linears  the projections and FFN through PyTorch's own calls (F.linear, and
+                 torch._addmm_activation for the FFN's GELU epilogue): cuBLASLt's first heuristic
+                 candidate instead of ``spiral_rt.ops.linear``'s timed one (session 14's change).
 A change under study adds its "undone" variant here. Session 13 measured a cross-attention that read
 a prompt's repeated padding rows once (a Triton kernel, commit dca156a, since removed) against SDPA
 over every row this way: results/text_attention_ab.json.
@@ -50,8 +53,17 @@ def _patched(module, name, value):
         setattr(module, name, old)
 
 
+def _torch_linear(x, weight, bias=None, *, gelu=False):
+    """PyTorch's own calls for what ``spiral_rt.ops.linear`` does (the DiT before session 14)."""
+    if not gelu:
+        return torch.nn.functional.linear(x, weight, bias)
+    y = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
+    return y.view(*x.shape[:-1], -1)
+
+
 VARIANTS = {
     "current": contextlib.nullcontext,
+    "torch_linears": lambda: _patched(dit_module, "_tuned_linear", _torch_linear),
     "unpacked_qkv": lambda: _patched(dit_module, "_packed_qkv", lambda attn: None),
 }
 

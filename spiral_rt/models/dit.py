@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.linear import linear as _tuned_linear
 from ..ops.modulated_norm import modulated_norm
 from .attention import AttentionContext, DenseAttention, sdpa_blhd
 from .config import WanDiTConfig, rope_split
@@ -171,17 +172,25 @@ def _rms_norm_fused(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
 
 
+def _linear(lin: nn.Module, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    """``lin(x)`` (then tanh-GELU when ``gelu``) for the fused path: a plain nn.Linear on a GPU, with no
+    gradient asked for, runs through ``spiral_rt.ops.linear`` (cuBLASLt with the GEMM algorithm timed
+    per shape, the bias and GELU in its epilogue); anything else (LoRA wrappers, FP8 linears, training,
+    the CPU) runs as the module."""
+    if (type(lin) is nn.Linear and x.is_cuda and lin.weight.dtype == x.dtype
+            and not (torch.is_grad_enabled() and lin.weight.requires_grad)):
+        return _tuned_linear(x, lin.weight, lin.bias, gelu=gelu)
+    y = lin(x)
+    return F.gelu(y, approximate="tanh") if gelu else y
+
+
 def _ffn_fused(ffn: nn.Sequential, y: torch.Tensor) -> torch.Tensor:
-    """``ffn(y)`` with the bias and tanh-GELU of the first linear in its GEMM epilogue
-    (torch._addmm_activation: cuBLASLt's GELU_BIAS on CUDA), saving a pass over the (L, ffn_dim)
-    hidden activations. CUDA only: the CPU kernel applies the erf GELU, not tanh's. Other layer
-    types (LoRA wrappers, FP8 linears) run as modules."""
+    """``ffn(y)`` with the bias and tanh-GELU of the first linear in its GEMM epilogue (``_linear``),
+    saving a pass over the (L, ffn_dim) hidden activations. Other activations run as modules."""
     up, act, down = ffn
-    if (y.device.type != "cuda" or type(up) is not nn.Linear or up.bias is None
-            or getattr(act, "approximate", None) != "tanh"):
+    if not isinstance(act, nn.GELU) or act.approximate != "tanh":
         return ffn(y)
-    hidden = torch._addmm_activation(up.bias, y.reshape(-1, y.shape[-1]), up.weight.t(), use_gelu=True)
-    return down(hidden.view(*y.shape[:-1], -1))
+    return _linear(down, _linear(up, y, gelu=True))
 
 
 def _modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
@@ -560,7 +569,7 @@ class CausalWanDiT(nn.Module):
                                                attend=attend)
             if not attend:
                 return None
-            branch = sa.o(o.flatten(2))
+            branch = _linear(sa.o, o.flatten(2))
             n3 = block.norm3
             if isinstance(n3, nn.LayerNorm):
                 n3_shift, n3_scale = norm3_mods[i]
@@ -570,11 +579,11 @@ class CausalWanDiT(nn.Module):
                 y = x
 
             ca = block.cross_attn
-            q = ca.heads(_rms_norm_fused(ca.norm_q, ca.q(y)))
+            q = ca.heads(_rms_norm_fused(ca.norm_q, _linear(ca.q, y)))
             k, v = text.cross_k[i], text.cross_v[i]
             if k.shape[0] != B:
                 k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
-            branch = ca.o(sdpa_blhd(q, k, v).flatten(2))
+            branch = _linear(ca.o, sdpa_blhd(q, k, v).flatten(2))
             y, x = modulated_norm(x, c_shift, c_scale, gate=ones, branch=branch, eps=block.eps)
             carry = (_ffn_fused(block.ffn, y), c_gate)
 

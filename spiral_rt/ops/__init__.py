@@ -17,12 +17,15 @@ Ops:
 - ``phase_interleave``: the four sub-pixel phases of a 2x2 conv into the 2x upsampled image (the Wan
   VAE's nearest-2x upsample + 3x3 conv as a sub-pixel conv);
 - ``narrow_causal_conv3d``: a causal 3x3x3 conv to a few output channels over cached frames (the
-  Wan VAE's head).
+  Wan VAE's head);
+- ``linear``: x W^T + b (optionally tanh-GELU) through cuBLASLt with the algorithm timed per shape
+  (the DiT's projections and FFN).
 """
 
 from . import bias_residual_add as _bias_residual_add_module
 from . import channel_rms_norm as _channel_rms_norm_module
 from . import chunk_attention as _chunk_attention_module
+from . import linear as _linear_module
 from . import merge_states as _merge_states_module
 from . import modulated_norm as _modulated_norm_module
 from . import narrow_causal_conv3d as _narrow_causal_conv3d_module
@@ -39,6 +42,7 @@ from .chunk_attention import (
     plan_chunk_attention,
 )
 from .dispatch import available_backends, select_backend
+from .linear import linear
 from .merge_states import AttentionState, merge_states
 from .modulated_norm import ModulatedNormResult, modulated_norm
 from .narrow_causal_conv3d import narrow_causal_conv3d
@@ -59,6 +63,7 @@ OP_BACKENDS = {
         _bias_residual_add_module,
         _upsample_conv_module,
         _narrow_causal_conv3d_module,
+        _linear_module,
     )
 }
 
@@ -72,5 +77,6 @@ __all__ = [
     "bias_residual_add",
     "phase_interleave",
     "narrow_causal_conv3d",
+    "linear",
     "available_backends", "select_backend", "OP_BACKENDS",
 ]
