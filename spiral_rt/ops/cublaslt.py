@@ -2,8 +2,9 @@
 library's first guess.
 
 torch runs every linear with the first algorithm of cuBLASLt's heuristic. On the DiT's shapes the
-heuristic's other candidates are up to 8% faster (bench/cublaslt_algos.py: M = 4680 tokens, FFN
-down 666 -> 722 TFLOP/s, FFN up with the GELU epilogue 579 -> 615, 1536 x 1536 637 -> 659). A
+heuristic's other candidates are up to 8% faster (bench/results/cublaslt_algos.json, H100, M = 4680
+tokens: FFN down 666 -> 722 TFLOP/s, FFN up with the GELU epilogue 579 -> 615, 1536 x 1536
+637 -> 659; bench/bench_linear.py times them against torch's call). A
 ``LtLinear`` is one problem (device, dtype, M, K, N, x's row stride, bias or not, GELU or not):
 descriptors built once, the heuristic's candidates (up to ``CANDIDATES``) timed once on scratch
 copies of the operands, the fastest kept for every later call. Calls record into CUDA graphs; a
@@ -154,6 +155,7 @@ class LtLinear:
             raise RuntimeError(f"cuBLASLt has no algorithm for {p}")
         self.chosen = 0
         self.timed_us: list[float] | None = None
+        self._lock = threading.Lock()  # the bias pointer lives in the shared descriptor until the call
 
     def _heuristic(self) -> list[_Heuristic]:
         pref = ctypes.c_void_p()
@@ -174,17 +176,18 @@ class LtLinear:
             candidate: int | None = None) -> None:
         """out = epilogue(x weight^T + bias) on the current stream with the chosen (or given) candidate."""
         algo = self.candidates[self.chosen if candidate is None else candidate]
-        if bias is not None:
-            ptr = ctypes.c_void_p(bias.data_ptr())
-            _check(self.lt.cublasLtMatmulDescSetAttribute(self.desc, _DESC_BIAS_POINTER, ctypes.byref(ptr),
-                                                          ctypes.c_size_t(8)), "MatmulDescSetAttribute(bias)")
         stream = torch.cuda.current_stream(x.device).cuda_stream
         ws = _workspace(self.problem.device, stream)
-        _check(self.lt.cublasLtMatmul(
-            self.handle, self.desc, ctypes.byref(self.alpha), ctypes.c_void_p(weight.data_ptr()), self.a,
-            ctypes.c_void_p(x.data_ptr()), self.b, ctypes.byref(self.beta), ctypes.c_void_p(out.data_ptr()), self.d,
-            ctypes.c_void_p(out.data_ptr()), self.d, ctypes.byref(algo.algo), ctypes.c_void_p(ws.data_ptr()),
-            ctypes.c_size_t(WORKSPACE_BYTES), ctypes.c_void_p(stream)), "Matmul")
+        with self._lock:  # ctypes releases the GIL: another thread must not swap the bias in between
+            if bias is not None:
+                ptr = ctypes.c_void_p(bias.data_ptr())
+                _check(self.lt.cublasLtMatmulDescSetAttribute(self.desc, _DESC_BIAS_POINTER, ctypes.byref(ptr),
+                                                              ctypes.c_size_t(8)), "MatmulDescSetAttribute(bias)")
+            _check(self.lt.cublasLtMatmul(
+                self.handle, self.desc, ctypes.byref(self.alpha), ctypes.c_void_p(weight.data_ptr()), self.a,
+                ctypes.c_void_p(x.data_ptr()), self.b, ctypes.byref(self.beta), ctypes.c_void_p(out.data_ptr()),
+                self.d, ctypes.c_void_p(out.data_ptr()), self.d, ctypes.byref(algo.algo), ctypes.c_void_p(ws.data_ptr()),
+                ctypes.c_size_t(WORKSPACE_BYTES), ctypes.c_void_p(stream)), "Matmul")
 
     def tune(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rounds: int = 3,
              calls: int = 6) -> None:
