@@ -12,7 +12,9 @@ Variants (``--variants``, the first is the baseline of the ratios):
   unpacked_qkv   q, k, v as three GEMMs (``CausalWanDiT.pack_qkv`` undone: session 12's change);
   torch_linears  the projections and FFN through PyTorch's own calls (F.linear, and
                  torch._addmm_activation for the FFN's GELU epilogue): cuBLASLt's first heuristic
-                 candidate instead of ``spiral_rt.ops.linear``'s timed one (session 14's change).
+                 candidate instead of ``spiral_rt.ops.linear``'s timed one (session 14's change);
+  all_text_rows  cross-attention by SDPA over all 512 text rows instead of the chunk-attention kernel
+                 over the prompt's distinct rows (session 14's change).
 A change under study adds its "undone" variant here. Session 13 measured a cross-attention that read
 a prompt's repeated padding rows once (a Triton kernel, commit dca156a, since removed) against SDPA
 over every row this way: results/text_attention_ab.json.
@@ -64,6 +66,7 @@ def _torch_linear(x, weight, bias=None, *, gelu=False):
 VARIANTS = {
     "current": contextlib.nullcontext,
     "torch_linears": lambda: _patched(dit_module, "_tuned_linear", _torch_linear),
+    "all_text_rows": lambda: _patched(dit_module, "_text_attention_plan", lambda *args: None),
     "unpacked_qkv": lambda: _patched(dit_module, "_packed_qkv", lambda attn: None),
 }
 

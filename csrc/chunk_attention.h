@@ -10,9 +10,16 @@
 //            slot >= 0: a piece of a split key range, written as the fp32 partial state
 //            partial_o[slot] (128, D) and partial_lse[slot] (128,) (row i = query row q_start + i)
 //            for the merge kernel (spiral_rt/kernels/chunk_attention.py, merge_pieces);
-//   tiles    (num_tiles, 2) int32: page, row0 | valid << 16. A tile is `block_n` consecutive
-//            rows of one page starting at row0, of which the first `valid` are keys (the rest
-//            are masked; rows past the page end read as zeros).
+//   tiles    (num_tiles, 2) int32: page, row0 | valid << 16 | counted << 30. A tile is `block_n`
+//            consecutive rows of one page starting at row0, of which the first `valid` are keys
+//            (the rest are masked; rows past the page end read as zeros); `counted` (with
+//            tile_log2_count) marks a tile whose last valid key stands for several copies.
+//   tile_log2_count (num_tiles,) fp32, or null: for tiles marked `counted`, log2 of the number of
+//            copies the tile's last valid key stands for, added to that key's score (in the log2
+//            domain after scaling); with it, the key range of a work item ends at its first tile with no valid
+//            keys. This is how a sequence whose trailing keys are all copies of one key (a
+//            zero-padded prompt's text K/V) is read: its distinct keys, the repeated one weighted
+//            by its count (tiles and counts computed on the device, see spiral_rt/ops).
 // Outputs: o (total_q, H, D) in q's dtype and lse (total_q, H) fp32 (natural log; a row without
 // keys gets O = 0, LSE = -inf), for the rows of whole work items; the partial states of pieces.
 #pragma once
@@ -33,6 +40,7 @@ struct ChunkAttentionArgs {
   float* partial_lse = nullptr;  // (pieces, 128)
   const int32_t* work = nullptr;
   const int32_t* tiles = nullptr;
+  const float* tile_log2_count = nullptr;  // (num_tiles,) or null
   int64_t q_row_stride = 0;  // elements between consecutive query rows
   int64_t total_q = 0;
   int64_t num_work = 0;

@@ -49,6 +49,10 @@ constexpr int kRowsPerConsumer = 64;
 constexpr int kThreads = 384;         // producer + 2 consumer warpgroups
 constexpr int kHalfBytes = 64 * 2;    // one 64-column half of a 16-bit row: the swizzle span
 constexpr int kQHalfBytes = kRowsPerConsumer * kHalfBytes;  // 8 KiB: one TMA box of Q
+// A tile's word: row0 (bits 0-15) | valid keys (bits 16-29) | kCountedBit: its last valid key
+// stands for several copies (tile_log2_count[t] holds log2 of their number).
+constexpr int kValidMask = 0x3FFF;
+constexpr int kCountedBit = 1 << 30;
 
 struct Params {
   void* o;
@@ -57,6 +61,7 @@ struct Params {
   float* partial_lse;
   const int32_t* work;
   const int32_t* tiles;
+  const float* tile_log2_count;  // null, or per tile: log2 of the copies its last valid key stands for
   int num_work;
   int num_whole;       // items [0, num_whole) run whole, strided over the first num_persistent CTAs;
   int num_persistent;  // every later CTA runs one piece (dispatched as SMs free up)
@@ -164,6 +169,15 @@ __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// A work item's key tiles end at t1, or with per-tile counts (device-computed tiles) at its first
+// tile without valid keys. Producer and consumers compute it alike.
+__device__ __forceinline__ int key_range_end(const Params& p, int t0, int t1) {
+  if (p.tile_log2_count != nullptr)
+    for (int t = t0; t < t1; ++t)
+      if (((p.tiles[2 * t + 1] >> 16) & kValidMask) == 0) return t;
+  return t1;
+}
+
 #endif  // SPIRAL_RT_SM90A
 
 template <typename T, int BN, int STAGES>
@@ -212,7 +226,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       int done = 0;  // key tiles loaded so far: the ring's stage and phase run on across items
       for (int w = first, item = 0; w < end; w += stride, ++item) {
         const int32_t* work = p.work + 6 * w;
-        const int q_start = work[0], t0 = work[2], t1 = work[3], head = work[4];
+        const int q_start = work[0], t0 = work[2], head = work[4];
+        const int t1 = key_range_end(p, t0, work[3]);
         mbar_wait(bar_q_free, (item & 1) ^ 1);  // both consumers are done with the previous Q
         mbar_expect_tx(bar_q, 4 * kQHalfBytes);
         for (int c = 0; c < 2; ++c)
@@ -266,8 +281,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // A tile's word is row0 | valid << 16: keys in its first `valid` rows; the V rows after them
   // need zeroing only when they lie inside the page (past its end TMA filled zeros).
   auto word_of = [&](int t) { return p.tiles[2 * t + 1]; };
-  auto valid_in = [](int word) { return word >> 16; };
-  auto stale_rows = [&](int word) { return (word >> 16) < BN && (word & 0xFFFF) + (word >> 16) < p.page_size; };
+  auto valid_in = [](int word) { return (word >> 16) & kValidMask; };
+  auto stale_rows = [&](int word) { return valid_in(word) < BN && (word & 0xFFFF) + valid_in(word) < p.page_size; };
 
   // S = Q K^T over D = 128: 8 k-steps, 4 in each 64-column half (issued, not waited for).
   auto issue_s = [&](int t) {
@@ -309,13 +324,31 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   // Online softmax of the S of tile t in the log2 domain, in place (s_acc becomes P in fp32);
   // returns the factors by which O must be rescaled. Each row lives in the 4 threads of a quad.
-  auto softmax = [&](int valid, float& alpha_lo, float& alpha_hi) {
+  auto softmax = [&](int t, int word, float& alpha_lo, float& alpha_hi) {
+    const int valid = valid_in(word);
     if (valid < BN) {
 #pragma unroll
       for (int j = 0; j < BN / 8; ++j) {
         const int col = 8 * j + col0;
         if (col >= valid) s_acc[4 * j] = s_acc[4 * j + 2] = -INFINITY;
         if (col + 1 >= valid) s_acc[4 * j + 1] = s_acc[4 * j + 3] = -INFINITY;
+      }
+    }
+    if (word & kCountedBit) {
+      // the last valid key stands for 2^tile_log2_count[t] copies: raise its raw score by
+      // log2(copies) / scale (read only in flagged tiles: one register for every tile spills)
+      const float bias = p.tile_log2_count[t] / scale;
+      const int last = valid - 1;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+        if (8 * j + col0 == last) {
+          s_acc[4 * j] += bias;
+          s_acc[4 * j + 2] += bias;
+        }
+        if (8 * j + col0 + 1 == last) {
+          s_acc[4 * j + 1] += bias;
+          s_acc[4 * j + 3] += bias;
+        }
       }
     }
     float mx_lo = -INFINITY, mx_hi = -INFINITY;
@@ -377,7 +410,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   int done = 0;
   for (int w = first, item = 0; w < end; w += stride, ++item) {
     const int32_t* work = p.work + 6 * w;
-    const int q_start = work[0], q_end = work[1], t0 = work[2], t1 = work[3], head = work[4], slot = work[5];
+    const int q_start = work[0], q_end = work[1], t0 = work[2], head = work[4], slot = work[5];
+    const int t1 = key_range_end(p, t0, work[3]);
     shift = done - t0;
     done += t1 - t0;
 #pragma unroll
@@ -396,7 +430,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<0>();
       fence_regs(s_acc);
       mbar_arrive(bar_k_free(stage_of(t0)));
-      softmax(valid_in(word), alpha_lo, alpha_hi);
+      softmax(t0, word, alpha_lo, alpha_hi);
       pack_p();
       // Steady state: S of tile t and P V of tile t - 1 run on the tensor cores while this
       // warpgroup does the softmax of tile t (FA3's intra-warpgroup overlap); O is rescaled for
@@ -413,7 +447,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_wait<1>();  // S of tile t (committed first) is done: its K buffer is free
         fence_regs(s_acc);
         mbar_arrive(bar_k_free(stage_of(t)));
-        softmax(valid_in(word), alpha_lo, alpha_hi);
+        softmax(t, word, alpha_lo, alpha_hi);
         wgmma_wait<0>();  // P V of tile t - 1 is done: its V buffer and the P registers are free
         fence_regs(o);
         mbar_arrive(bar_v_free(stage_of(t - 1)));
@@ -520,6 +554,7 @@ cudaError_t launch(const ChunkAttentionArgs& a, int num_sms, cudaStream_t stream
   p.partial_lse = a.partial_lse;
   p.work = a.work;
   p.tiles = a.tiles;
+  p.tile_log2_count = a.tile_log2_count;
   p.num_work = static_cast<int>(a.num_work);
   p.num_whole = static_cast<int>(a.num_work - a.num_pieces);
   p.num_persistent = p.num_whole < num_sms ? p.num_whole : num_sms;

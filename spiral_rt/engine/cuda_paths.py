@@ -38,10 +38,11 @@ from spiral_rt.models.vae import DecoderState
 
 logger = logging.getLogger(__name__)
 
-# Every device table of a ChunkAttentionPlan that a kernel reads (the Triton kernels' and the CUDA
-# kernel's): each is copied into the bucket's static copy before a replay.
+# Every device table of a ChunkAttentionPlan (what the Triton kernels and the CUDA kernel read, and
+# what ``with_distinct_keys`` derives tiles from): each is copied into the bucket's static copy
+# before a replay.
 _PLAN_TENSORS = ("q_indptr", "kv_indptr", "kv_indices", "kv_last_page_len", "work", "tile_rows", "left_rows",
-                 "cuda_work", "cuda_tiles", "cuda_merge")
+                 "cuda_work", "cuda_tiles", "cuda_merge", "cuda_tile_keys", "distinct_keys", "cuda_tile_log2_count")
 
 
 class SideStreamDecoder:
@@ -97,7 +98,8 @@ class _StaticText:
             return torch.empty((batch, *t.shape[1:]), dtype=t.dtype, device=t.device)
 
         self.cond = TextConditioning(context=alloc(like.context), cross_k=[alloc(k) for k in like.cross_k],
-                                     cross_v=[alloc(v) for v in like.cross_v])
+                                     cross_v=[alloc(v) for v in like.cross_v],
+                                     distinct_rows=torch.empty(batch, dtype=torch.int32, device=like.context.device))
         self.source: TextConditioning | None = None
 
     def fill(self, text: TextConditioning) -> None:
@@ -106,6 +108,10 @@ class _StaticText:
         for dst, src in zip([self.cond.context, *self.cond.cross_k, *self.cond.cross_v],
                             [text.context, *text.cross_k, *text.cross_v]):
             dst.copy_(src.expand_as(dst), non_blocking=True)
+        if text.distinct_rows is not None:
+            self.cond.distinct_rows.copy_(text.distinct_rows.expand_as(self.cond.distinct_rows), non_blocking=True)
+        else:  # counts unknown: every row is read
+            self.cond.distinct_rows.fill_(text.context.shape[1])
         self.source = text
 
 

@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.chunk_attention import ChunkAttentionPlan, chunk_attention, plan_chunk_attention
 from ..ops.linear import linear as _tuned_linear
 from ..ops.modulated_norm import modulated_norm
 from .attention import AttentionContext, DenseAttention, sdpa_blhd
@@ -184,6 +185,39 @@ def _linear(lin: nn.Module, x: torch.Tensor, gelu: bool = False) -> torch.Tensor
     return F.gelu(y, approximate="tanh") if gelu else y
 
 
+_TEXT_PLANS: dict[tuple, ChunkAttentionPlan] = {}
+
+
+def _text_attention_plan(batch: int, q_len: int, text: TextConditioning) -> ChunkAttentionPlan | None:
+    """The fused path's cross-attention as ``spiral_rt.ops.chunk_attention`` over each prompt's
+    distinct text rows (``ChunkAttentionPlan.with_distinct_keys``): a prompt's K/V rows are one page,
+    read up to its padding, the padding rows' shared K/V counted once with their number. With a
+    128-token prompt that is 129 keys instead of Wan's 512. The base plan is built once per shape (on
+    the host; cached), the counts applied on the device once per forward. None (SDPA over every row)
+    without counts, gradients, the Hopper CUDA kernel, or when first met inside a graph capture."""
+    k = text.cross_k[0] if text.cross_k else None
+    if (k is None or text.distinct_rows is None or not k.is_cuda or (torch.is_grad_enabled() and k.requires_grad)
+            or k.shape[0] not in (1, batch) or not k.is_contiguous()):
+        return None
+    kv_batch, rows, heads, dim = k.shape
+    key = (batch, q_len, kv_batch, rows, heads, dim, k.dtype, k.device)
+    plan = _TEXT_PLANS.get(key)
+    if plan is None:
+        if torch.cuda.is_current_stream_capturing():  # the plan's upload cannot be captured
+            return None
+        plan = plan_chunk_attention(
+            [b * q_len for b in range(batch + 1)], list(range(batch + 1)),
+            [b if kv_batch == batch else 0 for b in range(batch)], [rows] * batch, page_size=rows,
+            num_pages=kv_batch, num_qo_heads=heads, head_dim=dim, dtype=k.dtype, device=k.device)
+        _TEXT_PLANS[key] = plan
+    if plan.cuda_reason is not None:  # the Triton kernel would read every row: SDPA is faster
+        return None
+    distinct = text.distinct_rows
+    if distinct.shape[0] != batch:
+        distinct = distinct.expand(batch).contiguous()
+    return plan.with_distinct_keys(distinct)
+
+
 def _ffn_fused(ffn: nn.Sequential, y: torch.Tensor) -> torch.Tensor:
     """``ffn(y)`` with the bias and tanh-GELU of the first linear in its GEMM epilogue (``_linear``),
     saving a pass over the (L, ffn_dim) hidden activations. Other activations run as modules."""
@@ -294,6 +328,10 @@ class TextConditioning:
     """Per block, (B, text_len, H, D): cross-attention keys after the k RMSNorm."""
     cross_v: list[torch.Tensor]
     """Per block, (B, text_len, H, D): cross-attention values."""
+    distinct_rows: torch.Tensor | None = None
+    """(B,) int32 on the device: the rows before each prompt's zero padding. The padding rows' K/V
+    are all one row, so cross-attention reads the distinct rows and that one, counted (``encode_text``
+    sets it; None: unknown, every row is read)."""
 
     @property
     def batch_size(self) -> int:
@@ -302,7 +340,8 @@ class TextConditioning:
     def rows(self, start: int, stop: int) -> "TextConditioning":
         """The conditioning of batch rows [start, stop) (views)."""
         return TextConditioning(context=self.context[start:stop], cross_k=[k[start:stop] for k in self.cross_k],
-                                cross_v=[v[start:stop] for v in self.cross_v])
+                                cross_v=[v[start:stop] for v in self.cross_v],
+                                distinct_rows=None if self.distinct_rows is None else self.distinct_rows[start:stop])
 
     @staticmethod
     def cat(conds: "list[TextConditioning]") -> "TextConditioning":
@@ -311,6 +350,8 @@ class TextConditioning:
             context=torch.cat([c.context for c in conds]),
             cross_k=[torch.cat([c.cross_k[i] for c in conds]) for i in range(len(conds[0].cross_k))],
             cross_v=[torch.cat([c.cross_v[i] for c in conds]) for i in range(len(conds[0].cross_v))],
+            distinct_rows=(torch.cat([c.distinct_rows for c in conds])
+                           if all(c.distinct_rows is not None for c in conds) else None),
         )
 
 
@@ -388,7 +429,11 @@ class CausalWanDiT(nn.Module):
             text_embeddings = F.pad(text_embeddings, (0, 0, 0, cfg.text_len - length))
         context = self.text_embedding(text_embeddings.to(self.dtype))
         ks, vs = zip(*(block.text_kv(context) for block in self.blocks))
-        return TextConditioning(context=context, cross_k=list(ks), cross_v=list(vs))
+        # rows up to the last non-zero one (on the device: no sync); the rest are the padding
+        nonzero = text_embeddings.ne(0).any(dim=-1)
+        position = torch.arange(1, cfg.text_len + 1, device=nonzero.device, dtype=torch.int32)
+        distinct = torch.where(nonzero, position, 0).amax(dim=-1).to(torch.int32)
+        return TextConditioning(context=context, cross_k=list(ks), cross_v=list(vs), distinct_rows=distinct)
 
     # ------------------------------------------------------------------ forward
 
@@ -553,6 +598,7 @@ class CausalWanDiT(nn.Module):
             frame_index = torch.arange(frame_offset, frame_offset + frames, device=device).repeat(B)
         ones = torch.ones(B, frames, C, device=device)
         mods, norm3_mods = self._fused_modulations(e0)
+        text_plan = _text_attention_plan(B, L, text)
         carry = None  # (branch, gate) of the residual add not yet applied: the previous block's FFN
         for i, block in enumerate(self.blocks):
             shift, scale, gate, c_shift, c_scale, c_gate = mods[i]
@@ -581,9 +627,13 @@ class CausalWanDiT(nn.Module):
             ca = block.cross_attn
             q = ca.heads(_rms_norm_fused(ca.norm_q, _linear(ca.q, y)))
             k, v = text.cross_k[i], text.cross_v[i]
-            if k.shape[0] != B:
-                k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
-            branch = _linear(ca.o, sdpa_blhd(q, k, v).flatten(2))
+            if text_plan is not None:
+                o = chunk_attention(q.reshape(B * L, *q.shape[2:]), k, v, text_plan).o.view(B, L, C)
+            else:
+                if k.shape[0] != B:
+                    k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
+                o = sdpa_blhd(q, k, v).flatten(2)
+            branch = _linear(ca.o, o)
             y, x = modulated_norm(x, c_shift, c_scale, gate=ones, branch=branch, eps=block.eps)
             carry = (_ffn_fused(block.ffn, y), c_gate)
 

@@ -182,14 +182,53 @@ class ChunkAttentionPlan:
     """Partial-state slots the CUDA work partition writes (0: no merge)."""
     cuda_reason: str | None
     """Why the CUDA kernel cannot run this plan (None when it can)."""
+    cuda_tile_keys: torch.Tensor | None
+    """CUDA kernel: (num_tiles, 3) int32 sequence, logical index of the tile's first key, the
+    sequence's key count (what ``with_distinct_keys`` recomputes the tiles from)."""
     kv_lens: tuple[int, ...]
     """Keys per sequence (host)."""
     flops: int
     """4 * sum_s q_len_s * kv_len_s * H * D: the attention FLOPs of one call."""
 
+    distinct_keys: torch.Tensor | None = None
+    """(S,) int32 on device, or None: see ``with_distinct_keys``."""
+    cuda_tile_log2_count: torch.Tensor | None = None
+    """CUDA kernel with ``distinct_keys``: (num_tiles,) fp32, log2 of the copies a counted tile's last
+    key stands for (csrc/chunk_attention.h)."""
+
     @property
     def num_splits(self) -> int:
         return self.config.num_splits
+
+    def with_distinct_keys(self, distinct_keys: torch.Tensor) -> "ChunkAttentionPlan":
+        """This plan for K/V whose keys (and values) of sequence s from index ``distinct_keys[s]`` on
+        are all copies of that key, as the text rows of a zero-padded prompt are: attention then reads
+        keys 0 .. distinct_keys[s] and raises the last one's score by log(kv_len - distinct_keys[s]),
+        which gives the same result as all kv_len keys (the weights of m equal keys sum to the weight
+        of one whose score is larger by log m), with fewer keys. distinct_keys[s] >= kv_len - 1: no
+        change. The counts stay on the device (no host sync; the tiles are recomputed there), so a
+        CUDA graph captured with the result stays valid when the counts change. Runs on the cuda and
+        reference backends. Call it on the plan from ``plan_chunk_attention``, once per counts (every
+        layer and step can reuse the result)."""
+        if self.distinct_keys is not None:
+            raise ValueError(f"{OP}: with_distinct_keys: this plan already has distinct keys; call it on the base plan")
+        d = dispatch.check_tensor(OP, "distinct_keys", distinct_keys, shape=(self.num_seqs,), device=self.device)
+        if d.is_floating_point() or d.dtype == torch.bool:
+            raise ValueError(f"{OP}: argument 'distinct_keys' must hold integers, got {str(d.dtype).replace('torch.', '')}")
+        d = d.to(torch.int32)
+        if self.cuda_tiles is None:
+            return dataclasses.replace(self, distinct_keys=d)
+        seq, key0, kv_len = self.cuda_tile_keys.unbind(1)
+        dk = d.clamp(min=0).index_select(0, seq)
+        keys = torch.minimum(dk + 1, kv_len)  # the distinct keys and the one that stands for its copies
+        word = self.cuda_tiles[:, 1]
+        valid = (word >> 16) & 0x3FFF
+        read = torch.minimum((keys - key0).clamp(min=0), valid)
+        copies = kv_len - dk  # of the key at index dk (<= 1: none repeated)
+        counted = (copies > 1) & (keys > key0) & (keys <= key0 + valid)  # the tile holding that key
+        tiles = torch.stack([self.cuda_tiles[:, 0], (word & 0xFFFF) | (read << 16) | (counted.int() << 30)], dim=1)
+        log2_count = torch.where(counted, torch.log2(copies.clamp(min=1).float()), 0.0)
+        return dataclasses.replace(self, distinct_keys=d, cuda_tiles=tiles.contiguous(), cuda_tile_log2_count=log2_count)
 
 
 def _host_ints(op: str, name: str, value, length: int | None = None) -> list[int]:
@@ -271,16 +310,19 @@ def cuda_work_tables(q_ptr: list[int], kv_ptr: list[int], pages: list[int], last
 
     ``splits`` >= 1 splits every unit that many ways; 0 chooses by shape (``_tail_split``). Whole
     units are listed (launched) first, in order, then the pieces.
-    Returns (work rows, tiles, merge rows, number of pieces)."""
-    units, tiles = [], []
+    Returns (work rows, tiles, merge rows, number of pieces, tile keys): tile keys lists, per tile,
+    its sequence, the logical index of its first key and the sequence's key count."""
+    units, tiles, tile_keys = [], [], []
     for s in order:
         if q_ptr[s + 1] == q_ptr[s]:
             continue
         t_start = len(tiles)
         seq_pages = pages[kv_ptr[s]:kv_ptr[s + 1]]
+        kv_len = (len(seq_pages) - 1) * page_size + last[s] if seq_pages else 0
         for i, page in enumerate(seq_pages):
             in_page = page_size if i < len(seq_pages) - 1 else last[s]
             tiles += [(page, r0 | min(block_n, in_page - r0) << 16) for r0 in range(0, in_page, block_n)]
+            tile_keys += [(s, i * page_size + r0, kv_len) for r0 in range(0, in_page, block_n)]
         for head in range(heads):  # one head's row blocks back to back: they stream the same K/V
             units += [(q0, min(q0 + CUDA_BLOCK_M, q_ptr[s + 1]), head, t_start, len(tiles))
                       for q0 in range(q_ptr[s], q_ptr[s + 1], CUDA_BLOCK_M)]
@@ -296,7 +338,7 @@ def cuda_work_tables(q_ptr: list[int], kv_ptr: list[int], pages: list[int], last
         work += [(q0, q1, t0 + n * i // pieces, t0 + n * (i + 1) // pieces, head, slots + i) for i in range(pieces)]
         merge.append((q0, q1, head, slots, pieces))
         slots += pieces
-    return work, tiles, merge, slots
+    return work, tiles, merge, slots, tile_keys
 
 
 def _makespan(durations, slots: int) -> float:
@@ -456,10 +498,10 @@ def plan_chunk_attention(
         fields = WORK_FIELDS_TMA
 
     cuda_reason = cuda_unavailable_reason(head_dim, dtype, page_size, device)
-    cuda_work = cuda_tiles = cuda_merge = None
+    cuda_work = cuda_tiles = cuda_merge = cuda_tile_keys = None
     cuda_pieces = 0
     if cuda_reason is None:
-        cuda_work, cuda_tiles, cuda_merge, cuda_pieces = cuda_work_tables(
+        cuda_work, cuda_tiles, cuda_merge, cuda_pieces, cuda_tile_keys = cuda_work_tables(
             q_ptr, kv_ptr, pages, last, page_size, order, config.cuda_block_n, num_qo_heads, cuda_splits, num_sms)
 
     def table(values):
@@ -474,6 +516,7 @@ def plan_chunk_attention(
         "cuda_work": None if cuda_work is None else table(cuda_work).reshape(-1, CUDA_WORK_FIELDS),
         "cuda_tiles": None if cuda_tiles is None else table(cuda_tiles or [(0, 0)]).reshape(-1, 2),
         "cuda_merge": table(cuda_merge).reshape(-1, CUDA_MERGE_FIELDS) if cuda_merge else None,
+        "cuda_tile_keys": None if cuda_tile_keys is None else table(cuda_tile_keys or [(0, 0, 0)]).reshape(-1, 3),
     }, device)
     return ChunkAttentionPlan(
         num_seqs=num_seqs, total_q=q_ptr[-1], num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
@@ -522,7 +565,10 @@ def chunk_attention(
     cuda_reason = plan.cuda_reason or _cuda_input_reason(q, k_pages, v_pages)
     if cuda_reason is not None and dispatch.requested_backend(OP, backend) == "cuda":
         raise ValueError(f"{OP}: backend 'cuda' cannot run these inputs: {cuda_reason}")
-    chosen = dispatch.select_backend(OP, q.device, IMPLEMENTED if cuda_reason is None else IMPLEMENTED[1:], backend)
+    implemented = IMPLEMENTED if cuda_reason is None else IMPLEMENTED[1:]
+    if plan.distinct_keys is not None:  # the Triton kernel reads every key
+        implemented = tuple(b for b in implemented if b != "triton")
+    chosen = dispatch.select_backend(OP, q.device, implemented, backend)
     cfg = plan.config
     if cfg.kv_load == "tma" and (k_pages.data_ptr() % 16 or v_pages.data_ptr() % 16):
         raise ValueError(f"{OP}: kv_load='tma' needs 16-byte aligned 'k_pages' and 'v_pages' (TMA descriptors)")
@@ -530,7 +576,7 @@ def chunk_attention(
         q, k_pages, v_pages, plan.q_indptr, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, plan.work,
         float(sm_scale), cfg.num_splits, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.hoist_pages,
         cfg.warp_specialize, plan.tile_rows, plan.left_rows, plan.cuda_work, plan.cuda_tiles, cfg.cuda_block_n,
-        plan.cuda_merge, plan.cuda_pieces, chosen)
+        plan.cuda_merge, plan.cuda_pieces, plan.cuda_tile_log2_count, plan.distinct_keys, chosen)
     return AttentionState(o, lse)
 
 
@@ -596,12 +642,15 @@ def _chunk_attention_impl(
     cuda_block_n: int,
     cuda_merge: Optional[torch.Tensor],
     cuda_pieces: int,
+    cuda_tile_log2_count: Optional[torch.Tensor],
+    distinct_keys: Optional[torch.Tensor],
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "reference":
         kv_ptr = kv_indptr.tolist()
         return _reference.chunk_attention(q, k_pages, v_pages, q_indptr.tolist(), kv_ptr,
-                                          kv_indices.tolist()[:kv_ptr[-1]], kv_last_page_len.tolist(), sm_scale)
+                                          kv_indices.tolist()[:kv_ptr[-1]], kv_last_page_len.tolist(), sm_scale,
+                                          distinct_keys=None if distinct_keys is None else distinct_keys.tolist())
     total_q, heads, head_dim = q.shape
     o = torch.empty((total_q, heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((total_q, heads), dtype=torch.float32, device=q.device)
@@ -617,7 +666,8 @@ def _chunk_attention_impl(
             q.data_ptr(), k_pages.data_ptr(), v_pages.data_ptr(), o.data_ptr(), lse.data_ptr(),
             part_o.data_ptr() if cuda_pieces else 0, part_lse.data_ptr() if cuda_pieces else 0, cuda_work.data_ptr(), cuda_tiles.data_ptr(), q.stride(0), total_q, cuda_work.shape[0],
             cuda_pieces, k_pages.shape[0], k_pages.shape[1], heads, k_pages.shape[2], head_dim, cuda_block_n, sm_scale,
-            C.DTYPES[str(q.dtype).replace("torch.", "")], q.device.index, torch.cuda.current_stream(q.device).cuda_stream)
+            C.DTYPES[str(q.dtype).replace("torch.", "")], q.device.index, torch.cuda.current_stream(q.device).cuda_stream,
+            0 if cuda_tile_log2_count is None else cuda_tile_log2_count.data_ptr())
         if cuda_pieces:
             kernel.merge_pieces(part_o, part_lse, cuda_merge, o, lse)
         return o, lse
@@ -637,6 +687,6 @@ _chunk_attention_op = torch.library.custom_op("spiral_rt::chunk_attention", _chu
 @_chunk_attention_op.register_fake
 def _(q, k_pages, v_pages, q_indptr, kv_indptr, kv_indices, kv_last_page_len, work, sm_scale, num_splits,
       block_m, block_n, num_warps, num_stages, hoist_pages, warp_specialize, tile_rows, left_rows, cuda_work, cuda_tiles,
-      cuda_block_n, cuda_merge, cuda_pieces, backend):
+      cuda_block_n, cuda_merge, cuda_pieces, cuda_tile_log2_count, distinct_keys, backend):
     total_q, heads, head_dim = q.shape
     return q.new_empty((total_q, heads, head_dim)), q.new_empty((total_q, heads), dtype=torch.float32)

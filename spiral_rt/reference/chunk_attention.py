@@ -10,6 +10,11 @@ KV head h // (H / H_kv).
 
     S_ij = sm_scale * q_i . k_j,   LSE_i = log sum_j exp(S_ij),   O_i = sum_j exp(S_ij - LSE_i) v_j
 
+With ``distinct_keys`` (one int per sequence, d_s), the keys and values of sequence s from index
+d_s on are taken to be copies of key d_s (a zero-padded prompt's text rows are): the sequence reads
+keys 0 .. d_s, the last one's score raised by log(kv_len - d_s), i.e. counted kv_len - d_s times.
+When the copies are exact this equals attention over all kv_len keys.
+
 Math in fp32 (fp64 for fp64 inputs). Returns O (total_q, H, D) in q's dtype and LSE (total_q, H)
 in fp32 (natural log); a sequence without keys gets O = 0 and LSE = -inf.
 """
@@ -47,6 +52,7 @@ def chunk_attention(
     kv_indices: list[int],
     kv_last_page_len: list[int],
     sm_scale: float | None = None,
+    distinct_keys: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference of ``spiral_rt.ops.chunk_attention`` (index tables as host lists)."""
     total_q, heads, head_dim = q.shape
@@ -64,7 +70,12 @@ def chunk_attention(
         pages = kv_indices[kv_indptr[s]:kv_indptr[s + 1]]
         k = gather_kv(k_pages, pages, lens[s]).to(work).repeat_interleave(group, dim=1)
         v = gather_kv(v_pages, pages, lens[s]).to(work).repeat_interleave(group, dim=1)
+        if distinct_keys is not None and 0 <= distinct_keys[s] < lens[s] - 1:
+            d = distinct_keys[s]
+            k, v = k[:d + 1], v[:d + 1]
         scores = torch.einsum("qhd,khd->hqk", q[q0:q1].to(work), k) * scale
+        if distinct_keys is not None and 0 <= distinct_keys[s] < lens[s] - 1:
+            scores[..., -1] += math.log(lens[s] - distinct_keys[s])
         seq_lse = torch.logsumexp(scores, dim=-1)
         o[q0:q1] = torch.einsum("hqk,khd->qhd", torch.exp(scores - seq_lse[..., None]), v)
         lse[q0:q1] = seq_lse.transpose(0, 1)

@@ -168,6 +168,24 @@ def test_text_conditioning_rows_and_cat(tiny_cfg):
 
 
 @torch.no_grad()
+def test_encode_text_counts_the_rows_before_the_padding(tiny_cfg):
+    """distinct_rows: rows up to each prompt's last non-zero one; every padding row's K/V equals the
+    first padding row's (what the fused path's cross-attention counts instead of reading)."""
+    model = build_dit(tiny_cfg)
+    emb = torch.randn(4, 9, tiny_cfg.text_dim)
+    emb[1, 5:] = 0   # zero rows at the end of the given ones: padding too
+    emb[2, 3] = 0    # a zero row inside the prompt: not padding
+    emb[3] = 0       # nothing but padding
+    text = model.encode_text(emb)
+    assert text.distinct_rows.dtype == torch.int32 and text.distinct_rows.tolist() == [9, 5, 9, 0]
+    for b, d in enumerate(text.distinct_rows.tolist()):
+        for k in (text.cross_k[0][b], text.cross_v[-1][b]):
+            assert torch.equal(k[d:], k[d:d + 1].expand_as(k[d:]))
+    both = TextConditioning.cat([text.rows(2, 4), text.rows(0, 1)])
+    assert both.distinct_rows.tolist() == [9, 0, 9]
+
+
+@torch.no_grad()
 def test_frame_positions_tensor_equals_offsets_per_sequence(tiny_cfg):
     """A (B, F) position tensor: consecutive positions equal the int offset; sequences at
     different (and non-consecutive) positions equal separate calls."""

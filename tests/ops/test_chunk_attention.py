@@ -346,7 +346,7 @@ def test_cuda_partition_covers_every_key_once_within_pages(block_n, splits, num_
     either way its tiles list the sequence's keys in order, each tile inside one page."""
     b = make_batch(VARLEN, page_size=7, num_pages=18)
     order, heads = [4, 0, 1, 2, 3], 3
-    work, tiles, merge, pieces = cuda_work_tables(b.q_indptr, b.kv_indptr, b.kv_indices, b.last, b.page_size, order,
+    work, tiles, merge, pieces, _ = cuda_work_tables(b.q_indptr, b.kv_indptr, b.kv_indices, b.last, b.page_size, order,
                                                   block_n, heads, splits, num_sms)
     assert sorted(w[5] for w in work if w[5] >= 0) == list(range(pieces))
     assert sum(m[4] for m in merge) == pieces and len({(m[0], m[2]) for m in merge}) == len(merge)
@@ -417,7 +417,7 @@ def test_custom_op_has_fake_kernel():
         args = [mode.from_tensor(t) for t in (q, kp, vp, plan.q_indptr, plan.kv_indptr, plan.kv_indices,
                                                plan.kv_last_page_len, plan.work)]
         o, lse = torch.ops.spiral_rt.chunk_attention(*args, 0.125, 1, 16, 16, 4, 1, True, False, None, None, None, None,
-                                                      176, None, 0, "triton")
+                                                      176, None, 0, None, None, "triton")
         assert o.shape == q.shape and lse.shape == q.shape[:2] and lse.dtype == torch.float32
 
 
@@ -593,3 +593,131 @@ def test_gpu_fp32_and_cuda_graph_replay():
     o2, l2 = chunk_attention(q, kp, vp, plan)
     torch.testing.assert_close(og, o2, rtol=0, atol=0)
     torch.testing.assert_close(lg, l2, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------- distinct keys (repeated tails)
+
+
+def _repeat_tails(k_pages, v_pages, b: Batch, distinct):
+    """Make every sequence's keys and values from index distinct[s] on copies of key distinct[s] (in
+    place, position by position through its page list), as a zero-padded prompt's text rows are."""
+    for s, (_, pages, kv_len) in enumerate(b.seqs):
+        d = distinct[s]
+        if kv_len == 0 or d >= kv_len - 1:
+            continue
+        src = (pages[d // b.page_size], d % b.page_size)
+        for j in range(d + 1, kv_len):
+            dst = (pages[j // b.page_size], j % b.page_size)
+            k_pages[dst] = k_pages[src]
+            v_pages[dst] = v_pages[src]
+
+
+def _expected_tiles(b: Batch, distinct, block_n):
+    """Per CUDA tile: (valid keys read, counted, log2 count), from the tile list of cuda_work_tables."""
+    order = sorted(range(len(b.seqs)), key=lambda s: -b.seqs[s][2])
+    _, tiles, _, _, keys = cuda_work_tables(b.q_indptr, b.kv_indptr, b.kv_indices, b.last, b.page_size, order,
+                                            block_n, 1, 1, 132)
+    out = []
+    for (_, word), (s, key0, kv_len) in zip(tiles, keys):
+        d = distinct[s]
+        n = min(d + 1, kv_len)
+        valid = word >> 16
+        read = max(0, min(n - key0, valid))
+        copies = kv_len - d
+        counted = copies > 1 and key0 < n <= key0 + valid
+        out.append((read, counted, math.log2(copies) if counted else 0.0))
+    return tiles, keys, out
+
+
+def test_reference_distinct_keys_equal_all_keys_when_tails_repeat():
+    b = make_batch(VARLEN, page_size=7, num_pages=18)
+    q, kp, vp = random_inputs(b, 4, 2, 64, torch.float64, "cpu")
+    distinct = [13, 0, 0, 4, 100]  # mid-page, first key, no keys, (no queries), past the end (no change)
+    _repeat_tails(kp, vp, b, distinct)
+    o, lse = chunk_attention_ref(q, kp, vp, b.q_indptr, b.kv_indptr, b.kv_indices, b.last, distinct_keys=distinct)
+    check_against_fp64(o, lse, q, kp, vp, b, 1e-12, 1e-12)
+    # the op on the CPU: the plan keeps the counts, the reference backend applies them
+    plan = plan_for(b, 4, 64, torch.float32, "cpu", kv_heads=2).with_distinct_keys(torch.tensor(distinct))
+    o2, lse2 = chunk_attention(q.float(), kp.float(), vp.float(), plan)
+    check_against_fp64(o2, lse2, q, kp, vp, b, 1e-5, 1e-5)
+    with pytest.raises(ValueError, match="already has distinct keys"):
+        plan.with_distinct_keys(torch.tensor(distinct))
+    with pytest.raises(ValueError, match="'distinct_keys' must have shape"):
+        plan_for(b, 4, 64, torch.float32, "cpu", kv_heads=2).with_distinct_keys(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="must hold integers"):
+        plan_for(b, 4, 64, torch.float32, "cpu", kv_heads=2).with_distinct_keys(torch.zeros(5))
+
+
+@pytest.mark.parametrize("block_n", [5, 16])
+def test_distinct_key_tiles_match_the_key_counts(block_n):
+    """The device-side tile rewrite (run here on CPU tensors): each tile reads the keys below d + 1,
+    and exactly the tile holding key d is counted, with log2(kv_len - d)."""
+    b = make_batch(VARLEN, page_size=7, num_pages=18)
+    distinct = [13, 0, 0, 4, 20]
+    tiles, keys, want = _expected_tiles(b, distinct, block_n)
+    base = plan_for(b, 2, 64, torch.float32, "cpu")
+    base = dataclasses.replace(base, cuda_tiles=torch.tensor(tiles, dtype=torch.int32),
+                               cuda_tile_keys=torch.tensor(keys, dtype=torch.int32))
+    plan = base.with_distinct_keys(torch.tensor(distinct, dtype=torch.int64))
+    words = plan.cuda_tiles[:, 1].tolist()
+    assert plan.cuda_tiles[:, 0].tolist() == [t[0] for t in tiles]
+    got = [((w >> 16) & 0x3FFF, bool(w >> 30 & 1), c) for w, c in zip(words, plan.cuda_tile_log2_count.tolist())]
+    assert [(r, c) for r, c, _ in got] == [(r, c) for r, c, _ in want]
+    assert [w & 0xFFFF for w in words] == [t[1] & 0xFFFF for t in tiles]
+    torch.testing.assert_close(torch.tensor([g[2] for g in got]), torch.tensor([w[2] for w in want]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_batch", ["per_sequence", "one_prompt"])
+def test_gpu_distinct_keys_text_pages(kv_batch):
+    """Cross-attention over zero-padded prompts: one 512-row page per prompt (or one page for every
+    sequence), the distinct rows at tile edges and inside tiles; equal to attention over all rows."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    distinct = [0, 1, 100, 175, 176, 177, 351, 352, 500, 510, 511, 512]
+    L, rows, heads = 300, 512, 12
+    n = len(distinct) if kv_batch == "per_sequence" else 1
+    seqs = [(L, [s if n > 1 else 0], rows) for s in range(len(distinct))]
+    b = make_batch(seqs, page_size=rows, num_pages=n)
+    q, kp, vp = random_inputs(b, heads, heads, 128, torch.bfloat16, "cuda")
+    if n == 1:
+        distinct = [123] * len(distinct)
+    _repeat_tails(kp, vp, b, distinct)
+    base = plan_for(b, heads, 128, torch.bfloat16, "cuda")
+    assert base.cuda_reason is None
+    plan = base.with_distinct_keys(torch.tensor(distinct, device="cuda"))
+    o, lse = chunk_attention(q, kp, vp, plan, backend="cuda")
+    o_all, lse_all = chunk_attention(q, kp, vp, base, backend="cuda")
+    check_against_fp64(o, lse, q, kp, vp, b, 1.6e-2, 2e-2)
+    torch.testing.assert_close(lse, lse_all, rtol=0, atol=2e-2)
+    torch.testing.assert_close(o.float(), o_all.float(), rtol=0, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_distinct_keys_across_pages_with_split_pieces_and_graph():
+    """Wan pages (1560 rows): distinct counts in the first, second and last page, units split into
+    pieces (some left without keys), and a CUDA graph that recomputes the tiles from counts it reads
+    from a static tensor, replayed after the counts change."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    b = _wan_batch(1, 5, num_seqs=3)
+    q, kp, vp = random_inputs(b, 4, 4, 128, torch.bfloat16, "cuda")
+    cfg = AttentionConfig(cuda_block_n=176, num_splits=3)
+    base = plan_for(b, 4, 128, torch.bfloat16, "cuda", config=cfg)
+    assert base.cuda_pieces > 0
+    counts = torch.zeros(3, dtype=torch.int32, device="cuda")
+    kp0, vp0 = kp.clone(), vp.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        chunk_attention(q, kp, vp, base.with_distinct_keys(counts))  # warm-up outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            o, lse = chunk_attention(q, kp, vp, base.with_distinct_keys(counts))
+    torch.cuda.current_stream().wait_stream(s)
+    for distinct in ([700, 1560 + 3, 6 * 1560 - 2], [0, 3 * 1560, 2 * 1560 + 175]):
+        kp.copy_(kp0)
+        vp.copy_(vp0)
+        _repeat_tails(kp, vp, b, distinct)
+        counts.copy_(torch.tensor(distinct))
+        graph.replay()
+        torch.cuda.synchronize()
+        check_against_fp64(o, lse, q, kp, vp, b, 1.6e-2, 2e-2)
