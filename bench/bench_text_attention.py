@@ -35,16 +35,17 @@ def main(argv=None):
     ap.add_argument("--batch", default="1,8")
     ap.add_argument("--distinct", default="16,128,256,511", help="distinct text rows (prompt tokens)")
     args = ap.parse_args(argv)
+    batches, counts = ([int(v) for v in a.split(",")] for a in (args.batch, args.distinct))
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
     torch.manual_seed(0)
     rows = []
-    for batch in [int(v) for v in args.batch.split(",")]:
+    for batch in batches:
         qs = [torch.randn(batch, LEN_Q, HEADS, DIM, device="cuda", dtype=torch.bfloat16) for _ in range(CALLS)]
         plan = plan_chunk_attention([b * LEN_Q for b in range(batch + 1)], list(range(batch + 1)), list(range(batch)),
                                     [ROWS] * batch, page_size=ROWS, num_pages=batch, num_qo_heads=HEADS, head_dim=DIM,
                                     dtype=torch.bfloat16, device="cuda")
-        for distinct in [int(v) for v in args.distinct.split(",")]:
+        for distinct in counts:
             k = torch.randn(batch, ROWS, HEADS, DIM, device="cuda", dtype=torch.bfloat16)
             v = torch.randn(batch, ROWS, HEADS, DIM, device="cuda", dtype=torch.bfloat16)
             k[:, distinct:] = k[:, distinct:distinct + 1]
