@@ -124,8 +124,6 @@ def main(argv=None):
                 shape_rows.append(row(str(i), [lambda x=x, o=o, i=i: plan.run(x, w, b, o, candidate=i)
                                                for x, o in zip(xs, outs)], outs[0],
                                       tuner_us=plan.timed_us[i] if plan.timed_us else float("nan")))
-            for r in shape_rows:
-                r["x_torch"] = base["us"] / r["us"]
             if args.search:
                 for rank, (tuner_us, v, cfg) in enumerate(search(plan, xs[0], w, b)):
                     outs = [torch.empty(m, n, device="cuda", dtype=torch.bfloat16) for _ in xs]
@@ -136,6 +134,8 @@ def main(argv=None):
                                               for x, o in zip(xs, outs)], outs[0], tuner_us=tuner_us, **cfg)
                     shape_rows.append(r)
                     plan.candidates.pop()
+            for r in shape_rows:
+                r["x_torch"] = base["us"] / r["us"]
             rows += shape_rows
             best = max(shape_rows[2:], key=lambda r: r["x_torch"])
             print(f"{name} M={m}: torch {base['tflops']:.0f} TFLOP/s, op {shape_rows[1]['tflops']:.0f} "

@@ -689,7 +689,8 @@ def test_gpu_distinct_keys_text_pages(kv_batch):
     o_all, lse_all = chunk_attention(q, kp, vp, base, backend="cuda")
     check_against_fp64(o, lse, q, kp, vp, b, 1.6e-2, 2e-2)
     torch.testing.assert_close(lse, lse_all, rtol=0, atol=2e-2)
-    torch.testing.assert_close(o.float(), o_all.float(), rtol=0, atol=2e-2)
+    # bf16 outputs of two summation orders: up to one rounding step apart (2**-7 relative)
+    torch.testing.assert_close(o.float(), o_all.float(), rtol=8e-3, atol=2e-2)
 
 
 @pytest.mark.gpu
