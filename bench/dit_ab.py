@@ -14,7 +14,10 @@ Variants (``--variants``, the first is the baseline of the ratios):
                  torch._addmm_activation for the FFN's GELU epilogue): cuBLASLt's first heuristic
                  candidate instead of ``spiral_rt.ops.linear``'s timed one (session 14's change);
   all_text_rows  cross-attention by SDPA over all 512 text rows instead of the chunk-attention kernel
-                 over the prompt's distinct rows (session 14's change).
+                 over the prompt's distinct rows (session 14's change);
+  normalized_queries  the cross-attention queries RMS-normalised by F.rms_norm and written, instead of
+                 their inverse RMS as a per-row score scale with the norm's weight in the text keys
+                 (session 15's change).
 A change under study adds its "undone" variant here. Session 13 measured a cross-attention that read
 a prompt's repeated padding rows once (a Triton kernel, commit dca156a, since removed) against SDPA
 over every row this way: results/text_attention_ab.json.
@@ -68,6 +71,7 @@ VARIANTS = {
     "torch_linears": lambda: _patched(dit_module, "_tuned_linear", _torch_linear),
     "all_text_rows": lambda: _patched(dit_module, "_text_attention_plan", lambda *args: None),
     "unpacked_qkv": lambda: _patched(dit_module, "_packed_qkv", lambda attn: None),
+    "normalized_queries": lambda: _patched(dit_module, "_q_weighted_keys", lambda model, ks: None),
 }
 
 

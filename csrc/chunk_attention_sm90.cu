@@ -62,6 +62,7 @@ struct Params {
   const int32_t* work;
   const int32_t* tiles;
   const float* tile_log2_count;  // null, or per tile: log2 of the copies its last valid key stands for
+  const float* q_row_scale;      // null, or per query row: a factor on its scores
   int num_work;
   int num_whole;       // items [0, num_whole) run whole, strided over the first num_persistent CTAs;
   int num_persistent;  // every later CTA runs one piece (dispatched as SMs free up)
@@ -261,6 +262,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int row_lo = warp * 16 + lane / 4;  // this thread's rows: row_lo and row_lo + 8
   const int col0 = 2 * (lane % 4);          // and columns col0, col0 + 1 of every 8
   const float scale = p.scale_log2;
+  float scale_lo = scale, scale_hi = scale;  // the current item's rows' (q_row_scale)
 
   float o[kHeadDim / 2];
   float s_acc[BN / 2];
@@ -336,18 +338,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     if (word & kCountedBit) {
       // the last valid key stands for 2^tile_log2_count[t] copies: raise its raw score by
-      // log2(copies) / scale (read only in flagged tiles: one register for every tile spills)
-      const float bias = p.tile_log2_count[t] / scale;
+      // log2(copies) / (the row's) scale (read only in flagged tiles: one register for every tile spills)
+      const float log2_count = p.tile_log2_count[t];
+      const float bias_lo = log2_count / scale_lo, bias_hi = log2_count / scale_hi;
       const int last = valid - 1;
 #pragma unroll
       for (int j = 0; j < BN / 8; ++j) {
         if (8 * j + col0 == last) {
-          s_acc[4 * j] += bias;
-          s_acc[4 * j + 2] += bias;
+          s_acc[4 * j] += bias_lo;
+          s_acc[4 * j + 2] += bias_hi;
         }
         if (8 * j + col0 + 1 == last) {
-          s_acc[4 * j + 1] += bias;
-          s_acc[4 * j + 3] += bias;
+          s_acc[4 * j + 1] += bias_lo;
+          s_acc[4 * j + 3] += bias_hi;
         }
       }
     }
@@ -362,7 +365,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, sh));
       mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, sh));
     }
-    const float new_lo = fmaxf(m_lo, mx_lo * scale), new_hi = fmaxf(m_hi, mx_hi * scale);
+    const float new_lo = fmaxf(m_lo, mx_lo * scale_lo), new_hi = fmaxf(m_hi, mx_hi * scale_hi);
     alpha_lo = exp2_approx(m_lo - new_lo);  // 0 on the first tile (m = -inf)
     alpha_hi = exp2_approx(m_hi - new_hi);
     m_lo = new_lo;
@@ -370,10 +373,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     float sum_lo = 0.f, sum_hi = 0.f;
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j) {
-      s_acc[4 * j] = exp2_approx(fmaf(s_acc[4 * j], scale, -new_lo));
-      s_acc[4 * j + 1] = exp2_approx(fmaf(s_acc[4 * j + 1], scale, -new_lo));
-      s_acc[4 * j + 2] = exp2_approx(fmaf(s_acc[4 * j + 2], scale, -new_hi));
-      s_acc[4 * j + 3] = exp2_approx(fmaf(s_acc[4 * j + 3], scale, -new_hi));
+      s_acc[4 * j] = exp2_approx(fmaf(s_acc[4 * j], scale_lo, -new_lo));
+      s_acc[4 * j + 1] = exp2_approx(fmaf(s_acc[4 * j + 1], scale_lo, -new_lo));
+      s_acc[4 * j + 2] = exp2_approx(fmaf(s_acc[4 * j + 2], scale_hi, -new_hi));
+      s_acc[4 * j + 3] = exp2_approx(fmaf(s_acc[4 * j + 3], scale_hi, -new_hi));
       sum_lo += s_acc[4 * j] + s_acc[4 * j + 1];
       sum_hi += s_acc[4 * j + 2] + s_acc[4 * j + 3];
     }
@@ -412,6 +415,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int32_t* work = p.work + 6 * w;
     const int q_start = work[0], q_end = work[1], t0 = work[2], head = work[4], slot = work[5];
     const int t1 = key_range_end(p, t0, work[3]);
+    if (p.q_row_scale != nullptr) {  // rows past the item's end are computed, never stored
+      const int r = q_start + kRowsPerConsumer * c + row_lo;
+      scale_lo = r < q_end ? scale * p.q_row_scale[r] : scale;
+      scale_hi = r + 8 < q_end ? scale * p.q_row_scale[r + 8] : scale;
+    }
     shift = done - t0;
     done += t1 - t0;
 #pragma unroll
@@ -555,6 +563,7 @@ cudaError_t launch(const ChunkAttentionArgs& a, int num_sms, cudaStream_t stream
   p.work = a.work;
   p.tiles = a.tiles;
   p.tile_log2_count = a.tile_log2_count;
+  p.q_row_scale = a.q_row_scale;
   p.num_work = static_cast<int>(a.num_work);
   p.num_whole = static_cast<int>(a.num_work - a.num_pieces);
   p.num_persistent = p.num_whole < num_sms ? p.num_whole : num_sms;

@@ -417,7 +417,7 @@ def test_custom_op_has_fake_kernel():
         args = [mode.from_tensor(t) for t in (q, kp, vp, plan.q_indptr, plan.kv_indptr, plan.kv_indices,
                                                plan.kv_last_page_len, plan.work)]
         o, lse = torch.ops.spiral_rt.chunk_attention(*args, 0.125, 1, 16, 16, 4, 1, True, False, None, None, None, None,
-                                                      176, None, 0, None, None, "triton")
+                                                      176, None, 0, None, None, None, "triton")
         assert o.shape == q.shape and lse.shape == q.shape[:2] and lse.dtype == torch.float32
 
 
@@ -665,6 +665,49 @@ def test_distinct_key_tiles_match_the_key_counts(block_n):
     assert [(r, c) for r, c, _ in got] == [(r, c) for r, c, _ in want]
     assert [w & 0xFFFF for w in words] == [t[1] & 0xFFFF for t in tiles]
     torch.testing.assert_close(torch.tensor([g[2] for g in got]), torch.tensor([w[2] for w in want]))
+
+
+def test_reference_q_row_scale_equals_scaled_queries():
+    """Scores of row i times r[i] are attention of the row scaled by r[i] (fp64), with and without
+    distinct keys; the op checks the argument and keeps the Triton backend out."""
+    b = make_batch(VARLEN, page_size=7, num_pages=18)
+    q, kp, vp = random_inputs(b, 4, 2, 64, torch.float64, "cpu")
+    r = torch.rand(q.shape[0], dtype=torch.float64) * 2 + 0.1
+    o, lse = chunk_attention_ref(q, kp, vp, b.q_indptr, b.kv_indptr, b.kv_indices, b.last, q_row_scale=r)
+    check_against_fp64(o, lse, q * r[:, None, None], kp, vp, b, 1e-12, 1e-12)
+    distinct = [13, 0, 0, 4, 100]
+    _repeat_tails(kp, vp, b, distinct)
+    plan = plan_for(b, 4, 64, torch.float32, "cpu", kv_heads=2).with_distinct_keys(torch.tensor(distinct))
+    o2, lse2 = chunk_attention(q.float(), kp.float(), vp.float(), plan, q_row_scale=r.float())
+    check_against_fp64(o2, lse2, q * r[:, None, None], kp, vp, b, 1e-5, 1e-5)
+    base = plan_for(b, 4, 64, torch.float32, "cpu", kv_heads=2)
+    with pytest.raises(ValueError, match="'q_row_scale' must have shape"):
+        chunk_attention(q.float(), kp.float(), vp.float(), base, q_row_scale=r[:3].float())
+    with pytest.raises(ValueError, match="'q_row_scale' must have dtype"):
+        chunk_attention(q.float(), kp.float(), vp.float(), base, q_row_scale=r)
+    with pytest.raises(ValueError, match="backend='triton', but chunk_attention has only"):
+        chunk_attention(q.float(), kp.float(), vp.float(), base, q_row_scale=r.float(), backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_n", CUDA_BLOCK_NS)
+def test_gpu_q_row_scale_matches_fp64(block_n):
+    """The CUDA kernel's per-row score scale: Wan pages with units split into pieces, and zero-padded
+    text pages with distinct keys at tile edges, against fp64 attention of the scaled rows."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    wan = _wan_batch(1, 2, num_seqs=2)
+    cases = ((wan, 3, None), (make_batch([(300, [s], 512) for s in range(4)], 512, 4), 0, [0, 100, 176, 511]))
+    for b, splits, distinct in cases:
+        q, kp, vp = random_inputs(b, 4, 4, 128, torch.bfloat16, "cuda")
+        if distinct is not None:
+            _repeat_tails(kp, vp, b, distinct)
+        r = torch.rand(q.shape[0], device="cuda") * 1.5 + 0.25
+        plan = plan_for(b, 4, 128, torch.bfloat16, "cuda",
+                        config=AttentionConfig(cuda_block_n=block_n, num_splits=splits))
+        if distinct is not None:
+            plan = plan.with_distinct_keys(torch.tensor(distinct, device="cuda"))
+        o, lse = chunk_attention(q, kp, vp, plan, q_row_scale=r, backend="cuda")
+        check_against_fp64(o, lse, q.double() * r.double()[:, None, None], kp, vp, b, 1.6e-2, 2e-2)
 
 
 @pytest.mark.gpu
