@@ -59,6 +59,11 @@ CUDA_MERGE_FIELDS = 5  # q_start, q_end, head, first slot, pieces (kernels/chunk
 # work (Q load, pipeline fill, epilogue); a split unit's pieces add the merge's traffic.
 _CUDA_CTA_OVERHEAD_TILES = 2.0
 _CUDA_MIN_TILES_PER_PIECE = 4
+_CUDA_RUN_MAX_TILES = 3
+"""Whole units of at most this many key tiles each, all alike (a cross-attention's 512 text rows are
+3 tiles of 176), are laid out so that each persistent CTA runs a contiguous run of them: one head's
+row blocks back to back, so an item whose key range ends up one tile (a prompt's distinct rows)
+reuses the tile its CTA's previous item left in shared memory (csrc/chunk_attention_sm90.cu)."""
 CUDA_BLOCK_NS = (112, 128, 176)  # key-tile sizes it is compiled for (csrc/chunk_attention.h)
 CUDA_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -309,7 +314,8 @@ def cuda_work_tables(q_ptr: list[int], kv_ptr: list[int], pages: list[int], last
     tiles split into contiguous pieces whose partial states ``merge_pieces`` combines.
 
     ``splits`` >= 1 splits every unit that many ways; 0 chooses by shape (``_tail_split``). Whole
-    units are listed (launched) first, in order, then the pieces.
+    units are listed (launched) first, in order (uniform units of at most ``_CUDA_RUN_MAX_TILES``
+    tiles: in runs per persistent CTA, ``_runs_per_cta``), then the pieces.
     Returns (work rows, tiles, merge rows, number of pieces, tile keys): tile keys lists, per tile,
     its sequence, the logical index of its first key and the sequence's key count."""
     units, tiles, tile_keys = [], [], []
@@ -331,6 +337,8 @@ def cuda_work_tables(q_ptr: list[int], kv_ptr: list[int], pages: list[int], last
     for (q0, q1, head, t0, t1), pieces in zip(units, pieces_of):  # whole units first, pieces last
         if pieces == 1:
             work.append((q0, q1, t0, t1, head, -1))
+    if len({w[3] - w[2] for w in work}) == 1 and work[0][3] - work[0][2] <= _CUDA_RUN_MAX_TILES:
+        work = _runs_per_cta(work, num_sms)
     for (q0, q1, head, t0, t1), pieces in zip(units, pieces_of):
         if pieces == 1:
             continue
@@ -339,6 +347,20 @@ def cuda_work_tables(q_ptr: list[int], kv_ptr: list[int], pages: list[int], last
         merge.append((q0, q1, head, slots, pieces))
         slots += pieces
     return work, tiles, merge, slots, tile_keys
+
+
+def _runs_per_cta(items: list, num_sms: int) -> list:
+    """``items`` reordered so that persistent CTA b, which runs list positions b, b + P, b + 2P, ...
+    (P = min(len, num_sms) CTAs, csrc/chunk_attention_sm90.cu), gets a contiguous run of the
+    original order; the first len % P CTAs get one item more, as in the strided order."""
+    n = len(items)
+    ctas = min(n, num_sms)
+    out, i = [None] * n, 0
+    for b in range(ctas):
+        for j in range((n - b + ctas - 1) // ctas):
+            out[b + j * ctas] = items[i]
+            i += 1
+    return out
 
 
 def _makespan(durations, slots: int) -> float:

@@ -394,6 +394,63 @@ def test_cuda_tail_split_by_shape():
     assert all(p >= 2 for p in pieces[:10]) and pieces[-5:] == [1] * 5
 
 
+def _kernel_tile_loads(work, tiles, num_sms, distinct=None, keys=None, group=1):
+    """A Python model of the CUDA kernel's persistent schedule (csrc/chunk_attention_sm90.cu): per
+    CTA, the items it runs and how many key tiles its producer loads; an item whose key range
+    (after the distinct-keys rewrite, when ``distinct`` is given) is the one tile its CTA's previous
+    item read for the same KV head loads nothing."""
+    whole = [w for w in work if w[5] < 0]
+    ctas = min(len(whole), num_sms)
+
+    def key_range(w):
+        t0, t1 = w[2], w[3]
+        if distinct is not None:  # tiles from the first one without keys read nothing (key_range_end)
+            for t in range(t0, t1):
+                s, key0, _ = keys[t]
+                if key0 > distinct[s]:
+                    return t0, t
+        return t0, t1
+
+    loads, per_cta = 0, []
+    for b in range(ctas):
+        items = whole[b::ctas]
+        per_cta.append(items)
+        prev = None
+        for w in items:
+            t0, t1 = key_range(w)
+            cur = (t0, t1, w[4] // group)
+            same = prev is not None and t1 == t0 + 1 and prev[1] == prev[0] + 1 and prev[0] == t0 and prev[2] == cur[2]
+            loads += 0 if same else t1 - t0
+            prev = cur
+    return loads, per_cta
+
+
+def test_cross_attention_units_run_per_cta_and_reuse_their_tile():
+    """Uniform units of <= 3 tiles (text pages) are laid out so that each persistent CTA runs a
+    contiguous run of the original order (one head's row blocks back to back), every unit once;
+    with a 128-token prompt's distinct rows (one tile an item), the modelled producer loads one tile
+    per (CTA, head) run instead of one per item. Units of many tiles keep the strided order."""
+    heads, rows_q = 12, 4680
+    b = make_batch([(rows_q, [0], 512)], page_size=512, num_pages=1)
+    order = [0]
+    work, tiles, _, pieces, keys = cuda_work_tables(b.q_indptr, b.kv_indptr, b.kv_indices, b.last, 512, order,
+                                                    176, heads, 0, 132)
+    units = [(q0, min(q0 + 128, rows_q), h) for h in range(heads) for q0 in range(0, rows_q, 128)]
+    assert pieces == 0 and len(work) == len(units) == 444
+    assert sorted((w[0], w[1], w[4]) for w in work) == sorted(units)
+    strided_runs = [work[c::132] for c in range(132)]
+    flat = [(w[0], w[1], w[4]) for run in strided_runs for w in run]
+    assert flat == units  # CTA 0's run, then CTA 1's, ...: the original order
+    assert [len(r) for r in strided_runs] == [4] * 48 + [3] * 84
+    loads, _ = _kernel_tile_loads(work, tiles, 132, distinct=[128], keys=keys)
+    runs_by_head = sum(len({w[4] for w in run}) for run in strided_runs)
+    assert loads == runs_by_head < 160  # ~1.1 loads a CTA against 444 (one an item)
+    # self-attention units (27 tiles: a 3-frame chunk) keep the strided, longest-first order
+    b = make_batch([(rows_q, [0, 1, 2], 3 * 1560)], page_size=1560, num_pages=3)
+    work, *_ = cuda_work_tables(b.q_indptr, b.kv_indptr, b.kv_indices, b.last, 1560, order, 176, heads, 1, 132)
+    assert [(w[0], w[4]) for w in work] == [(q0, h) for h in range(heads) for q0 in range(0, rows_q, 128)]
+
+
 def test_cuda_backend_refuses_plans_it_cannot_run():
     b = make_batch(VARLEN, page_size=7, num_pages=18)
     q, kp, vp = random_inputs(b, 2, 2, 64, torch.float32, "cpu")
