@@ -653,14 +653,13 @@ class CausalWanDiT(nn.Module):
             ca = block.cross_attn
             q = _linear(ca.q, y)
             k, v = text.cross_k[i], text.cross_v[i]
-            if text_plan is not None and text.cross_k_q_weighted is not None:
-                # the query RMS norm as a per-row score scale, its weight in the keys: q is read once, not rewritten
-                q = q.view(B * L, C)
-                o = chunk_attention(q.view(B * L, *k.shape[2:]), text.cross_k_q_weighted[i], v, text_plan,
-                                    q_row_scale=row_inv_rms(q, ca.norm_q.eps)).o.view(B, L, C)
-            elif text_plan is not None:
-                q = ca.heads(_rms_norm_fused(ca.norm_q, q))
-                o = chunk_attention(q.reshape(B * L, *q.shape[2:]), k, v, text_plan).o.view(B, L, C)
+            if text_plan is not None:
+                if text.cross_k_q_weighted is not None:
+                    # the query RMS norm as a per-row score scale, its weight in the keys: q read once, not rewritten
+                    keys, row_scale = text.cross_k_q_weighted[i], row_inv_rms(q.view(B * L, C), ca.norm_q.eps)
+                else:
+                    q, keys, row_scale = _rms_norm_fused(ca.norm_q, q), k, None
+                o = chunk_attention(q.view(B * L, *k.shape[2:]), keys, v, text_plan, q_row_scale=row_scale).o.view(B, L, C)
             else:
                 q = ca.heads(_rms_norm_fused(ca.norm_q, q))
                 if k.shape[0] != B:
