@@ -79,6 +79,11 @@ def _torch_linear(x, weight, bias=None, *, gelu=False):
     return y.view(*x.shape[:-1], -1)
 
 
+# The strided variant's own text plans. They live as long as the process: its engine's CUDA graphs
+# read the plans they captured through raw pointers, so a cache dropped when the variant's context
+# exits would leave the next replay reading freed memory.
+_STRIDED_TEXT_PLANS: dict = {}
+
 VARIANTS = {
     "current": contextlib.nullcontext,
     "torch_linears": lambda: _patched(dit_module, "_tuned_linear", _torch_linear),
@@ -86,7 +91,7 @@ VARIANTS = {
     "unpacked_qkv": lambda: _patched(dit_module, "_packed_qkv", lambda attn: None),
     "normalized_queries": lambda: _patched(dit_module, "_q_weighted_keys", lambda model, ks: None),
     "strided_text_items": lambda: _stacked(_patched(attention_ops, "_runs_per_cta", lambda items, num_sms: items),
-                                           _patched(dit_module, "_TEXT_PLANS", {})),
+                                           _patched(dit_module, "_TEXT_PLANS", _STRIDED_TEXT_PLANS)),
 }
 
 
