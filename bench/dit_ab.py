@@ -14,7 +14,13 @@ Variants (``--variants``, the first is the baseline of the ratios):
                  torch._addmm_activation for the FFN's GELU epilogue): cuBLASLt's first heuristic
                  candidate instead of ``spiral_rt.ops.linear``'s timed one (session 14's change);
   all_text_rows  cross-attention by SDPA over all 512 text rows instead of the chunk-attention kernel
-                 over the prompt's distinct rows (session 14's change).
+                 over the prompt's distinct rows (session 14's change);
+  normalized_queries  the cross-attention queries RMS-normalised by F.rms_norm and written, instead of
+                 their inverse RMS as a per-row score scale with the norm's weight in the text keys
+                 (session 15's change);
+  strided_text_items  the cross-attention's row blocks in the kernel's usual strided order, so no
+                 CTA's next item reuses its key tile from shared memory (session 15's change; the
+                 text plans are rebuilt for this variant).
 A change under study adds its "undone" variant here. Session 13 measured a cross-attention that read
 a prompt's repeated padding rows once (a Triton kernel, commit dca156a, since removed) against SDPA
 over every row this way: results/text_attention_ab.json.
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import statistics
 import sys
 from pathlib import Path
@@ -41,6 +48,7 @@ from spiral_rt.cache import GlobalPolicy  # noqa: E402
 from spiral_rt.models import dit as dit_module  # noqa: E402
 from spiral_rt.models.config import tiny_test, wan21_t2v_1_3b  # noqa: E402
 from spiral_rt.models.dit import build_dit  # noqa: E402
+attention_ops = importlib.import_module("spiral_rt.ops.chunk_attention")  # the module (the package exports the function)
 
 NUM_CHUNKS = 7  # 21 latent frames = 81 video frames
 
@@ -55,6 +63,14 @@ def _patched(module, name, value):
         setattr(module, name, old)
 
 
+@contextlib.contextmanager
+def _stacked(*contexts):
+    with contextlib.ExitStack() as stack:
+        for c in contexts:
+            stack.enter_context(c)
+        yield
+
+
 def _torch_linear(x, weight, bias=None, *, gelu=False):
     """PyTorch's own calls for what ``spiral_rt.ops.linear`` does (the DiT before session 14)."""
     if not gelu:
@@ -63,11 +79,19 @@ def _torch_linear(x, weight, bias=None, *, gelu=False):
     return y.view(*x.shape[:-1], -1)
 
 
+# The strided variant's own text plans. They live as long as the process: its engine's CUDA graphs
+# read the plans they captured through raw pointers, so a cache dropped when the variant's context
+# exits would leave the next replay reading freed memory.
+_STRIDED_TEXT_PLANS: dict = {}
+
 VARIANTS = {
     "current": contextlib.nullcontext,
     "torch_linears": lambda: _patched(dit_module, "_tuned_linear", _torch_linear),
     "all_text_rows": lambda: _patched(dit_module, "_text_attention_plan", lambda *args: None),
     "unpacked_qkv": lambda: _patched(dit_module, "_packed_qkv", lambda attn: None),
+    "normalized_queries": lambda: _patched(dit_module, "_q_weighted_keys", lambda model, ks: None),
+    "strided_text_items": lambda: _stacked(_patched(attention_ops, "_runs_per_cta", lambda items, num_sms: items),
+                                           _patched(dit_module, "_TEXT_PLANS", _STRIDED_TEXT_PLANS)),
 }
 
 

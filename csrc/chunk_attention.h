@@ -20,6 +20,9 @@
 //            keys. This is how a sequence whose trailing keys are all copies of one key (a
 //            zero-padded prompt's text K/V) is read: its distinct keys, the repeated one weighted
 //            by its count (tiles and counts computed on the device, see spiral_rt/ops).
+//   q_row_scale (total_q,) fp32, or null: a factor on every score of query row i (q_row_scale[i] >
+//            0), as if the row were scaled by it: how an RMS norm over all of a row's heads, whose
+//            weight the caller folded into the keys, is applied without rewriting q.
 // Outputs: o (total_q, H, D) in q's dtype and lse (total_q, H) fp32 (natural log; a row without
 // keys gets O = 0, LSE = -inf), for the rows of whole work items; the partial states of pieces.
 #pragma once
@@ -41,6 +44,7 @@ struct ChunkAttentionArgs {
   const int32_t* work = nullptr;
   const int32_t* tiles = nullptr;
   const float* tile_log2_count = nullptr;  // (num_tiles,) or null
+  const float* q_row_scale = nullptr;      // (total_q,) or null
   int64_t q_row_stride = 0;  // elements between consecutive query rows
   int64_t total_q = 0;
   int64_t num_work = 0;

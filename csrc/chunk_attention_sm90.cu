@@ -7,7 +7,9 @@
 // CTAs, one per SM, CTA b taking items b, b + P, ... (P CTAs): the producer loads the next item's
 // Q as soon as both consumers issued their last S of the current one, so the next item's loads
 // overlap this one's last P V and epilogue. Each piece then gets a CTA of its own, started by the
-// hardware on whichever SM frees first (static striding measured worse for them).
+// hardware on whichever SM frees first (static striding measured worse for them). An item whose
+// keys are the one tile its CTA's previous item read (a cross-attention over a prompt's distinct
+// rows, whose row blocks the plan lays out CTA by CTA) reuses that tile from shared memory.
 // Three warpgroups: WG0 is the producer (one thread issues every TMA load; the others idle with
 // few registers), WG1 and WG2 are consumers owning 64 query rows each. Per key tile:
 //   S = Q K^T      wgmma m64 n{BN} k16, Q and K from shared memory (K-major, 128B swizzle)
@@ -62,6 +64,7 @@ struct Params {
   const int32_t* work;
   const int32_t* tiles;
   const float* tile_log2_count;  // null, or per tile: log2 of the copies its last valid key stands for
+  const float* q_row_scale;      // null, or per query row: a factor on its scores
   int num_work;
   int num_whole;       // items [0, num_whole) run whole, strided over the first num_persistent CTAs;
   int num_persistent;  // every later CTA runs one piece (dispatched as SMs free up)
@@ -178,6 +181,24 @@ __device__ __forceinline__ int key_range_end(const Params& p, int t0, int t1) {
   return t1;
 }
 
+// A whole item's keys as the kernel reads them: tiles [t0, t1) of one KV head.
+struct ItemKeys {
+  int t0, t1, kv_head;
+};
+
+__device__ __forceinline__ ItemKeys item_keys(const Params& p, int w) {
+  const int32_t* work = p.work + 6 * w;
+  return {work[2], key_range_end(p, work[2], work[3]), work[4] / p.group};
+}
+
+// A persistent CTA's item whose keys are one tile, the very tile its previous item read for the
+// same KV head (a cross-attention's row blocks: the plan lays such items out CTA by CTA), finds
+// it still in shared memory: the producer skips its loads and the consumers keep the buffers
+// until the last item that reads them. Producer and consumers decide it alike.
+__device__ __forceinline__ bool same_single_tile(const ItemKeys& a, const ItemKeys& b) {
+  return a.t1 == a.t0 + 1 && b.t1 == b.t0 + 1 && a.t0 == b.t0 && a.kv_head == b.kv_head;
+}
+
 #endif  // SPIRAL_RT_SM90A
 
 template <typename T, int BN, int STAGES>
@@ -224,10 +245,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&k_map)) : "memory");
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&v_map)) : "memory");
       int done = 0;  // key tiles loaded so far: the ring's stage and phase run on across items
+      ItemKeys prev = {0, 0, -1};
       for (int w = first, item = 0; w < end; w += stride, ++item) {
         const int32_t* work = p.work + 6 * w;
-        const int q_start = work[0], t0 = work[2], head = work[4];
-        const int t1 = key_range_end(p, t0, work[3]);
+        const int q_start = work[0], head = work[4];
+        const ItemKeys keys = item_keys(p, w);
+        const int t0 = keys.t0, t1 = same_single_tile(prev, keys) ? t0 : keys.t1;  // reused: nothing to load
+        prev = keys;
         mbar_wait(bar_q_free, (item & 1) ^ 1);  // both consumers are done with the previous Q
         mbar_expect_tx(bar_q, 4 * kQHalfBytes);
         for (int c = 0; c < 2; ++c)
@@ -261,6 +285,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int row_lo = warp * 16 + lane / 4;  // this thread's rows: row_lo and row_lo + 8
   const int col0 = 2 * (lane % 4);          // and columns col0, col0 + 1 of every 8
   const float scale = p.scale_log2;
+  float scale_lo = scale, scale_hi = scale;  // the current item's rows' (q_row_scale)
 
   float o[kHeadDim / 2];
   float s_acc[BN / 2];
@@ -336,18 +361,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     if (word & kCountedBit) {
       // the last valid key stands for 2^tile_log2_count[t] copies: raise its raw score by
-      // log2(copies) / scale (read only in flagged tiles: one register for every tile spills)
-      const float bias = p.tile_log2_count[t] / scale;
+      // log2(copies) / (the row's) scale (read only in flagged tiles: one register for every tile spills)
+      const float log2_count = p.tile_log2_count[t];
+      const float bias_lo = log2_count / scale_lo, bias_hi = log2_count / scale_hi;
       const int last = valid - 1;
 #pragma unroll
       for (int j = 0; j < BN / 8; ++j) {
         if (8 * j + col0 == last) {
-          s_acc[4 * j] += bias;
-          s_acc[4 * j + 2] += bias;
+          s_acc[4 * j] += bias_lo;
+          s_acc[4 * j + 2] += bias_hi;
         }
         if (8 * j + col0 + 1 == last) {
-          s_acc[4 * j + 1] += bias;
-          s_acc[4 * j + 3] += bias;
+          s_acc[4 * j + 1] += bias_lo;
+          s_acc[4 * j + 3] += bias_hi;
         }
       }
     }
@@ -362,7 +388,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, sh));
       mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, sh));
     }
-    const float new_lo = fmaxf(m_lo, mx_lo * scale), new_hi = fmaxf(m_hi, mx_hi * scale);
+    const float new_lo = fmaxf(m_lo, mx_lo * scale_lo), new_hi = fmaxf(m_hi, mx_hi * scale_hi);
     alpha_lo = exp2_approx(m_lo - new_lo);  // 0 on the first tile (m = -inf)
     alpha_hi = exp2_approx(m_hi - new_hi);
     m_lo = new_lo;
@@ -370,10 +396,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     float sum_lo = 0.f, sum_hi = 0.f;
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j) {
-      s_acc[4 * j] = exp2_approx(fmaf(s_acc[4 * j], scale, -new_lo));
-      s_acc[4 * j + 1] = exp2_approx(fmaf(s_acc[4 * j + 1], scale, -new_lo));
-      s_acc[4 * j + 2] = exp2_approx(fmaf(s_acc[4 * j + 2], scale, -new_hi));
-      s_acc[4 * j + 3] = exp2_approx(fmaf(s_acc[4 * j + 3], scale, -new_hi));
+      s_acc[4 * j] = exp2_approx(fmaf(s_acc[4 * j], scale_lo, -new_lo));
+      s_acc[4 * j + 1] = exp2_approx(fmaf(s_acc[4 * j + 1], scale_lo, -new_lo));
+      s_acc[4 * j + 2] = exp2_approx(fmaf(s_acc[4 * j + 2], scale_hi, -new_hi));
+      s_acc[4 * j + 3] = exp2_approx(fmaf(s_acc[4 * j + 3], scale_hi, -new_hi));
       sum_lo += s_acc[4 * j] + s_acc[4 * j + 1];
       sum_hi += s_acc[4 * j + 2] + s_acc[4 * j + 3];
     }
@@ -408,12 +434,25 @@ __global__ void __launch_bounds__(kThreads, 1)
   // A persistent CTA's items follow one another: the producer loads the next item's Q and first
   // key tiles while the consumers finish this item's last P V and epilogue.
   int done = 0;
+  ItemKeys keys = first < end ? item_keys(p, first) : ItemKeys{0, 0, -1};
+  bool reused = false;  // this item's one tile is the previous item's, still in its buffers
   for (int w = first, item = 0; w < end; w += stride, ++item) {
     const int32_t* work = p.work + 6 * w;
-    const int q_start = work[0], q_end = work[1], t0 = work[2], head = work[4], slot = work[5];
-    const int t1 = key_range_end(p, t0, work[3]);
-    shift = done - t0;
-    done += t1 - t0;
+    const int q_start = work[0], q_end = work[1], head = work[4], slot = work[5];
+    const int t0 = keys.t0, t1 = keys.t1;
+    const ItemKeys next = w + stride < end ? item_keys(p, w + stride) : ItemKeys{0, 0, -1};
+    const bool keep = same_single_tile(keys, next);  // the next item reads this tile: do not free it
+    if (p.q_row_scale != nullptr) {  // rows past the item's end are computed, never stored
+      const int r = q_start + kRowsPerConsumer * c + row_lo;
+      scale_lo = r < q_end ? scale * p.q_row_scale[r] : scale;
+      scale_hi = r + 8 < q_end ? scale * p.q_row_scale[r + 8] : scale;
+    }
+    if (reused) {
+      shift = done - 1 - t0;  // the tile loaded last
+    } else {
+      shift = done - t0;
+      done += t1 - t0;
+    }
 #pragma unroll
     for (int i = 0; i < kHeadDim / 2; ++i) o[i] = 0.f;
     m_lo = m_hi = -INFINITY;
@@ -429,7 +468,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       pass_turn();
       wgmma_wait<0>();
       fence_regs(s_acc);
-      mbar_arrive(bar_k_free(stage_of(t0)));
+      if (!keep) mbar_arrive(bar_k_free(stage_of(t0)));
       softmax(t0, word, alpha_lo, alpha_hi);
       pack_p();
       // Steady state: S of tile t and P V of tile t - 1 run on the tensor cores while this
@@ -458,8 +497,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       issue_pv(t1 - 1, word);
       wgmma_wait<0>();
       fence_regs(o);
-      mbar_arrive(bar_v_free(stage_of(t1 - 1)));
+      if (!keep) mbar_arrive(bar_v_free(stage_of(t1 - 1)));
     }
+    reused = keep;
+    keys = next;
 
     // Finish the row sums across the quad, normalize, store.
 #pragma unroll
@@ -555,6 +596,7 @@ cudaError_t launch(const ChunkAttentionArgs& a, int num_sms, cudaStream_t stream
   p.work = a.work;
   p.tiles = a.tiles;
   p.tile_log2_count = a.tile_log2_count;
+  p.q_row_scale = a.q_row_scale;
   p.num_work = static_cast<int>(a.num_work);
   p.num_whole = static_cast<int>(a.num_work - a.num_pieces);
   p.num_persistent = p.num_whole < num_sms ? p.num_whole : num_sms;

@@ -99,14 +99,23 @@ class _StaticText:
 
         self.cond = TextConditioning(context=alloc(like.context), cross_k=[alloc(k) for k in like.cross_k],
                                      cross_v=[alloc(v) for v in like.cross_v],
-                                     distinct_rows=torch.empty(batch, dtype=torch.int32, device=like.context.device))
+                                     distinct_rows=torch.empty(batch, dtype=torch.int32, device=like.context.device),
+                                     cross_k_q_weighted=(None if like.cross_k_q_weighted is None
+                                                         else [alloc(k) for k in like.cross_k_q_weighted]))
         self.source: TextConditioning | None = None
 
     def fill(self, text: TextConditioning) -> None:
         if text is self.source:
             return
-        for dst, src in zip([self.cond.context, *self.cond.cross_k, *self.cond.cross_v],
-                            [text.context, *text.cross_k, *text.cross_v]):
+        dsts = [self.cond.context, *self.cond.cross_k, *self.cond.cross_v]
+        srcs = [text.context, *text.cross_k, *text.cross_v]
+        if self.cond.cross_k_q_weighted is not None:
+            if text.cross_k_q_weighted is None:  # the graphs were captured reading them
+                raise ValueError("ChunkGraphRunner: the text conditioning lacks cross_k_q_weighted, which the "
+                                 "captured graphs read; build it with CausalWanDiT.encode_text on the GPU")
+            dsts += self.cond.cross_k_q_weighted
+            srcs += text.cross_k_q_weighted
+        for dst, src in zip(dsts, srcs):
             dst.copy_(src.expand_as(dst), non_blocking=True)
         if text.distinct_rows is not None:
             self.cond.distinct_rows.copy_(text.distinct_rows.expand_as(self.cond.distinct_rows), non_blocking=True)

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from ..ops.chunk_attention import ChunkAttentionPlan, chunk_attention, plan_chunk_attention
 from ..ops.linear import linear as _tuned_linear
 from ..ops.modulated_norm import modulated_norm
+from ..ops.row_inv_rms import row_inv_rms
 from .attention import AttentionContext, DenseAttention, sdpa_blhd
 from .config import WanDiTConfig, rope_split
 
@@ -171,6 +172,21 @@ def _rms_norm_fused(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
     """``norm(x)`` as one kernel (F.rms_norm: fp32 math, the weight applied before the one rounding,
     where RMSNorm rounds before it); the fused path's cross-attention query norm."""
     return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+
+
+def _q_weighted_keys(model: "CausalWanDiT", ks) -> list[torch.Tensor] | None:
+    """Every block's cross-attention keys (B, Lt, H, D) times its query norm's weight, rounded once:
+    q_i . (w * k_j) = (w * q_i) . k_j, so attention of RMS-normalised queries needs only each query
+    row's inverse RMS (``TextConditioning.cross_k_q_weighted``). None off CUDA (where the fused
+    cross-attention does not run) or without qk-norm."""
+    if not (ks and ks[0].is_cuda and model.config.qk_norm):
+        return None
+    out = []
+    with torch.no_grad():
+        for block, k in zip(model.blocks, ks):
+            w = block.cross_attn.norm_q.weight.float().view(k.shape[2], k.shape[3])
+            out.append((k.float() * w).to(k.dtype))
+    return out
 
 
 def _linear(lin: nn.Module, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
@@ -332,6 +348,11 @@ class TextConditioning:
     """(B,) int32 on the device: the rows before each prompt's zero padding. The padding rows' K/V
     are all one row, so cross-attention reads the distinct rows and that one, counted (``encode_text``
     sets it; None: unknown, every row is read)."""
+    cross_k_q_weighted: list[torch.Tensor] | None = None
+    """Per block, ``cross_k`` times the cross-attention query norm's weight (B, text_len, H, D): the
+    fused path's CUDA cross-attention applies the query RMS norm as a per-row score scale
+    (``row_inv_rms``, ``chunk_attention(q_row_scale=)``) with the weight folded into these keys
+    (``encode_text`` sets it on CUDA; None: the queries are normalised and ``cross_k`` is read)."""
 
     @property
     def batch_size(self) -> int:
@@ -341,7 +362,9 @@ class TextConditioning:
         """The conditioning of batch rows [start, stop) (views)."""
         return TextConditioning(context=self.context[start:stop], cross_k=[k[start:stop] for k in self.cross_k],
                                 cross_v=[v[start:stop] for v in self.cross_v],
-                                distinct_rows=None if self.distinct_rows is None else self.distinct_rows[start:stop])
+                                distinct_rows=None if self.distinct_rows is None else self.distinct_rows[start:stop],
+                                cross_k_q_weighted=(None if self.cross_k_q_weighted is None
+                                                    else [k[start:stop] for k in self.cross_k_q_weighted]))
 
     @staticmethod
     def cat(conds: "list[TextConditioning]") -> "TextConditioning":
@@ -352,6 +375,8 @@ class TextConditioning:
             cross_v=[torch.cat([c.cross_v[i] for c in conds]) for i in range(len(conds[0].cross_v))],
             distinct_rows=(torch.cat([c.distinct_rows for c in conds])
                            if all(c.distinct_rows is not None for c in conds) else None),
+            cross_k_q_weighted=([torch.cat([c.cross_k_q_weighted[i] for c in conds]) for i in range(len(conds[0].cross_k))]
+                                if all(c.cross_k_q_weighted is not None for c in conds) else None),
         )
 
 
@@ -433,7 +458,8 @@ class CausalWanDiT(nn.Module):
         nonzero = text_embeddings.ne(0).any(dim=-1)
         position = torch.arange(1, cfg.text_len + 1, device=nonzero.device, dtype=torch.int32)
         distinct = torch.where(nonzero, position, 0).amax(dim=-1).to(torch.int32)
-        return TextConditioning(context=context, cross_k=list(ks), cross_v=list(vs), distinct_rows=distinct)
+        return TextConditioning(context=context, cross_k=list(ks), cross_v=list(vs), distinct_rows=distinct,
+                                cross_k_q_weighted=_q_weighted_keys(self, ks))
 
     # ------------------------------------------------------------------ forward
 
@@ -625,11 +651,17 @@ class CausalWanDiT(nn.Module):
                 y = x
 
             ca = block.cross_attn
-            q = ca.heads(_rms_norm_fused(ca.norm_q, _linear(ca.q, y)))
+            q = _linear(ca.q, y)
             k, v = text.cross_k[i], text.cross_v[i]
             if text_plan is not None:
-                o = chunk_attention(q.reshape(B * L, *q.shape[2:]), k, v, text_plan).o.view(B, L, C)
+                if text.cross_k_q_weighted is not None:
+                    # the query RMS norm as a per-row score scale, its weight in the keys: q read once, not rewritten
+                    keys, row_scale = text.cross_k_q_weighted[i], row_inv_rms(q.view(B * L, C), ca.norm_q.eps)
+                else:
+                    q, keys, row_scale = _rms_norm_fused(ca.norm_q, q), k, None
+                o = chunk_attention(q.view(B * L, *k.shape[2:]), keys, v, text_plan, q_row_scale=row_scale).o.view(B, L, C)
             else:
+                q = ca.heads(_rms_norm_fused(ca.norm_q, q))
                 if k.shape[0] != B:
                     k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
                 o = sdpa_blhd(q, k, v).flatten(2)

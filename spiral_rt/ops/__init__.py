@@ -19,7 +19,9 @@ Ops:
 - ``narrow_causal_conv3d``: a causal 3x3x3 conv to a few output channels over cached frames (the
   Wan VAE's head);
 - ``linear``: x W^T + b (optionally tanh-GELU) through cuBLASLt with the algorithm timed per shape
-  (the DiT's projections and FFN).
+  (the DiT's projections and FFN);
+- ``row_inv_rms``: 1 / sqrt(mean(x^2) + eps) per row (an RMS norm's factor, for ``chunk_attention``'s
+  per-row score scale).
 """
 
 from . import bias_residual_add as _bias_residual_add_module
@@ -30,6 +32,7 @@ from . import merge_states as _merge_states_module
 from . import modulated_norm as _modulated_norm_module
 from . import narrow_causal_conv3d as _narrow_causal_conv3d_module
 from . import qk_norm_rope_kv_write as _qk_norm_rope_kv_write_module
+from . import row_inv_rms as _row_inv_rms_module
 from . import sampler_step as _sampler_step_module
 from . import upsample_conv as _upsample_conv_module
 from .bias_residual_add import bias_residual_add
@@ -47,6 +50,7 @@ from .merge_states import AttentionState, merge_states
 from .modulated_norm import ModulatedNormResult, modulated_norm
 from .narrow_causal_conv3d import narrow_causal_conv3d
 from .qk_norm_rope_kv_write import qk_norm_rope_kv_write
+from .row_inv_rms import row_inv_rms
 from .sampler_step import SamplerStepResult, noise_key, sampler_step
 from .upsample_conv import phase_interleave
 
@@ -64,6 +68,7 @@ OP_BACKENDS = {
         _upsample_conv_module,
         _narrow_causal_conv3d_module,
         _linear_module,
+        _row_inv_rms_module,
     )
 }
 
@@ -78,5 +83,6 @@ __all__ = [
     "phase_interleave",
     "narrow_causal_conv3d",
     "linear",
+    "row_inv_rms",
     "available_backends", "select_backend", "OP_BACKENDS",
 ]

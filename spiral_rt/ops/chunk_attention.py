@@ -59,6 +59,11 @@ CUDA_MERGE_FIELDS = 5  # q_start, q_end, head, first slot, pieces (kernels/chunk
 # work (Q load, pipeline fill, epilogue); a split unit's pieces add the merge's traffic.
 _CUDA_CTA_OVERHEAD_TILES = 2.0
 _CUDA_MIN_TILES_PER_PIECE = 4
+_CUDA_RUN_MAX_TILES = 3
+"""Whole units of at most this many key tiles each, all alike (a cross-attention's 512 text rows are
+3 tiles of 176), are laid out so that each persistent CTA runs a contiguous run of them: one head's
+row blocks back to back, so an item whose key range ends up one tile (a prompt's distinct rows)
+reuses the tile its CTA's previous item left in shared memory (csrc/chunk_attention_sm90.cu)."""
 CUDA_BLOCK_NS = (112, 128, 176)  # key-tile sizes it is compiled for (csrc/chunk_attention.h)
 CUDA_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -309,7 +314,8 @@ def cuda_work_tables(q_ptr: list[int], kv_ptr: list[int], pages: list[int], last
     tiles split into contiguous pieces whose partial states ``merge_pieces`` combines.
 
     ``splits`` >= 1 splits every unit that many ways; 0 chooses by shape (``_tail_split``). Whole
-    units are listed (launched) first, in order, then the pieces.
+    units are listed (launched) first, in order (uniform units of at most ``_CUDA_RUN_MAX_TILES``
+    tiles: in runs per persistent CTA, ``_runs_per_cta``), then the pieces.
     Returns (work rows, tiles, merge rows, number of pieces, tile keys): tile keys lists, per tile,
     its sequence, the logical index of its first key and the sequence's key count."""
     units, tiles, tile_keys = [], [], []
@@ -331,6 +337,8 @@ def cuda_work_tables(q_ptr: list[int], kv_ptr: list[int], pages: list[int], last
     for (q0, q1, head, t0, t1), pieces in zip(units, pieces_of):  # whole units first, pieces last
         if pieces == 1:
             work.append((q0, q1, t0, t1, head, -1))
+    if len({w[3] - w[2] for w in work}) == 1 and work[0][3] - work[0][2] <= _CUDA_RUN_MAX_TILES:
+        work = _runs_per_cta(work, num_sms)
     for (q0, q1, head, t0, t1), pieces in zip(units, pieces_of):
         if pieces == 1:
             continue
@@ -339,6 +347,20 @@ def cuda_work_tables(q_ptr: list[int], kv_ptr: list[int], pages: list[int], last
         merge.append((q0, q1, head, slots, pieces))
         slots += pieces
     return work, tiles, merge, slots, tile_keys
+
+
+def _runs_per_cta(items: list, num_sms: int) -> list:
+    """``items`` reordered so that persistent CTA b, which runs list positions b, b + P, b + 2P, ...
+    (P = min(len, num_sms) CTAs, csrc/chunk_attention_sm90.cu), gets a contiguous run of the
+    original order; the first len % P CTAs get one item more, as in the strided order."""
+    n = len(items)
+    ctas = min(n, num_sms)
+    out, i = [None] * n, 0
+    for b in range(ctas):
+        for j in range((n - b + ctas - 1) // ctas):
+            out[b + j * ctas] = items[i]
+            i += 1
+    return out
 
 
 def _makespan(durations, slots: int) -> float:
@@ -533,6 +555,7 @@ def chunk_attention(
     plan: ChunkAttentionPlan,
     *,
     sm_scale: float | None = None,
+    q_row_scale: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> AttentionState:
     """Attention of each sequence's queries over its listed K/V pages; see the module docstring.
@@ -543,6 +566,10 @@ def chunk_attention(
         k_pages, v_pages: (num_pages, page_size, H_kv, D) contiguous K and V pages of one layer.
         plan: from ``plan_chunk_attention`` for these index tables.
         sm_scale: softmax scale; default 1 / sqrt(D).
+        q_row_scale: optional (total_q,) fp32 factors > 0 on the device: query row i's scores are
+            multiplied by q_row_scale[i], as if the row (all its heads) were scaled by it. With
+            ``row_inv_rms(q)`` and an RMS norm's weight folded into the keys, this is attention of
+            the RMS-normalised queries without writing them. cuda and reference backends.
         backend: "cuda" | "triton" | "reference" | "auto"/None (see spiral_rt.ops.dispatch); auto
             takes cuda when the plan and q's layout allow it, else triton.
     Returns:
@@ -565,8 +592,11 @@ def chunk_attention(
     cuda_reason = plan.cuda_reason or _cuda_input_reason(q, k_pages, v_pages)
     if cuda_reason is not None and dispatch.requested_backend(OP, backend) == "cuda":
         raise ValueError(f"{OP}: backend 'cuda' cannot run these inputs: {cuda_reason}")
+    if q_row_scale is not None:
+        dispatch.check_tensor(OP, "q_row_scale", q_row_scale, shape=(plan.total_q,), dtypes=(torch.float32,),
+                              device=plan.device)
     implemented = IMPLEMENTED if cuda_reason is None else IMPLEMENTED[1:]
-    if plan.distinct_keys is not None:  # the Triton kernel reads every key
+    if plan.distinct_keys is not None or q_row_scale is not None:  # the Triton kernel has neither
         implemented = tuple(b for b in implemented if b != "triton")
     chosen = dispatch.select_backend(OP, q.device, implemented, backend)
     cfg = plan.config
@@ -576,7 +606,7 @@ def chunk_attention(
         q, k_pages, v_pages, plan.q_indptr, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, plan.work,
         float(sm_scale), cfg.num_splits, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.hoist_pages,
         cfg.warp_specialize, plan.tile_rows, plan.left_rows, plan.cuda_work, plan.cuda_tiles, cfg.cuda_block_n,
-        plan.cuda_merge, plan.cuda_pieces, plan.cuda_tile_log2_count, plan.distinct_keys, chosen)
+        plan.cuda_merge, plan.cuda_pieces, plan.cuda_tile_log2_count, plan.distinct_keys, q_row_scale, chosen)
     return AttentionState(o, lse)
 
 
@@ -644,13 +674,15 @@ def _chunk_attention_impl(
     cuda_pieces: int,
     cuda_tile_log2_count: Optional[torch.Tensor],
     distinct_keys: Optional[torch.Tensor],
+    q_row_scale: Optional[torch.Tensor],
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "reference":
         kv_ptr = kv_indptr.tolist()
         return _reference.chunk_attention(q, k_pages, v_pages, q_indptr.tolist(), kv_ptr,
                                           kv_indices.tolist()[:kv_ptr[-1]], kv_last_page_len.tolist(), sm_scale,
-                                          distinct_keys=None if distinct_keys is None else distinct_keys.tolist())
+                                          distinct_keys=None if distinct_keys is None else distinct_keys.tolist(),
+                                          q_row_scale=q_row_scale)
     total_q, heads, head_dim = q.shape
     o = torch.empty((total_q, heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((total_q, heads), dtype=torch.float32, device=q.device)
@@ -667,7 +699,8 @@ def _chunk_attention_impl(
             part_o.data_ptr() if cuda_pieces else 0, part_lse.data_ptr() if cuda_pieces else 0, cuda_work.data_ptr(), cuda_tiles.data_ptr(), q.stride(0), total_q, cuda_work.shape[0],
             cuda_pieces, k_pages.shape[0], k_pages.shape[1], heads, k_pages.shape[2], head_dim, cuda_block_n, sm_scale,
             C.DTYPES[str(q.dtype).replace("torch.", "")], q.device.index, torch.cuda.current_stream(q.device).cuda_stream,
-            0 if cuda_tile_log2_count is None else cuda_tile_log2_count.data_ptr())
+            0 if cuda_tile_log2_count is None else cuda_tile_log2_count.data_ptr(),
+            0 if q_row_scale is None else q_row_scale.data_ptr())
         if cuda_pieces:
             kernel.merge_pieces(part_o, part_lse, cuda_merge, o, lse)
         return o, lse
@@ -687,6 +720,6 @@ _chunk_attention_op = torch.library.custom_op("spiral_rt::chunk_attention", _chu
 @_chunk_attention_op.register_fake
 def _(q, k_pages, v_pages, q_indptr, kv_indptr, kv_indices, kv_last_page_len, work, sm_scale, num_splits,
       block_m, block_n, num_warps, num_stages, hoist_pages, warp_specialize, tile_rows, left_rows, cuda_work, cuda_tiles,
-      cuda_block_n, cuda_merge, cuda_pieces, cuda_tile_log2_count, distinct_keys, backend):
+      cuda_block_n, cuda_merge, cuda_pieces, cuda_tile_log2_count, distinct_keys, q_row_scale, backend):
     total_q, heads, head_dim = q.shape
     return q.new_empty((total_q, heads, head_dim)), q.new_empty((total_q, heads), dtype=torch.float32)

@@ -6,8 +6,8 @@ heuristic's other candidates are up to 8% faster (bench/results/cublaslt_algos.j
 tokens: FFN down 666 -> 722 TFLOP/s, FFN up with the GELU epilogue 579 -> 615, 1536 x 1536
 637 -> 659; bench/bench_linear.py times them against torch's call). A
 ``LtLinear`` is one problem (device, dtype, M, K, N, x's row stride, bias or not, GELU or not):
-descriptors built once, the heuristic's candidates (up to ``CANDIDATES``) timed once on scratch
-copies of the operands, the fastest kept for every later call. Calls record into CUDA graphs; a
+descriptors built once, the heuristic's candidates (up to ``CANDIDATES``) timed once in CUDA graphs
+on scratch copies of the operands, the fastest kept for every later call. Calls record into CUDA graphs; a
 problem first met while a graph is being captured takes the heuristic's first candidate (torch's
 choice: timing needs a synchronisation, which capture forbids) and is never re-timed.
 
@@ -189,11 +189,13 @@ class LtLinear:
                 self.d, ctypes.c_void_p(out.data_ptr()), self.d, ctypes.byref(algo.algo), ctypes.c_void_p(ws.data_ptr()),
                 ctypes.c_size_t(WORKSPACE_BYTES), ctypes.c_void_p(stream)), "Matmul")
 
-    def tune(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rounds: int = 3,
-             calls: int = 6) -> None:
+    def tune(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rounds: int = 5,
+             calls: int = 8) -> None:
         """Time every candidate on scratch copies of the operands (several sets, together at least
-        twice L2, so the weights come from DRAM as they do between a model's layers), in interleaved
-        rounds; keep the fastest median. Synchronises the device once; never inside a capture."""
+        twice L2, so the weights come from DRAM as they do between a model's layers): each
+        candidate's ``calls`` back-to-back calls captured in a CUDA graph (as the engine runs them:
+        eager timing ranked candidates differently, bench/NOTES.md session 14), its replays timed in
+        interleaved rounds; keep the fastest median. Synchronises the device; never inside a capture."""
         if len(self.candidates) == 1 or self.problem.flop < MIN_TUNED_FLOP:
             return
         p = self.problem
@@ -204,22 +206,32 @@ class LtLinear:
             xs = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).copy_(x)  # x's row stride
             scratch.append((xs, weight.clone(), None if bias is None else bias.clone(),
                             torch.empty(p.m, p.n, dtype=p.dtype, device=x.device)))
-        per_call = [[] for _ in self.candidates]
-        for i in range(len(self.candidates)):  # warm-up: first launches load the kernels
-            self.run(*scratch[0], candidate=i)
-        for _ in range(rounds):
-            for i in range(len(self.candidates)):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+        stream = torch.cuda.Stream(x.device)
+        _workspace(p.device, stream.cuda_stream)  # allocated outside the captures
+        graphs = []
+        for i in range(len(self.candidates)):
+            self.run(*scratch[0], candidate=i)  # first launch loads the kernel (not capturable)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, stream=stream, capture_error_mode="thread_local"):
                 for c in range(calls):
                     self.run(*scratch[c % sets], candidate=i)
+            g.replay()  # warm-up
+            graphs.append(g)
+        per_round = [[] for _ in self.candidates]
+        for _ in range(rounds):
+            for i, g in enumerate(graphs):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                g.replay()
                 end.record()
-                per_call[i].append((start, end))
+                per_round[i].append((start, end))
         torch.cuda.synchronize(x.device)
         medians = []
-        for events in per_call:
+        for events in per_round:
             times = sorted(s.elapsed_time(e) * 1e3 / calls for s, e in events)
             medians.append(times[len(times) // 2])
+        del graphs
+        _workspaces.pop((p.device, stream.cuda_stream), None)
         self.timed_us = medians
         self.chosen = min(range(len(medians)), key=medians.__getitem__)
         logger.debug("cuBLASLt %s: candidates %s us, chose %d", p, [round(t, 1) for t in medians], self.chosen)

@@ -53,8 +53,10 @@ def chunk_attention(
     kv_last_page_len: list[int],
     sm_scale: float | None = None,
     distinct_keys: list[int] | None = None,
+    q_row_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference of ``spiral_rt.ops.chunk_attention`` (index tables as host lists)."""
+    """Reference of ``spiral_rt.ops.chunk_attention`` (index tables as host lists). ``q_row_scale``
+    (total_q,): query row i's scores are multiplied by q_row_scale[i]."""
     total_q, heads, head_dim = q.shape
     group = heads // k_pages.shape[2]
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
@@ -74,6 +76,8 @@ def chunk_attention(
             d = distinct_keys[s]
             k, v = k[:d + 1], v[:d + 1]
         scores = torch.einsum("qhd,khd->hqk", q[q0:q1].to(work), k) * scale
+        if q_row_scale is not None:
+            scores = scores * q_row_scale[q0:q1].to(work)[None, :, None]
         if distinct_keys is not None and 0 <= distinct_keys[s] < lens[s] - 1:
             scores[..., -1] += math.log(lens[s] - distinct_keys[s])
         seq_lse = torch.logsumexp(scores, dim=-1)

@@ -466,3 +466,27 @@ def test_graph_runner_refreshes_every_plan_table():
     hints = typing.get_type_hints(ChunkAttentionPlan)
     tensor_fields = {f.name for f in dataclasses.fields(ChunkAttentionPlan) if "Tensor" in str(hints[f.name])}
     assert tensor_fields == set(_PLAN_TENSORS)
+
+
+def test_static_text_copies_every_field_and_refuses_a_missing_one():
+    """The graphs' static text buffers: one prompt's conditioning broadcast into a batch of 3, the
+    query-weighted keys included; a conditioning without those keys, which captured graphs read, is
+    refused with a clear error instead of leaving stale keys behind."""
+    from spiral_rt.engine.cuda_paths import _StaticText
+    from spiral_rt.models.dit import TextConditioning
+
+    def cond(weighted=True):
+        ks = [torch.randn(1, 5, 2, 4) for _ in range(2)]
+        return TextConditioning(context=torch.randn(1, 5, 8), cross_k=ks, cross_v=[torch.randn(1, 5, 2, 4) for _ in ks],
+                                distinct_rows=torch.tensor([3], dtype=torch.int32),
+                                cross_k_q_weighted=[k * 2 for k in ks] if weighted else None)
+
+    text = cond()
+    static = _StaticText(text, batch=3)
+    static.fill(text)
+    for got, src in zip([static.cond.context, *static.cond.cross_k, *static.cond.cross_v, *static.cond.cross_k_q_weighted],
+                        [text.context, *text.cross_k, *text.cross_v, *text.cross_k_q_weighted]):
+        assert torch.equal(got, src.expand_as(got))
+    assert static.cond.distinct_rows.tolist() == [3, 3, 3]
+    with pytest.raises(ValueError, match="lacks cross_k_q_weighted"):
+        static.fill(cond(weighted=False))

@@ -185,6 +185,24 @@ def test_encode_text_counts_the_rows_before_the_padding(tiny_cfg):
     assert both.distinct_rows.tolist() == [9, 0, 9]
 
 
+def test_text_rows_and_cat_carry_the_query_weighted_keys():
+    """``rows`` and ``cat`` slice and join ``cross_k_q_weighted`` like the keys (None when any part
+    lacks it); off CUDA ``encode_text`` leaves it None."""
+    def cond(b, weighted=True):
+        ks = [torch.randn(b, 5, 2, 4) for _ in range(2)]
+        return TextConditioning(context=torch.randn(b, 5, 8), cross_k=ks, cross_v=[torch.randn(b, 5, 2, 4) for _ in ks],
+                                cross_k_q_weighted=[k * 3 for k in ks] if weighted else None)
+
+    a, b = cond(3), cond(1)
+    both = TextConditioning.cat([a.rows(1, 3), b])
+    for i in range(2):
+        assert torch.equal(both.cross_k_q_weighted[i], torch.cat([a.cross_k_q_weighted[i][1:3], b.cross_k_q_weighted[i]]))
+        assert torch.equal(both.cross_k_q_weighted[i], both.cross_k[i] * 3)
+    assert TextConditioning.cat([a, cond(1, weighted=False)]).cross_k_q_weighted is None
+    model = build_dit(tiny_test())
+    assert model.encode_text(torch.randn(1, 3, model.config.text_dim)).cross_k_q_weighted is None
+
+
 @torch.no_grad()
 def test_frame_positions_tensor_equals_offsets_per_sequence(tiny_cfg):
     """A (B, F) position tensor: consecutive positions equal the int offset; sequences at
@@ -318,6 +336,38 @@ def test_gpu_fused_ffn_and_query_norm_match_the_modules(rows):
     want = norm(x)
     got = _rms_norm_fused(norm.bfloat16(), x.bfloat16()).float()
     assert rel_err(got, want) <= 1e-2
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_cross_attention_query_norm_as_row_scale():
+    """The fused path's cross-attention: the query's inverse RMS as a per-row score scale, the norm's
+    weight folded into the text keys (``cross_k_q_weighted``), a prompt's distinct rows read once,
+    against the modules' RMSNorm on q and SDPA over every text row (bf16: rel. error <= 1e-2)."""
+    from spiral_rt.models.attention import sdpa_blhd
+    from spiral_rt.models.dit import _text_attention_plan
+    from spiral_rt.ops import chunk_attention, row_inv_rms
+
+    torch.manual_seed(0)
+    cfg = tiny_test(num_layers=2, dim=256, num_heads=2, ffn_dim=512, text_dim=64, freq_dim=64, in_channels=16)
+    model = build_dit(cfg, device="cuda", dtype=torch.bfloat16)
+    for block in model.blocks:
+        block.cross_attn.norm_q.weight.data.uniform_(0.5, 1.5)
+    emb = torch.randn(2, 9, cfg.text_dim, device="cuda")
+    emb[1, 4:] = 0  # a 4-token prompt
+    text = model.encode_text(emb)
+    assert text.cross_k_q_weighted is not None
+    B, L = 2, 333
+    plan = _text_attention_plan(B, L, text)
+    assert plan is not None and plan.distinct_keys is not None
+    for i, block in enumerate(model.blocks):
+        ca = block.cross_attn
+        y = torch.randn(B, L, cfg.dim, device="cuda", dtype=torch.bfloat16)
+        want = sdpa_blhd(ca.heads(ca.norm_q(ca.q(y))), text.cross_k[i], text.cross_v[i]).float()
+        q = ca.q(y).view(B * L, cfg.dim)
+        got = chunk_attention(q.view(B * L, cfg.num_heads, -1), text.cross_k_q_weighted[i], text.cross_v[i], plan,
+                              q_row_scale=row_inv_rms(q, ca.norm_q.eps)).o
+        assert rel_err(got.view_as(want).float(), want) <= 1e-2
 
 
 def test_pack_qkv_one_gemm_equals_three_and_unpacks_on_a_cast(tiny_cfg, tmp_path):

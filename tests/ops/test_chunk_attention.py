@@ -394,6 +394,63 @@ def test_cuda_tail_split_by_shape():
     assert all(p >= 2 for p in pieces[:10]) and pieces[-5:] == [1] * 5
 
 
+def _kernel_tile_loads(work, tiles, num_sms, distinct=None, keys=None, group=1):
+    """A Python model of the CUDA kernel's persistent schedule (csrc/chunk_attention_sm90.cu): per
+    CTA, the items it runs and how many key tiles its producer loads; an item whose key range
+    (after the distinct-keys rewrite, when ``distinct`` is given) is the one tile its CTA's previous
+    item read for the same KV head loads nothing."""
+    whole = [w for w in work if w[5] < 0]
+    ctas = min(len(whole), num_sms)
+
+    def key_range(w):
+        t0, t1 = w[2], w[3]
+        if distinct is not None:  # tiles from the first one without keys read nothing (key_range_end)
+            for t in range(t0, t1):
+                s, key0, _ = keys[t]
+                if key0 > distinct[s]:
+                    return t0, t
+        return t0, t1
+
+    loads, per_cta = 0, []
+    for b in range(ctas):
+        items = whole[b::ctas]
+        per_cta.append(items)
+        prev = None
+        for w in items:
+            t0, t1 = key_range(w)
+            cur = (t0, t1, w[4] // group)
+            same = prev is not None and t1 == t0 + 1 and prev[1] == prev[0] + 1 and prev[0] == t0 and prev[2] == cur[2]
+            loads += 0 if same else t1 - t0
+            prev = cur
+    return loads, per_cta
+
+
+def test_cross_attention_units_run_per_cta_and_reuse_their_tile():
+    """Uniform units of <= 3 tiles (text pages) are laid out so that each persistent CTA runs a
+    contiguous run of the original order (one head's row blocks back to back), every unit once;
+    with a 128-token prompt's distinct rows (one tile an item), the modelled producer loads one tile
+    per (CTA, head) run instead of one per item. Units of many tiles keep the strided order."""
+    heads, rows_q = 12, 4680
+    b = make_batch([(rows_q, [0], 512)], page_size=512, num_pages=1)
+    order = [0]
+    work, tiles, _, pieces, keys = cuda_work_tables(b.q_indptr, b.kv_indptr, b.kv_indices, b.last, 512, order,
+                                                    176, heads, 0, 132)
+    units = [(q0, min(q0 + 128, rows_q), h) for h in range(heads) for q0 in range(0, rows_q, 128)]
+    assert pieces == 0 and len(work) == len(units) == 444
+    assert sorted((w[0], w[1], w[4]) for w in work) == sorted(units)
+    strided_runs = [work[c::132] for c in range(132)]
+    flat = [(w[0], w[1], w[4]) for run in strided_runs for w in run]
+    assert flat == units  # CTA 0's run, then CTA 1's, ...: the original order
+    assert [len(r) for r in strided_runs] == [4] * 48 + [3] * 84
+    loads, _ = _kernel_tile_loads(work, tiles, 132, distinct=[128], keys=keys)
+    runs_by_head = sum(len({w[4] for w in run}) for run in strided_runs)
+    assert loads == runs_by_head < 160  # ~1.1 loads a CTA against 444 (one an item)
+    # self-attention units (27 tiles: a 3-frame chunk) keep the strided, longest-first order
+    b = make_batch([(rows_q, [0, 1, 2], 3 * 1560)], page_size=1560, num_pages=3)
+    work, *_ = cuda_work_tables(b.q_indptr, b.kv_indptr, b.kv_indices, b.last, 1560, order, 176, heads, 1, 132)
+    assert [(w[0], w[4]) for w in work] == [(q0, h) for h in range(heads) for q0 in range(0, rows_q, 128)]
+
+
 def test_cuda_backend_refuses_plans_it_cannot_run():
     b = make_batch(VARLEN, page_size=7, num_pages=18)
     q, kp, vp = random_inputs(b, 2, 2, 64, torch.float32, "cpu")
@@ -417,7 +474,7 @@ def test_custom_op_has_fake_kernel():
         args = [mode.from_tensor(t) for t in (q, kp, vp, plan.q_indptr, plan.kv_indptr, plan.kv_indices,
                                                plan.kv_last_page_len, plan.work)]
         o, lse = torch.ops.spiral_rt.chunk_attention(*args, 0.125, 1, 16, 16, 4, 1, True, False, None, None, None, None,
-                                                      176, None, 0, None, None, "triton")
+                                                      176, None, 0, None, None, None, "triton")
         assert o.shape == q.shape and lse.shape == q.shape[:2] and lse.dtype == torch.float32
 
 
@@ -665,6 +722,49 @@ def test_distinct_key_tiles_match_the_key_counts(block_n):
     assert [(r, c) for r, c, _ in got] == [(r, c) for r, c, _ in want]
     assert [w & 0xFFFF for w in words] == [t[1] & 0xFFFF for t in tiles]
     torch.testing.assert_close(torch.tensor([g[2] for g in got]), torch.tensor([w[2] for w in want]))
+
+
+def test_reference_q_row_scale_equals_scaled_queries():
+    """Scores of row i times r[i] are attention of the row scaled by r[i] (fp64), with and without
+    distinct keys; the op checks the argument and keeps the Triton backend out."""
+    b = make_batch(VARLEN, page_size=7, num_pages=18)
+    q, kp, vp = random_inputs(b, 4, 2, 64, torch.float64, "cpu")
+    r = torch.rand(q.shape[0], dtype=torch.float64) * 2 + 0.1
+    o, lse = chunk_attention_ref(q, kp, vp, b.q_indptr, b.kv_indptr, b.kv_indices, b.last, q_row_scale=r)
+    check_against_fp64(o, lse, q * r[:, None, None], kp, vp, b, 1e-12, 1e-12)
+    distinct = [13, 0, 0, 4, 100]
+    _repeat_tails(kp, vp, b, distinct)
+    plan = plan_for(b, 4, 64, torch.float32, "cpu", kv_heads=2).with_distinct_keys(torch.tensor(distinct))
+    o2, lse2 = chunk_attention(q.float(), kp.float(), vp.float(), plan, q_row_scale=r.float())
+    check_against_fp64(o2, lse2, q * r[:, None, None], kp, vp, b, 1e-5, 1e-5)
+    base = plan_for(b, 4, 64, torch.float32, "cpu", kv_heads=2)
+    with pytest.raises(ValueError, match="'q_row_scale' must have shape"):
+        chunk_attention(q.float(), kp.float(), vp.float(), base, q_row_scale=r[:3].float())
+    with pytest.raises(ValueError, match="'q_row_scale' must have dtype"):
+        chunk_attention(q.float(), kp.float(), vp.float(), base, q_row_scale=r)
+    with pytest.raises(ValueError, match="backend='triton', but chunk_attention has only"):
+        chunk_attention(q.float(), kp.float(), vp.float(), base, q_row_scale=r.float(), backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_n", CUDA_BLOCK_NS)
+def test_gpu_q_row_scale_matches_fp64(block_n):
+    """The CUDA kernel's per-row score scale: Wan pages with units split into pieces, and zero-padded
+    text pages with distinct keys at tile edges, against fp64 attention of the scaled rows."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    wan = _wan_batch(1, 2, num_seqs=2)
+    cases = ((wan, 3, None), (make_batch([(300, [s], 512) for s in range(4)], 512, 4), 0, [0, 100, 176, 511]))
+    for b, splits, distinct in cases:
+        q, kp, vp = random_inputs(b, 4, 4, 128, torch.bfloat16, "cuda")
+        if distinct is not None:
+            _repeat_tails(kp, vp, b, distinct)
+        r = torch.rand(q.shape[0], device="cuda") * 1.5 + 0.25
+        plan = plan_for(b, 4, 128, torch.bfloat16, "cuda",
+                        config=AttentionConfig(cuda_block_n=block_n, num_splits=splits))
+        if distinct is not None:
+            plan = plan.with_distinct_keys(torch.tensor(distinct, device="cuda"))
+        o, lse = chunk_attention(q, kp, vp, plan, q_row_scale=r, backend="cuda")
+        check_against_fp64(o, lse, q.double() * r.double()[:, None, None], kp, vp, b, 1.6e-2, 2e-2)
 
 
 @pytest.mark.gpu
