@@ -15,7 +15,9 @@ clock with a device sync at the end: generation, decode, recording and the move 
 records to the host), peak device memory (allocator), peak KV pages in use and their bytes
 (``one prefix + G suffixes`` for batched), and the speed-ups over prefix_once and naive and over
 Self-Forcing's published per-video rate (16.5 FPS = 0.204 videos of 81 frames per second).
-``--critic`` also scores every member with a cheap brightness critic on worker threads.
+``--critic`` also scores every member with a cheap brightness critic on worker threads. ``--stages``
+also times one more batched rollout per G by engine stage (the denoising steps, the clean pass, the
+VAE decode on its side stream, planning, text), on an engine with timing on, outside the timed rows.
 
 ``--smoke`` runs the same code on the CPU with a tiny model (writes rollout_smoke.json instead of
 rollout.json).
@@ -55,14 +57,37 @@ class BrightnessCritic:
         return Verdict(score=float(frames.mean()) / 255.0, completed=True)
 
 
-def make_engine(model, vae, args, group_size: int, schedule: str) -> Engine:
+def make_engine(model, vae, args, group_size: int, schedule: str, timing: bool = False) -> Engine:
     frames = args.chunks * 3
     prefix = args.fork * 3
     need = {"batched": prefix + group_size * (frames - prefix), "prefix_once": frames, "naive": frames}[schedule]
     cfg = EngineConfig(latent_size=args.latent_hw, chunk_frames=3, output="uint8", latent_dtype=torch.float32,
                        kv_num_pages=need + 3, max_batch_size=max(group_size, 1), device=args.device,
-                       cuda_graphs=False, vae_side_stream=True)
+                       cuda_graphs=False, vae_side_stream=True, timing=timing)
     return Engine(model, vae, cfg)
+
+
+def free(engine: Engine) -> None:
+    engine.close()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def stage_times(model, vae, args, group_size: int, spec, critic, emb) -> list[dict]:
+    """One batched rollout (after one warm-up) on an engine with stage timing: per stage, its count
+    and total milliseconds in that rollout and its share of their sum (the VAE runs on its own stream,
+    so the sum can exceed the wall time)."""
+    engine = make_engine(model, vae, args, group_size, "batched", timing=True)
+    runner = RolloutRunner(engine, critic, prompt_embeddings=emb)
+    runner.run(spec, schedule="batched")
+    engine.stage_times(reset=True)
+    runner.run(spec, schedule="batched")
+    stages = engine.stage_times()
+    free(engine)
+    total = sum(v["total_ms"] for v in stages.values()) or 1.0
+    return [{"group_size": group_size, "stage": k, "count": v["count"], "total_ms": round(v["total_ms"], 3),
+             "share": round(v["total_ms"] / total, 4)} for k, v in stages.items()]
 
 
 def sync():
@@ -80,6 +105,7 @@ def main(argv=None):
     ap.add_argument("--critic", action="store_true", help="score members with a brightness critic (thread pool)")
     ap.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS,
                     help="tokens per prompt (the rest of the 512 text rows are Wan's zero padding)")
+    ap.add_argument("--stages", action="store_true", help="also time one batched rollout per G by engine stage")
     ap.add_argument("--name", default=None, help="result name (bench/results/<name>.json); default rollout / rollout_smoke")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -110,7 +136,7 @@ def main(argv=None):
     prompt = "a robot arm picks up a red cube"
     emb = {prompt: prompt_embedding(min(args.prompt_tokens, text_len), dcfg.text_dim, args.device, dtype)}
     critic = BrightnessCritic() if args.critic else None
-    rows = []
+    rows, stage_rows = [], []
     with torch.inference_mode():
         for g in groups:
             spec = RolloutSpec(goals=["pick up the red cube"], plans=[[[prompt]]], num_plans=1, group_size=g,
@@ -134,11 +160,10 @@ def main(argv=None):
                     "kv_pool_gib": engine.cache.num_pages * engine.cache.config.page_bytes / 2**30,
                     "engine_steps": stats[0]["engine_steps"],
                 })
-                engine.close()
+                free(engine)
                 del runner, engine
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+            if args.stages and "batched" in schedules:
+                stage_rows += stage_times(model, vae, args, g, spec, critic, emb)
     by = {(r["group_size"], r["schedule"]): r for r in rows}
     for r in rows:
         base = by.get((r["group_size"], "prefix_once"))
@@ -156,7 +181,11 @@ def main(argv=None):
                 "critic": args.critic, "warmup": args.warmup, "repeats": args.repeats, "smoke": args.smoke,
                 "prompt_tokens": min(args.prompt_tokens, text_len),
                 "self_forcing_videos_per_s": SELF_FORCING_VIDEOS_PER_S}
-    write_result(args.name or name, settings, rows)
+    extra = None
+    if stage_rows:
+        print_table(stage_rows, ["group_size", "stage", "count", "total_ms", "share"])
+        extra = {"stages_batched": stage_rows}
+    write_result(args.name or name, settings, rows, extra)
 
 
 if __name__ == "__main__":
