@@ -26,7 +26,6 @@ rollout.json).
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import statistics
 import sys
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_stream import free  # noqa: E402
 from common import PROMPT_TOKENS, print_table, prompt_embedding, write_result  # noqa: E402
 
 from spiral_rt.agents.types import Verdict  # noqa: E402
@@ -65,13 +65,6 @@ def make_engine(model, vae, args, group_size: int, schedule: str, timing: bool =
                        kv_num_pages=need + 3, max_batch_size=max(group_size, 1), device=args.device,
                        cuda_graphs=False, vae_side_stream=True, timing=timing)
     return Engine(model, vae, cfg)
-
-
-def free(engine: Engine) -> None:
-    engine.close()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def stage_times(model, vae, args, group_size: int, spec, critic, emb) -> list[dict]:
