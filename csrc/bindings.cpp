@@ -90,7 +90,7 @@ void chunk_attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr
                      uintptr_t partial_lse, uintptr_t work, uintptr_t tiles, int64_t q_row_stride, int64_t total_q,
                      int64_t num_work, int64_t num_pieces, int64_t num_pages, int page_size, int num_heads, int num_kv_heads,
                      int head_dim, int block_n, float sm_scale, int dtype, int device, uintptr_t stream,
-                     uintptr_t tile_log2_count, uintptr_t q_row_scale) {
+                     uintptr_t tile_log2_count, uintptr_t q_row_scale, bool short_items) {
   spiral_rt::ChunkAttentionArgs args;
   args.q = ptr<const void>(q);
   args.k = ptr<const void>(k);
@@ -113,6 +113,7 @@ void chunk_attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr
   args.num_kv_heads = num_kv_heads;
   args.head_dim = head_dim;
   args.block_n = block_n;
+  args.short_items = short_items;
   args.sm_scale = sm_scale;
   args.dtype = static_cast<DType>(dtype);
   const int err = spiral_rt::chunk_attention_sm90_launch(args, device, ptr<void>(stream));
@@ -172,7 +173,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("partial_lse"), py::arg("work"), py::arg("tiles"), py::arg("q_row_stride"), py::arg("total_q"),
         py::arg("num_work"), py::arg("num_pieces"), py::arg("num_pages"), py::arg("page_size"), py::arg("num_heads"),
         py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("block_n"), py::arg("sm_scale"), py::arg("dtype"),
-        py::arg("device"), py::arg("stream"), py::arg("tile_log2_count") = 0, py::arg("q_row_scale") = 0);
+        py::arg("device"), py::arg("stream"), py::arg("tile_log2_count") = 0, py::arg("q_row_scale") = 0,
+        py::arg("short_items") = false);
   m.def("chunk_attention_available", &spiral_rt::chunk_attention_sm90_available,
         "Whether the Hopper chunk attention kernel runs on this device (sm_90a build, compute 9.0)",
         py::arg("device"));

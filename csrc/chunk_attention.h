@@ -55,6 +55,9 @@ struct ChunkAttentionArgs {
   int num_kv_heads = 0;
   int head_dim = 0;
   int block_n = 0;
+  // Every whole item has a few key tiles (a cross-attention's row blocks): at block_n 176 the kernel
+  // then trades its K/V prefetch for a second Q buffer (csrc/chunk_attention_sm90.cu).
+  bool short_items = false;
   float sm_scale = 0.f;
   DType dtype = DType::kBFloat16;
 };

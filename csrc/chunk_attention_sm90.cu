@@ -9,7 +9,9 @@
 // overlap this one's last P V and epilogue. Each piece then gets a CTA of its own, started by the
 // hardware on whichever SM frees first (static striding measured worse for them). An item whose
 // keys are the one tile its CTA's previous item read (a cross-attention over a prompt's distinct
-// rows, whose row blocks the plan lays out CTA by CTA) reuses that tile from shared memory.
+// rows, whose row blocks the plan lays out CTA by CTA) reuses that tile from shared memory. Plans
+// of such short items (ChunkAttentionArgs::short_items) run a one-stage K/V ring and two Q buffers:
+// the next item's Q loads while the current item still reads its own.
 // Three warpgroups: WG0 is the producer (one thread issues every TMA load; the others idle with
 // few registers), WG1 and WG2 are consumers owning 64 query rows each. Per key tile:
 //   S = Q K^T      wgmma m64 n{BN} k16, Q and K from shared memory (K-major, 128B swizzle)
@@ -74,14 +76,22 @@ struct Params {
   float scale_log2;  // sm_scale * log2(e)
 };
 
+// A one-stage K/V ring (plans of short items: a cross-attention's single-tile row blocks) leaves room
+// for a second Q buffer, so the producer loads the next item's Q while this item's S still reads the
+// current one: with one key tile an item, the Q load is otherwise the item's critical path.
+template <int STAGES>
+constexpr int q_buffers() { return STAGES == 1 ? 2 : 1; }
+
 template <int BN, int STAGES>
 struct Layout {
+  static constexpr int kQBuffers = q_buffers<STAGES>();
   static constexpr int kTileBytes = 2 * BN * kHalfBytes;  // one K or V tile (two halves)
-  static constexpr int kQ = 0;                            // [consumer][half][64 rows][128 B]
-  static constexpr int kK = 4 * kQHalfBytes;
+  static constexpr int kQBytes = 4 * kQHalfBytes;         // one Q buffer: [consumer][half][64 rows][128 B]
+  static constexpr int kQ = 0;
+  static constexpr int kK = kQBuffers * kQBytes;
   static constexpr int kV = kK + STAGES * kTileBytes;
   static constexpr int kBarriers = kV + STAGES * kTileBytes;
-  static constexpr int kBytes = kBarriers + 8 * (2 + 4 * STAGES);
+  static constexpr int kBytes = kBarriers + 8 * (2 * kQBuffers + 4 * STAGES);
   static constexpr int kAlloc = kBytes + 1024;  // slack to align the base to 1 KiB (swizzle atoms)
 };
 
@@ -211,12 +221,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t raw = smem_u32(smem_raw);
   const uint32_t base = (raw + 1023) & ~1023u;
   uint8_t* smem = smem_raw + (base - raw);
-  const uint32_t bar_q = base + L::kBarriers;
-  auto bar_k = [&](int s) { return bar_q + 8 * (1 + s); };
-  auto bar_v = [&](int s) { return bar_q + 8 * (1 + STAGES + s); };
-  auto bar_k_free = [&](int s) { return bar_q + 8 * (1 + 2 * STAGES + s); };
-  auto bar_v_free = [&](int s) { return bar_q + 8 * (1 + 3 * STAGES + s); };
-  const uint32_t bar_q_free = bar_q + 8 * (1 + 4 * STAGES);
+  constexpr int QB = L::kQBuffers;
+  const uint32_t bars = base + L::kBarriers;
+  auto bar_q = [&](int b) { return bars + 8 * b; };
+  auto bar_k = [&](int s) { return bars + 8 * (QB + s); };
+  auto bar_v = [&](int s) { return bars + 8 * (QB + STAGES + s); };
+  auto bar_k_free = [&](int s) { return bars + 8 * (QB + 2 * STAGES + s); };
+  auto bar_v_free = [&](int s) { return bars + 8 * (QB + 3 * STAGES + s); };
+  auto bar_q_free = [&](int b) { return bars + 8 * (QB + 4 * STAGES + b); };
+  // the CTA's item-th item uses Q buffer item % QB, that buffer's (item / QB)-th phase
+  auto q_phase = [&](int item) { return static_cast<uint32_t>((item / QB) & 1); };
   const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
   // This CTA's work items: first, first + stride, ... below end.
   const bool persistent = static_cast<int>(blockIdx.x) < p.num_persistent;
@@ -225,8 +239,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int end = persistent ? p.num_whole : p.num_work;
 
   if (threadIdx.x == 0) {
-    mbar_init(bar_q, 1);
-    mbar_init(bar_q_free, 2 * 128);
+    for (int b = 0; b < QB; ++b) {
+      mbar_init(bar_q(b), 1);
+      mbar_init(bar_q_free(b), 2 * 128);
+    }
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(bar_k(s), 1);
       mbar_init(bar_v(s), 1);
@@ -252,12 +268,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         const ItemKeys keys = item_keys(p, w);
         const int t0 = keys.t0, t1 = same_single_tile(prev, keys) ? t0 : keys.t1;  // reused: nothing to load
         prev = keys;
-        mbar_wait(bar_q_free, (item & 1) ^ 1);  // both consumers are done with the previous Q
-        mbar_expect_tx(bar_q, 4 * kQHalfBytes);
+        const int qb = item % QB;
+        mbar_wait(bar_q_free(qb), q_phase(item) ^ 1);  // both consumers are done with this buffer's last Q
+        mbar_expect_tx(bar_q(qb), L::kQBytes);
         for (int c = 0; c < 2; ++c)
           for (int h = 0; h < 2; ++h)
-            tma_load_2d(base + L::kQ + (2 * c + h) * kQHalfBytes, &q_map, head * kHeadDim + 64 * h,
-                        q_start + kRowsPerConsumer * c, bar_q);
+            tma_load_2d(base + L::kQ + qb * L::kQBytes + (2 * c + h) * kQHalfBytes, &q_map, head * kHeadDim + 64 * h,
+                        q_start + kRowsPerConsumer * c, bar_q(qb));
         const int kv_col = (head / p.group) * kHeadDim;
         for (int t = t0; t < t1; ++t, ++done) {
           const int s = done % STAGES;
@@ -296,7 +313,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Descriptors of this consumer's Q and of stage 0's K and V buffers: an offset of n bytes adds
   // n >> 4 to the start-address field (the low 14 bits; shared addresses stay below 256 KiB, so
   // the sum never carries out of it).
-  const uint64_t q_desc = smem_desc(base + L::kQ + 2 * c * kQHalfBytes, 16);
+  const uint64_t q_desc0 = smem_desc(base + L::kQ + 2 * c * kQHalfBytes, 16);
+  uint64_t q_desc = q_desc0;  // the current item's Q buffer
   const uint64_t k_desc = smem_desc(base + L::kK, 16);
   const uint64_t v_desc = smem_desc(base + L::kV, BN * kHalfBytes);
 
@@ -457,9 +475,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < kHeadDim / 2; ++i) o[i] = 0.f;
     m_lo = m_hi = -INFINITY;
     l_lo = l_hi = 0.f;
-    mbar_wait(bar_q, item & 1);
+    const int qb = item % QB;
+    q_desc = q_desc0 + ((qb * L::kQBytes) >> 4);
+    mbar_wait(bar_q(qb), q_phase(item));
     if (t0 == t1) {
-      mbar_arrive(bar_q_free);  // no keys: O = 0, LSE = -inf
+      mbar_arrive(bar_q_free(qb));  // no keys: O = 0, LSE = -inf
     } else {
       float alpha_lo, alpha_hi;
       int word = word_of(t0);
@@ -492,7 +512,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_arrive(bar_v_free(stage_of(t - 1)));
         pack_p();
       }
-      mbar_arrive(bar_q_free);  // every S of this item is done: the producer may load the next Q
+      mbar_arrive(bar_q_free(qb));  // every S of this item is done: the producer may reuse its Q buffer
       rescale_o(alpha_lo, alpha_hi);
       issue_pv(t1 - 1, word);
       wgmma_wait<0>();
@@ -613,6 +633,7 @@ cudaError_t launch(const ChunkAttentionArgs& a, int num_sms, cudaStream_t stream
 
 template <typename T>
 cudaError_t launch_typed(const ChunkAttentionArgs& a, int num_sms, cudaStream_t stream) {
+  if (a.short_items && a.block_n == 176) return launch<T, 176, 1>(a, num_sms, stream);
   switch (a.block_n) {
     case 112: return launch<T, 112, 3>(a, num_sms, stream);
     case 128: return launch<T, 128, 3>(a, num_sms, stream);

@@ -185,6 +185,9 @@ class ChunkAttentionPlan:
     units whose keys were split into pieces, merged after the kernel; None without pieces."""
     cuda_pieces: int
     """Partial-state slots the CUDA work partition writes (0: no merge)."""
+    cuda_short_items: bool
+    """CUDA kernel: every whole item has the same few key tiles (``_short_units``: a cross-attention's
+    row blocks), so it runs the variant with a one-stage K/V ring and two Q buffers."""
     cuda_reason: str | None
     """Why the CUDA kernel cannot run this plan (None when it can)."""
     cuda_tile_keys: torch.Tensor | None
@@ -337,7 +340,7 @@ def cuda_work_tables(q_ptr: list[int], kv_ptr: list[int], pages: list[int], last
     for (q0, q1, head, t0, t1), pieces in zip(units, pieces_of):  # whole units first, pieces last
         if pieces == 1:
             work.append((q0, q1, t0, t1, head, -1))
-    if len({w[3] - w[2] for w in work}) == 1 and work[0][3] - work[0][2] <= _CUDA_RUN_MAX_TILES:
+    if _short_units(work):
         work = _runs_per_cta(work, num_sms)
     for (q0, q1, head, t0, t1), pieces in zip(units, pieces_of):
         if pieces == 1:
@@ -347,6 +350,13 @@ def cuda_work_tables(q_ptr: list[int], kv_ptr: list[int], pages: list[int], last
         merge.append((q0, q1, head, slots, pieces))
         slots += pieces
     return work, tiles, merge, slots, tile_keys
+
+
+def _short_units(whole: list) -> bool:
+    """Whether whole work items (q0, q1, t0, t1, head, slot) all span the same number of key tiles, at
+    most ``_CUDA_RUN_MAX_TILES``."""
+    spans = {w[3] - w[2] for w in whole}
+    return len(spans) == 1 and spans.pop() <= _CUDA_RUN_MAX_TILES
 
 
 def _runs_per_cta(items: list, num_sms: int) -> list:
@@ -543,7 +553,8 @@ def plan_chunk_attention(
     return ChunkAttentionPlan(
         num_seqs=num_seqs, total_q=q_ptr[-1], num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
         head_dim=head_dim, page_size=page_size, num_pages=num_pages, dtype=dtype, device=device, config=config,
-        cuda_pieces=cuda_pieces, cuda_reason=cuda_reason, kv_lens=tuple(kv_lens), flops=sum(4 * ql * kl * num_qo_heads * head_dim for ql, kl in zip(q_lens, kv_lens)),
+        cuda_pieces=cuda_pieces, cuda_short_items=cuda_work is not None and _short_units([w for w in cuda_work if w[5] < 0]),
+        cuda_reason=cuda_reason, kv_lens=tuple(kv_lens), flops=sum(4 * ql * kl * num_qo_heads * head_dim for ql, kl in zip(q_lens, kv_lens)),
         **tables,
     )
 
@@ -606,7 +617,8 @@ def chunk_attention(
         q, k_pages, v_pages, plan.q_indptr, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, plan.work,
         float(sm_scale), cfg.num_splits, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.hoist_pages,
         cfg.warp_specialize, plan.tile_rows, plan.left_rows, plan.cuda_work, plan.cuda_tiles, cfg.cuda_block_n,
-        plan.cuda_merge, plan.cuda_pieces, plan.cuda_tile_log2_count, plan.distinct_keys, q_row_scale, chosen)
+        plan.cuda_merge, plan.cuda_pieces, plan.cuda_short_items, plan.cuda_tile_log2_count, plan.distinct_keys,
+        q_row_scale, chosen)
     return AttentionState(o, lse)
 
 
@@ -672,6 +684,7 @@ def _chunk_attention_impl(
     cuda_block_n: int,
     cuda_merge: Optional[torch.Tensor],
     cuda_pieces: int,
+    cuda_short_items: bool,
     cuda_tile_log2_count: Optional[torch.Tensor],
     distinct_keys: Optional[torch.Tensor],
     q_row_scale: Optional[torch.Tensor],
@@ -700,7 +713,7 @@ def _chunk_attention_impl(
             cuda_pieces, k_pages.shape[0], k_pages.shape[1], heads, k_pages.shape[2], head_dim, cuda_block_n, sm_scale,
             C.DTYPES[str(q.dtype).replace("torch.", "")], q.device.index, torch.cuda.current_stream(q.device).cuda_stream,
             0 if cuda_tile_log2_count is None else cuda_tile_log2_count.data_ptr(),
-            0 if q_row_scale is None else q_row_scale.data_ptr())
+            0 if q_row_scale is None else q_row_scale.data_ptr(), cuda_short_items)
         if cuda_pieces:
             kernel.merge_pieces(part_o, part_lse, cuda_merge, o, lse)
         return o, lse
@@ -720,6 +733,7 @@ _chunk_attention_op = torch.library.custom_op("spiral_rt::chunk_attention", _chu
 @_chunk_attention_op.register_fake
 def _(q, k_pages, v_pages, q_indptr, kv_indptr, kv_indices, kv_last_page_len, work, sm_scale, num_splits,
       block_m, block_n, num_warps, num_stages, hoist_pages, warp_specialize, tile_rows, left_rows, cuda_work, cuda_tiles,
-      cuda_block_n, cuda_merge, cuda_pieces, cuda_tile_log2_count, distinct_keys, q_row_scale, backend):
+      cuda_block_n, cuda_merge, cuda_pieces, cuda_short_items, cuda_tile_log2_count, distinct_keys, q_row_scale,
+      backend):
     total_q, heads, head_dim = q.shape
     return q.new_empty((total_q, heads, head_dim)), q.new_empty((total_q, heads), dtype=torch.float32)

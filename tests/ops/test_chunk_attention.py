@@ -26,6 +26,7 @@ from spiral_rt.ops.chunk_attention import (
     CUDA_BLOCK_NS,
     AttentionConfig,
     _choose_splits,
+    _short_units,
     _tail_split,
     chunk_attention,
     chunk_attention_shared_prefix,
@@ -445,10 +446,23 @@ def test_cross_attention_units_run_per_cta_and_reuse_their_tile():
     loads, _ = _kernel_tile_loads(work, tiles, 132, distinct=[128], keys=keys)
     runs_by_head = sum(len({w[4] for w in run}) for run in strided_runs)
     assert loads == runs_by_head < 160  # ~1.1 loads a CTA against 444 (one an item)
+    assert _short_units(work)  # the kernel variant with two Q buffers runs them
     # self-attention units (27 tiles: a 3-frame chunk) keep the strided, longest-first order
     b = make_batch([(rows_q, [0, 1, 2], 3 * 1560)], page_size=1560, num_pages=3)
     work, *_ = cuda_work_tables(b.q_indptr, b.kv_indptr, b.kv_indices, b.last, 1560, order, 176, heads, 1, 132)
     assert [(w[0], w[4]) for w in work] == [(q0, h) for h in range(heads) for q0 in range(0, rows_q, 128)]
+    assert not _short_units(work)
+
+
+def test_short_units():
+    """The one-stage, two-Q-buffer kernel variant is for whole items that all span the same few tiles."""
+    def items(*spans):
+        return [(0, 128, 10 * i, 10 * i + n, 0, -1) for i, n in enumerate(spans)]
+
+    assert _short_units(items(1, 1, 1)) and _short_units(items(3, 3)) and _short_units(items(0))
+    assert not _short_units(items(4, 4))  # too many tiles: the K/V prefetch matters
+    assert not _short_units(items(1, 2))  # not alike
+    assert not _short_units([])
 
 
 def test_cuda_backend_refuses_plans_it_cannot_run():
@@ -474,7 +488,7 @@ def test_custom_op_has_fake_kernel():
         args = [mode.from_tensor(t) for t in (q, kp, vp, plan.q_indptr, plan.kv_indptr, plan.kv_indices,
                                                plan.kv_last_page_len, plan.work)]
         o, lse = torch.ops.spiral_rt.chunk_attention(*args, 0.125, 1, 16, 16, 4, 1, True, False, None, None, None, None,
-                                                      176, None, 0, None, None, None, "triton")
+                                                      176, None, 0, False, None, None, None, "triton")
         assert o.shape == q.shape and lse.shape == q.shape[:2] and lse.dtype == torch.float32
 
 
@@ -783,11 +797,12 @@ def test_gpu_distinct_keys_text_pages(kv_batch):
         distinct = [123] * len(distinct)
     _repeat_tails(kp, vp, b, distinct)
     base = plan_for(b, heads, 128, torch.bfloat16, "cuda")
-    assert base.cuda_reason is None
+    assert base.cuda_reason is None and base.cuda_short_items  # one stage, two Q buffers; 3 tiles an item
     plan = base.with_distinct_keys(torch.tensor(distinct, device="cuda"))
     o, lse = chunk_attention(q, kp, vp, plan, backend="cuda")
     o_all, lse_all = chunk_attention(q, kp, vp, base, backend="cuda")
     check_against_fp64(o, lse, q, kp, vp, b, 1.6e-2, 2e-2)
+    check_against_fp64(o_all, lse_all, q, kp, vp, b, 1.6e-2, 2e-2)
     torch.testing.assert_close(lse, lse_all, rtol=0, atol=2e-2)
     # bf16 outputs of two summation orders: up to one rounding step apart (2**-7 relative)
     torch.testing.assert_close(o.float(), o_all.float(), rtol=8e-3, atol=2e-2)
