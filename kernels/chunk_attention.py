@@ -23,8 +23,12 @@ share ``_combine_states``.
 into tiles that lie whole inside one page (loaded by TMA from a 2-D descriptor over the page pool,
 no masks, no per-row addresses) plus the leftover keys of partial page tails (gathered); the
 benchmark compares it with the pointer kernel.
+
+``distinct_key_tiles`` rewrites the CUDA kernel's tile table for a prompt's distinct text rows
+(``ChunkAttentionPlan.with_distinct_keys``) in one launch.
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -294,8 +298,6 @@ def _ensure_allocator():
     from triton.runtime import _allocation
 
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        import torch
-
         triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
@@ -358,3 +360,39 @@ def merge_pieces(partial_o, partial_lse, merge, o, lse):
     _merge_pieces_kernel[(merge.shape[0], triton.cdiv(piece_rows, block_r))](
         partial_o, partial_lse, merge, o, lse, NUM_HEADS=o.shape[1], HEAD_DIM=head_dim, PIECE_ROWS=piece_rows,
         BLOCK_R=block_r, num_warps=4)
+
+
+@triton.jit
+def _distinct_key_tiles_kernel(tiles_ptr, tile_keys_ptr, distinct_ptr, out_ptr, log2_ptr, num_tiles,
+                               BLOCK: tl.constexpr):
+    """``spiral_rt.ops.chunk_attention.distinct_key_tiles_reference`` for BLOCK tiles a program."""
+    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = t < num_tiles
+    seq = tl.load(tile_keys_ptr + 3 * t, mask=mask, other=0)
+    key0 = tl.load(tile_keys_ptr + 3 * t + 1, mask=mask, other=0)
+    kv_len = tl.load(tile_keys_ptr + 3 * t + 2, mask=mask, other=0)
+    dk = tl.maximum(tl.load(distinct_ptr + seq, mask=mask, other=0), 0)
+    keys = tl.minimum(dk + 1, kv_len)
+    word = tl.load(tiles_ptr + 2 * t + 1, mask=mask, other=0)
+    valid = (word >> 16) & 0x3FFF
+    read = tl.minimum(tl.maximum(keys - key0, 0), valid)
+    copies = kv_len - dk
+    counted = (copies > 1) & (keys > key0) & (keys <= key0 + valid)
+    tl.store(out_ptr + 2 * t, tl.load(tiles_ptr + 2 * t, mask=mask, other=0), mask=mask)
+    tl.store(out_ptr + 2 * t + 1, (word & 0xFFFF) | (read << 16) | (counted.to(tl.int32) << 30), mask=mask)
+    log2_count = tl.where(counted, tl.log2(tl.maximum(copies, 1).to(tl.float32)), 0.0)
+    tl.store(log2_ptr + t, log2_count, mask=mask)
+
+
+def distinct_key_tiles(tiles, tile_keys, distinct_keys):
+    """The CUDA kernel's tiles for distinct keys and their log2 counts in one launch (math:
+    ``spiral_rt.ops.chunk_attention.distinct_key_tiles_reference``): tiles (num_tiles, 2) and
+    tile_keys (num_tiles, 3) int32 contiguous, distinct_keys (S,) int32."""
+    num_tiles = tiles.shape[0]
+    out = torch.empty_like(tiles)
+    log2_count = torch.empty(num_tiles, dtype=torch.float32, device=tiles.device)
+    block = 256
+    _distinct_key_tiles_kernel[(triton.cdiv(num_tiles, block),)](tiles, tile_keys, distinct_keys, out, log2_count,
+                                                                  num_tiles, BLOCK=block, num_warps=4)
+    return out, log2_count
+

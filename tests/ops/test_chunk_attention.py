@@ -454,6 +454,31 @@ def test_cross_attention_units_run_per_cta_and_reuse_their_tile():
     assert not _short_units(work)
 
 
+def test_distinct_key_tiles_kernel_matches_reference():
+    """The one-launch tile rewrite for distinct keys (Triton, interpreted here) equals the PyTorch
+    formula on random tile tables: tiles at page starts and inside pages, short last tiles, counts
+    below 0, at every tile edge, at and past the sequence's length."""
+    from spiral_rt.kernels import chunk_attention as kernel
+    from spiral_rt.ops.chunk_attention import distinct_key_tiles_reference
+
+    gen = torch.Generator().manual_seed(3)
+    rows, keys, counts = [], [], []
+    for s in range(7):
+        kv_len = int(torch.randint(1, 900, (1,), generator=gen))
+        for key0 in range(0, kv_len, 176):
+            rows.append((int(torch.randint(0, 50, (1,), generator=gen)), (key0 % 512) | min(176, kv_len - key0) << 16))
+            keys.append((s, key0, kv_len))
+        counts.append(int(torch.randint(-2, kv_len + 3, (1,), generator=gen)))
+    counts[0], counts[1] = 176, 175  # the repeated key at a tile's first and last row
+    tiles, tile_keys = torch.tensor(rows, dtype=torch.int32), torch.tensor(keys, dtype=torch.int32)
+    distinct = torch.tensor(counts, dtype=torch.int32)
+    got_tiles, got_log2 = kernel.distinct_key_tiles(tiles, tile_keys, distinct)
+    want_tiles, want_log2 = distinct_key_tiles_reference(tiles, tile_keys, distinct)
+    assert torch.equal(got_tiles, want_tiles)
+    assert (want_tiles[:, 1] >> 30).sum() > 0  # some tiles carry the counted key
+    torch.testing.assert_close(got_log2, want_log2, rtol=1e-6, atol=0)
+
+
 def test_short_units():
     """The one-stage, two-Q-buffer kernel variant is for whole items that all span the same few tiles."""
     def items(*spans):
