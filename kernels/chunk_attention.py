@@ -395,4 +395,3 @@ def distinct_key_tiles(tiles, tile_keys, distinct_keys):
     _distinct_key_tiles_kernel[(triton.cdiv(num_tiles, block),)](tiles, tile_keys, distinct_keys, out, log2_count,
                                                                   num_tiles, BLOCK=block, num_warps=4)
     return out, log2_count
-

@@ -223,7 +223,7 @@ class ChunkAttentionPlan:
         d = dispatch.check_tensor(OP, "distinct_keys", distinct_keys, shape=(self.num_seqs,), device=self.device)
         if d.is_floating_point() or d.dtype == torch.bool:
             raise ValueError(f"{OP}: argument 'distinct_keys' must hold integers, got {str(d.dtype).replace('torch.', '')}")
-        d = d.to(torch.int32)
+        d = d.to(torch.int32).contiguous()
         if self.cuda_tiles is None:
             return dataclasses.replace(self, distinct_keys=d)
         from spiral_rt.kernels import chunk_attention as kernel  # one launch instead of ~15 (~42 us in a graph)
