@@ -21,6 +21,9 @@ Variants (``--variants``, the first is the baseline of the ratios):
   strided_text_items  the cross-attention's row blocks in the kernel's usual strided order, so no
                  CTA's next item reuses its key tile from shared memory (session 15's change; the
                  text plans are rebuilt for this variant).
+  one_q_buffer   the cross-attention's row blocks in the kernel's usual variant (one Q buffer, a
+                 two-stage K/V ring) instead of the short-item one (two Q buffers: the next item's
+                 Q loads while this one's S reads its own; session 16's change; own text plans).
 A change under study adds its "undone" variant here. Session 13 measured a cross-attention that read
 a prompt's repeated padding rows once (a Triton kernel, commit dca156a, since removed) against SDPA
 over every row this way: results/text_attention_ab.json.
@@ -83,6 +86,7 @@ def _torch_linear(x, weight, bias=None, *, gelu=False):
 # read the plans they captured through raw pointers, so a cache dropped when the variant's context
 # exits would leave the next replay reading freed memory.
 _STRIDED_TEXT_PLANS: dict = {}
+_ONE_Q_BUFFER_TEXT_PLANS: dict = {}
 
 VARIANTS = {
     "current": contextlib.nullcontext,
@@ -92,6 +96,8 @@ VARIANTS = {
     "normalized_queries": lambda: _patched(dit_module, "_q_weighted_keys", lambda model, ks: None),
     "strided_text_items": lambda: _stacked(_patched(attention_ops, "_runs_per_cta", lambda items, num_sms: items),
                                            _patched(dit_module, "_TEXT_PLANS", _STRIDED_TEXT_PLANS)),
+    "one_q_buffer": lambda: _stacked(_patched(attention_ops, "_short_item_kernel", lambda cuda_work: False),
+                                     _patched(dit_module, "_TEXT_PLANS", _ONE_Q_BUFFER_TEXT_PLANS)),
 }
 
 

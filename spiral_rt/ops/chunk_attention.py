@@ -373,6 +373,12 @@ def _short_units(whole: list) -> bool:
     return len(spans) == 1 and spans.pop() <= _CUDA_RUN_MAX_TILES
 
 
+def _short_item_kernel(cuda_work: list | None) -> bool:
+    """Whether the CUDA kernel runs a plan's items with two Q buffers and a one-stage K/V ring: its
+    whole items are short (``_short_units``)."""
+    return cuda_work is not None and _short_units([w for w in cuda_work if w[5] < 0])
+
+
 def _runs_per_cta(items: list, num_sms: int) -> list:
     """``items`` reordered so that persistent CTA b, which runs list positions b, b + P, b + 2P, ...
     (P = min(len, num_sms) CTAs, csrc/chunk_attention_sm90.cu), gets a contiguous run of the
@@ -567,7 +573,7 @@ def plan_chunk_attention(
     return ChunkAttentionPlan(
         num_seqs=num_seqs, total_q=q_ptr[-1], num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
         head_dim=head_dim, page_size=page_size, num_pages=num_pages, dtype=dtype, device=device, config=config,
-        cuda_pieces=cuda_pieces, cuda_short_items=cuda_work is not None and _short_units([w for w in cuda_work if w[5] < 0]),
+        cuda_pieces=cuda_pieces, cuda_short_items=_short_item_kernel(cuda_work),
         cuda_reason=cuda_reason, kv_lens=tuple(kv_lens), flops=sum(4 * ql * kl * num_qo_heads * head_dim for ql, kl in zip(q_lens, kv_lens)),
         **tables,
     )
