@@ -5,17 +5,23 @@ inside ``Stages.__call__(name)``: on CUDA an nvtx range is pushed (a no-op elsew
 timing on, a pair of CUDA events is recorded on the stage's stream (perf_counter on the CPU).
 Recording never synchronises; ``summary()`` does, once, when the numbers are read.
 ``profile_trace(path)`` wraps a block in ``torch.profiler`` and writes a Chrome trace.
+``kernel_timeline(prof)`` and ``stream_overlap(kernels)`` read such a profile by CUDA stream: how long
+each stream was busy and, per kernel, how much of its run shared the GPU with another stream's
+kernels (the VAE's side stream stretches whatever DiT kernel it overlaps, so a per-kernel table
+of a run with both is not the kernels' own speed).
 
 Boundaries: measurement only; the engine decides what a stage is.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import statistics
 import time
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import torch
 
@@ -95,3 +101,73 @@ def profile_trace(path: str | None) -> Iterator[object]:
         yield prof
     prof.export_chrome_trace(str(path))
     logger.info("profiler trace written to %s", path)
+
+
+@dataclass(frozen=True)
+class KernelRun:
+    """One GPU kernel (or memcpy / memset) run of a profile: name, stream, [start_ns, end_ns)."""
+
+    name: str
+    stream: int
+    start_ns: int
+    end_ns: int
+
+
+def kernel_timeline(prof) -> list[KernelRun]:
+    """The CUDA device activities of a finished ``torch.profiler.profile``, with their streams."""
+    cuda = torch.autograd.DeviceType.CUDA
+    return [KernelRun(e.name(), e.device_resource_id(), e.start_ns(), e.end_ns())
+            for e in prof.profiler.kineto_results.events() if e.device_type() == cuda and e.end_ns() > e.start_ns()]
+
+
+def _union(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint [start, end) spans covering the given ones."""
+    out: list[list[int]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _covered(a: int, b: int, union: list[tuple[int, int]], starts: list[int]) -> int:
+    """Length of [a, b) inside the disjoint sorted ``union`` (``starts``: its span starts)."""
+    total = 0
+    i = max(bisect.bisect_right(starts, a) - 1, 0)
+    while i < len(union) and union[i][0] < b:
+        lo, hi = max(a, union[i][0]), min(b, union[i][1])
+        total += max(hi - lo, 0)
+        i += 1
+    return total
+
+
+def stream_overlap(kernels: list[KernelRun]) -> dict:
+    """How the streams of ``kernels`` shared the GPU.
+
+    Returns ``{"span_ms": first start to last end, "streams": {stream: {"busy_ms", "kernels",
+    "concurrent_ms"}}, "kernels": {(name, stream): {"calls", "total_ms", "concurrent_ms"}}}``, where
+    busy is the union of a stream's runs and concurrent is the part of them during which another
+    stream also had a run (kernels of one stream never overlap each other).
+    """
+    by_stream: dict[int, list[KernelRun]] = {}
+    for k in kernels:
+        by_stream.setdefault(k.stream, []).append(k)
+    unions = {s: _union((k.start_ns, k.end_ns) for k in ks) for s, ks in by_stream.items()}
+    others = {s: _union(span for t, u in unions.items() if t != s for span in u) for s in unions}
+    starts = {s: [a for a, _ in u] for s, u in others.items()}
+    streams, rows = {}, {}
+    for s, ks in by_stream.items():
+        concurrent = 0
+        for k in ks:
+            c = _covered(k.start_ns, k.end_ns, others[s], starts[s])
+            concurrent += c
+            row = rows.setdefault((k.name, s), {"calls": 0, "total_ms": 0.0, "concurrent_ms": 0.0})
+            row["calls"] += 1
+            row["total_ms"] += (k.end_ns - k.start_ns) / 1e6
+            row["concurrent_ms"] += c / 1e6
+        busy = sum(b - a for a, b in unions[s])
+        streams[s] = {"busy_ms": busy / 1e6, "kernels": len(ks), "concurrent_ms": concurrent / 1e6}
+    span = (max(k.end_ns for k in kernels) - min(k.start_ns for k in kernels)) / 1e6 if kernels else 0.0
+    return {"span_ms": span, "streams": streams, "kernels": rows}
+
