@@ -5,8 +5,9 @@ clean pass, bf16, global cache), runs --warmup videos, then profiles one video w
 and prints the CUDA kernels grouped by name and stream, sorted by total GPU time, with their share
 of the video's kernel time (what to optimise first) and the part of their time another stream's
 kernels ran beside them (with the VAE on its side stream, those runs share the SMs, so they are
-slower than alone: profile with --no-vae for the DiT kernels' own speed). Eager by default (graphs hide the kernel names from
-the profiler's CPU side, not from its GPU side; --graphs profiles the replayed path).
+slower than alone: profile with --no-vae for the DiT kernels' own speed). Eager by default
+(graphs hide the kernel names from the profiler's CPU side, not from its GPU side; --graphs
+profiles the replayed path).
 ``--trace PATH`` also writes the Chrome trace (large: keep it off the device's return limit).
 
     python bench/profile_stream.py [--frames 81] [--no-vae] [--graphs] [--top 30] [--name profile_stream]
