@@ -111,6 +111,10 @@ PATCHES = {  # each a list of source -> source functions; they apply to csrc as 
     # every short tile's V rows past its keys zeroed, also at a page end where TMA filled zeros
     "zero_all": [_replace("return (word >> 16) < BN && (word & 0xFFFF) + (word >> 16) < p.page_size;",
                           "return (word >> 16) < BN;")],
+    # the warpgroup index from threadIdx directly (not through a warp broadcast): the S wgmmas'
+    # Q descriptors then sit in vector registers, each moved to a uniform one (R2UR) before its MMA
+    "thread_wg": [_replace("const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0), tid",
+                           "const int wg = threadIdx.x / 128, tid")],
     # the register split before FA3's (producer 40, consumers 232)
     "reg232": [_replace("setmaxnreg.dec.sync.aligned.u32 24;", "setmaxnreg.dec.sync.aligned.u32 40;"),
                _replace("setmaxnreg.inc.sync.aligned.u32 240;", "setmaxnreg.inc.sync.aligned.u32 232;")],

@@ -231,7 +231,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto bar_q_free = [&](int b) { return bars + 8 * (QB + 4 * STAGES + b); };
   // the CTA's item-th item uses Q buffer item % QB, that buffer's (item / QB)-th phase
   auto q_phase = [&](int item) { return static_cast<uint32_t>((item / QB) & 1); };
-  const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
+  // The warpgroup index through a warp broadcast: the compiler then treats it (and the Q buffer
+  // descriptors derived from it) as warp-uniform and keeps the wgmma descriptors in uniform
+  // registers; from threadIdx directly it held them in vector registers and moved each into a
+  // uniform one (R2UR) before every S wgmma.
+  const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0), tid = threadIdx.x % 128;
   // This CTA's work items: first, first + stride, ... below end.
   const bool persistent = static_cast<int>(blockIdx.x) < p.num_persistent;
   const int first = persistent ? blockIdx.x : p.num_whole + blockIdx.x - p.num_persistent;
