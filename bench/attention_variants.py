@@ -180,7 +180,7 @@ def inputs(lk: int):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default="cur,late_valid,desc_each,hint,warp_arrive,no_pp,reg232,hint+warp_arrive")
+    ap.add_argument("--variants", default="cur,thread_wg,signed_stage,thread_wg+signed_stage")
     ap.add_argument("--block-n", default="112,176")
     ap.add_argument("--lk", default=",".join(map(str, LKS)))
     ap.add_argument("--rep-ms", type=float, default=300)
