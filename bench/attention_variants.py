@@ -78,17 +78,13 @@ __device__ __forceinline__ void tma_load_2d("""
 
 PATCHES = {  # each a list of source -> source functions; they apply to csrc as of the commit named
     "cur": [],
-    # the key-tile lengths read where they are used instead of one tile ahead
-    "late_valid": [_replace("softmax(valid, alpha_lo, alpha_hi);\n        wgmma_wait<0>();",
-                            "softmax(valid_of(t), alpha_lo, alpha_hi);\n        wgmma_wait<0>();"),
-                   _replace("issue_pv(t - 1, valid_prev);", "issue_pv(t - 1, valid_of(t - 1));")],
     # every wgmma descriptor built from its address instead of offsets to three precomputed ones
     "desc_each": [
         _replace("q_desc + (((kk / 4) * kQHalfBytes + off) >> 4)",
                  "smem_desc(base + L::kQ + 2 * c * kQHalfBytes + (kk / 4) * kQHalfBytes + off, 16)"),
         _replace("k_stage + (((kk / 4) * BN * kHalfBytes + off) >> 4)",
                  "smem_desc(base + L::kK + stage_of(t) * L::kTileBytes + (kk / 4) * BN * kHalfBytes + off, 16)"),
-        _replace("v_desc + ((v_offset + kk * 16 * kHalfBytes) >> 4)",
+        _replace("v_stage + ((kk * 16 * kHalfBytes) >> 4)",
                  "smem_desc(base + L::kV + v_offset + kk * 16 * kHalfBytes, BN * kHalfBytes)")],
     # the producer's waits for free buffers suspend (up to 1 ms) instead of spinning
     "hint": [_replace("__device__ __forceinline__ void tma_load_2d(", _HINTED_WAIT),
@@ -109,8 +105,18 @@ PATCHES = {  # each a list of source -> source functions; they apply to csrc as 
     # one CTA per work item instead of one persistent CTA per SM
     "nonpersistent": [_replace("p.num_whole = static_cast<int>(a.num_work - a.num_pieces);", "p.num_whole = 0;")],
     # every short tile's V rows past its keys zeroed, also at a page end where TMA filled zeros
-    "zero_all": [_replace("return (word >> 16) < BN && (word & 0xFFFF) + (word >> 16) < p.page_size;",
-                          "return (word >> 16) < BN;")],
+    "zero_all": [_replace("return valid_in(word) < BN && (word & 0xFFFF) + valid_in(word) < p.page_size;",
+                          "return valid_in(word) < BN;")],
+    # the warpgroup index from threadIdx directly (not through a warp broadcast): the S wgmmas'
+    # Q descriptors then sit in vector registers, each moved to a uniform one (R2UR) before its MMA
+    "thread_wg": [_replace("const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0), tid",
+                           "const int wg = threadIdx.x / 128, tid")],
+    # the ring stage and phase by signed division, each V descriptor offset from stage 0's
+    "signed_stage": [_replace("return static_cast<int>(static_cast<uint32_t>(t + shift) % STAGES);",
+                              "return (t + shift) % STAGES;"),
+                     _replace("return (static_cast<uint32_t>(t + shift) / STAGES) & 1u;",
+                              "return static_cast<uint32_t>(((t + shift) / STAGES) & 1);"),
+                     _replace("v_stage + ((kk * 16 * kHalfBytes) >> 4)", "v_desc + ((v_offset + kk * 16 * kHalfBytes) >> 4)")],
     # the register split before FA3's (producer 40, consumers 232)
     "reg232": [_replace("setmaxnreg.dec.sync.aligned.u32 24;", "setmaxnreg.dec.sync.aligned.u32 40;"),
                _replace("setmaxnreg.inc.sync.aligned.u32 240;", "setmaxnreg.inc.sync.aligned.u32 232;")],
@@ -174,7 +180,7 @@ def inputs(lk: int):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default="cur,late_valid,desc_each,hint,warp_arrive,no_pp,reg232,hint+warp_arrive")
+    ap.add_argument("--variants", default="cur,thread_wg,signed_stage,thread_wg+signed_stage")
     ap.add_argument("--block-n", default="112,176")
     ap.add_argument("--lk", default=",".join(map(str, LKS)))
     ap.add_argument("--rep-ms", type=float, default=300)

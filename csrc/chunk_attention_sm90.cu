@@ -231,7 +231,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto bar_q_free = [&](int b) { return bars + 8 * (QB + 4 * STAGES + b); };
   // the CTA's item-th item uses Q buffer item % QB, that buffer's (item / QB)-th phase
   auto q_phase = [&](int item) { return static_cast<uint32_t>((item / QB) & 1); };
-  const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
+  // The warpgroup index through a warp broadcast: the compiler then treats it (and the Q buffer
+  // descriptors derived from it) as warp-uniform and keeps the wgmma descriptors in uniform
+  // registers; from threadIdx directly it held them in vector registers and moved each into a
+  // uniform one (R2UR) before every S wgmma.
+  const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0), tid = threadIdx.x % 128;
   // This CTA's work items: first, first + stride, ... below end.
   const bool persistent = static_cast<int>(blockIdx.x) < p.num_persistent;
   const int first = persistent ? blockIdx.x : p.num_whole + blockIdx.x - p.num_persistent;
@@ -319,8 +323,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint64_t v_desc = smem_desc(base + L::kV, BN * kHalfBytes);
 
   int shift = 0;  // tile t of the current item is the CTA's (t + shift)-th: its ring stage and phase
-  auto stage_of = [&](int t) { return (t + shift) % STAGES; };
-  auto phase_of = [&](int t) { return static_cast<uint32_t>(((t + shift) / STAGES) & 1); };
+  // (t + shift >= 0: unsigned, the stage and phase take a mask and a shift instead of a signed division)
+  auto stage_of = [&](int t) { return static_cast<int>(static_cast<uint32_t>(t + shift) % STAGES); };
+  auto phase_of = [&](int t) { return (static_cast<uint32_t>(t + shift) / STAGES) & 1u; };
   // A tile's word is row0 | valid << 16: keys in its first `valid` rows; the V rows after them
   // need zeroing only when they lie inside the page (past its end TMA filled zeros).
   auto word_of = [&](int t) { return p.tiles[2 * t + 1]; };
@@ -344,6 +349,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // O += P V: BN / 16 k-steps of 16 key rows (2 KiB of each half apart).
   auto issue_pv = [&](int t, int word) {
     const uint32_t v_offset = stage_of(t) * L::kTileBytes;
+    const uint64_t v_stage = v_desc + (v_offset >> 4);  // tiles are 16-byte multiples apart
     mbar_wait(bar_v(stage_of(t)), phase_of(t));
     if (stale_rows(word)) {
       const int valid = valid_in(word);
@@ -362,7 +368,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk)
-      Wgmma<T, kHeadDim, Operands::kRS>::run(o, pf[kk], v_desc + ((v_offset + kk * 16 * kHalfBytes) >> 4), 1);
+      Wgmma<T, kHeadDim, Operands::kRS>::run(o, pf[kk], v_stage + ((kk * 16 * kHalfBytes) >> 4), 1);
     wgmma_commit();
   };
   // Online softmax of the S of tile t in the log2 domain, in place (s_acc becomes P in fp32);
