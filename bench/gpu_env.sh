@@ -2,6 +2,10 @@
 # packages on the import path, then the editable build; logs go to $OUT.
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/spiral_rt_out}
+if [ -z "${SPIRAL_RT_COMMIT:-}" ] && [ -s .whl/commit ]; then
+  # the device's copy of the tree has a stale git history: the commit the caller wrote there labels the results
+  export SPIRAL_RT_COMMIT=$(cat .whl/commit)
+fi
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" > /dev/null; then  # wheels the machine lacks (diffusers, nvtx, av, fa3-fwd), carried along
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
