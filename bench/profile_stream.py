@@ -26,7 +26,7 @@ from common import PROMPT_TOKENS, prompt_embedding, write_result  # noqa: E402
 
 from spiral_rt.cache import GlobalPolicy  # noqa: E402
 from spiral_rt.engine import Engine, EngineConfig  # noqa: E402
-from spiral_rt.engine.profiling import kernel_timeline, stream_overlap  # noqa: E402
+from spiral_rt.engine.profiling import idle_before, kernel_timeline, launch_sources, stream_overlap  # noqa: E402
 from spiral_rt.models.config import wan21_t2v_1_3b  # noqa: E402
 from spiral_rt.models.dit import build_dit  # noqa: E402
 from spiral_rt.models.vae import build_vae_decoder, wan21_vae  # noqa: E402
@@ -40,6 +40,8 @@ def main(argv=None):
     ap.add_argument("--no-vae", action="store_true", help="latents only (DiT work alone)")
     ap.add_argument("--top", type=int, default=30, help="kernels listed")
     ap.add_argument("--trace", default=None, help="also write a Chrome trace here")
+    ap.add_argument("--sources", default=None, metavar="PATTERN",
+                    help="name the CPU ops that launched the kernels matching PATTERN (e.g. Memset; eager runs only)")
     ap.add_argument("--name", default="profile_stream", help="result name (bench/results/<name>.json)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -73,7 +75,8 @@ def main(argv=None):
             video()
     if args.trace:
         prof.export_chrome_trace(args.trace)
-    timeline = stream_overlap(kernel_timeline(prof))
+    runs = kernel_timeline(prof)
+    timeline = stream_overlap(runs)
     kernels = sorted(timeline["kernels"].items(), key=lambda kv: kv[1]["total_ms"], reverse=True)
     total = sum(r["total_ms"] for _, r in kernels)
     rows = []
@@ -89,10 +92,19 @@ def main(argv=None):
     for stream, st in timeline["streams"].items():
         print(f"  stream {stream}: busy {st['busy_ms']:.1f} ms ({st['kernels']} runs), of which "
               f"{st['concurrent_ms']:.1f} ms beside another stream's kernels")
+    idle = sorted(idle_before(runs).items(), key=lambda kv: -kv[1]["idle_ms"])
+    print(f"idle time of a stream just before a kernel (boundaries < 20 us; {sum(r['idle_ms'] for _, r in idle):.1f} ms):")
+    for name, r in idle[:8]:
+        print(f"  {name[:80]:80s} {r['calls']:6d} runs {r['idle_ms']:8.2f} ms, {r['stalls']} after a stall")
+    sources = launch_sources(prof, args.sources) if args.sources else {}
+    for chain, n in list(sources.items())[:10]:
+        print(f"  {n:6d} x {args.sources!r} launched by {chain[-160:]}")
     write_result(args.name, {"frames": args.frames, "graphs": args.graphs, "vae": not args.no_vae,
                              "model": dcfg.name, "latent_hw": [60, 104], "prompt_tokens": PROMPT_TOKENS},
                  rows, extra={"kernel_ms_total": total, "span_ms": timeline["span_ms"],
-                              "streams": {str(k): v for k, v in timeline["streams"].items()}})
+                              "streams": {str(k): v for k, v in timeline["streams"].items()},
+                              "idle_before": {name[:120]: r for name, r in idle[:20]},
+                              "sources": {args.sources: sources} if args.sources else {}})
 
 
 if __name__ == "__main__":

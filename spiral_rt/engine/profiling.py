@@ -8,7 +8,11 @@ Recording never synchronises; ``summary()`` does, once, when the numbers are rea
 ``kernel_timeline(prof)`` and ``stream_overlap(kernels)`` read such a profile by CUDA stream: how long
 each stream was busy and, per kernel, how much of its run shared the GPU with another stream's
 kernels (the VAE's side stream stretches whatever DiT kernel it overlaps, so a per-kernel table
-of a run with both is not the kernels' own speed).
+of a run with both is not the kernels' own speed). ``idle_before(kernels)`` sums, per kernel, the
+idle time of its stream just before each run (the boundaries between kernels, where a CUDA graph
+still loses ~1 us each), and ``launch_sources(prof, pattern)`` names the CPU ops that launched the
+device activities matching a pattern (an eager profile: inside a graph replay every kernel's
+launcher is the replay).
 
 Boundaries: measurement only; the engine decides what a stage is.
 """
@@ -171,3 +175,45 @@ def stream_overlap(kernels: list[KernelRun]) -> dict:
     span = (max(k.end_ns for k in kernels) - min(k.start_ns for k in kernels)) / 1e6 if kernels else 0.0
     return {"span_ms": span, "streams": streams, "kernels": rows}
 
+
+
+def idle_before(kernels: list[KernelRun], stall_ns: int = 20_000) -> dict[str, dict]:
+    """Per kernel name: ``calls``, ``idle_ms`` (the time its stream sat idle just before each of its runs,
+    gaps shorter than ``stall_ns`` only: the boundaries between back-to-back kernels) and ``stalls``
+    (the runs after a longer gap, which is host work or a wait, not a boundary). A stream's first run
+    has no gap."""
+    out: dict[str, dict] = {}
+    by_stream: dict[int, list[KernelRun]] = {}
+    for k in kernels:
+        by_stream.setdefault(k.stream, []).append(k)
+    for ks in by_stream.values():
+        ks.sort(key=lambda k: k.start_ns)
+        end = None
+        for k in ks:
+            row = out.setdefault(k.name, {"calls": 0, "idle_ms": 0.0, "stalls": 0})
+            row["calls"] += 1
+            if end is not None:
+                gap = k.start_ns - end
+                if gap >= stall_ns:
+                    row["stalls"] += 1
+                elif gap > 0:
+                    row["idle_ms"] += gap / 1e6
+            end = k.end_ns if end is None else max(end, k.end_ns)
+    return out
+
+
+def launch_sources(prof, pattern: str) -> dict[str, int]:
+    """Device activities whose name contains ``pattern``, counted by the chain of CPU ops that
+    launched them (outermost first, e.g. "spiral_rt::linear > cudaMemsetAsync")."""
+    counts: dict[str, int] = {}
+    for evt in prof.events():
+        matched = sum(1 for k in evt.kernels if pattern in k.name)
+        if not matched:
+            continue
+        chain, node = [], evt
+        while node is not None:
+            chain.append(node.name)
+            node = node.cpu_parent
+        key = " > ".join(reversed(chain))
+        counts[key] = counts.get(key, 0) + matched
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))

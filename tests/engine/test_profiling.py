@@ -1,10 +1,13 @@
-"""Reading a profile by CUDA stream (spiral_rt.engine.profiling.stream_overlap), on synthetic runs."""
+"""Reading a profile (spiral_rt.engine.profiling): by CUDA stream, the idle time before kernels, and
+who launched them, on synthetic runs and events."""
 
 import random
 
 import pytest
 
-from spiral_rt.engine.profiling import KernelRun, stream_overlap
+from types import SimpleNamespace
+
+from spiral_rt.engine.profiling import KernelRun, idle_before, launch_sources, stream_overlap
 
 
 def _brute_force(kernels):
@@ -85,3 +88,27 @@ def test_kernel_timeline_reads_streams_from_a_cuda_profile():
     assert all(r.end_ns > r.start_ns for r in runs)
     out = stream_overlap(runs)
     assert sum(s["kernels"] for s in out["streams"].values()) == len(runs) >= 8
+
+
+def test_idle_before_by_hand():
+    # stream 1: a [0, 10), b [11, 20), a [22, 30), b [100000, 100010); stream 2: a [5, 8), c [9, 12)
+    runs = [KernelRun("a", 1, 0, 10), KernelRun("b", 1, 11, 20), KernelRun("a", 1, 22, 30),
+            KernelRun("b", 1, 100_000, 100_010), KernelRun("a", 2, 5, 8), KernelRun("c", 2, 9, 12)]
+    out = idle_before(runs[::-1])
+    assert out["a"] == {"calls": 3, "idle_ms": pytest.approx(2e-6), "stalls": 0}
+    assert out["b"] == {"calls": 2, "idle_ms": pytest.approx(1e-6), "stalls": 1}  # the long gap is a stall
+    assert out["c"] == {"calls": 1, "idle_ms": pytest.approx(1e-6), "stalls": 0}
+
+
+def test_launch_sources_names_the_op_chain():
+    def evt(name, parent=None, kernels=()):
+        return SimpleNamespace(name=name, cpu_parent=parent, kernels=[SimpleNamespace(name=k) for k in kernels])
+
+    linear = evt("spiral_rt::linear")
+    memset = evt("cudaMemsetAsync", linear, ["Memset (Device)"])
+    launch = evt("cudaLaunchKernel", linear, ["nvjet_gemm"])
+    other = evt("cudaMemsetAsync", evt("aten::zero_"), ["Memset (Device)", "Memset (Device)"])
+    prof = SimpleNamespace(events=lambda: [linear, memset, launch, other])
+    assert launch_sources(prof, "Memset") == {"aten::zero_ > cudaMemsetAsync": 2,
+                                              "spiral_rt::linear > cudaMemsetAsync": 1}
+    assert launch_sources(prof, "nothing") == {}
