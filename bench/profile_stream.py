@@ -8,9 +8,11 @@ kernels ran beside them (with the VAE on its side stream, those runs share the S
 slower than alone: profile with --no-vae for the DiT kernels' own speed). Eager by default
 (graphs hide the kernel names from the profiler's CPU side, not from its GPU side; --graphs
 profiles the replayed path).
+Then the kernels with the most idle time of their stream just before them (the boundaries between
+kernels) and, with ``--sources PATTERN`` (eager runs), the CPU ops that launched the matching ones.
 ``--trace PATH`` also writes the Chrome trace (large: keep it off the device's return limit).
 
-    python bench/profile_stream.py [--frames 81] [--no-vae] [--graphs] [--top 30] [--name profile_stream]
+    python bench/profile_stream.py [--frames 81] [--no-vae] [--graphs] [--top 30] [--sources Memset] [--name profile_stream]
 """
 
 from __future__ import annotations
