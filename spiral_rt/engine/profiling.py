@@ -124,6 +124,14 @@ def kernel_timeline(prof) -> list[KernelRun]:
             for e in prof.profiler.kineto_results.events() if e.device_type() == cuda and e.end_ns() > e.start_ns()]
 
 
+def _by_stream(kernels: list[KernelRun]) -> dict[int, list[KernelRun]]:
+    """The runs of each stream, in start order."""
+    out: dict[int, list[KernelRun]] = {}
+    for k in sorted(kernels, key=lambda k: k.start_ns):
+        out.setdefault(k.stream, []).append(k)
+    return out
+
+
 def _union(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     """Sorted, disjoint [start, end) spans covering the given ones."""
     out: list[list[int]] = []
@@ -154,9 +162,7 @@ def stream_overlap(kernels: list[KernelRun]) -> dict:
     busy is the union of a stream's runs and concurrent is the part of them during which another
     stream also had a run (kernels of one stream never overlap each other).
     """
-    by_stream: dict[int, list[KernelRun]] = {}
-    for k in kernels:
-        by_stream.setdefault(k.stream, []).append(k)
+    by_stream = _by_stream(kernels)
     unions = {s: _union((k.start_ns, k.end_ns) for k in ks) for s, ks in by_stream.items()}
     others = {s: _union(span for t, u in unions.items() if t != s for span in u) for s in unions}
     starts = {s: [a for a, _ in u] for s, u in others.items()}
@@ -176,18 +182,13 @@ def stream_overlap(kernels: list[KernelRun]) -> dict:
     return {"span_ms": span, "streams": streams, "kernels": rows}
 
 
-
 def idle_before(kernels: list[KernelRun], stall_ns: int = 20_000) -> dict[str, dict]:
     """Per kernel name: ``calls``, ``idle_ms`` (the time its stream sat idle just before each of its runs,
     gaps shorter than ``stall_ns`` only: the boundaries between back-to-back kernels) and ``stalls``
     (the runs after a longer gap, which is host work or a wait, not a boundary). A stream's first run
     has no gap."""
     out: dict[str, dict] = {}
-    by_stream: dict[int, list[KernelRun]] = {}
-    for k in kernels:
-        by_stream.setdefault(k.stream, []).append(k)
-    for ks in by_stream.values():
-        ks.sort(key=lambda k: k.start_ns)
+    for ks in _by_stream(kernels).values():
         end = None
         for k in ks:
             row = out.setdefault(k.name, {"calls": 0, "idle_ms": 0.0, "stalls": 0})
