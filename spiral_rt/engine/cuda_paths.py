@@ -183,6 +183,7 @@ class ChunkGraphRunner:
         b.frame_idx.copy_(plan.device.q_frame_idx, non_blocking=True)
         b.keys.copy_(keys, non_blocking=True)
         b.text.fill(text)
+        engine.model.refresh_time_tables()  # the graph reads the DiT's per-t tables: current weights
         with engine.stages("chunk_graph"):
             b.graph.replay()
         self.num_replays += 1

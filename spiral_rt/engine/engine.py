@@ -501,8 +501,8 @@ class Engine:
         x = explicit[:, 0].contiguous() if explicit is not None else self._philox(shape, keys[0])
         for k, (sigma, sigma_next) in enumerate(self._transitions):
             with self.stages(f"denoise_{k}"):
-                t = torch.full((B, F), self._model_t[k], dtype=torch.float32, device=self.device)
-                v = model(x, t, positions, ctx, text).to(cfg.latent_dtype)
+                # one number for every frame: the DiT keeps its time tables per t (no time MLP per forward)
+                v = model(x, float(self._model_t[k]), positions, ctx, text).to(cfg.latent_dtype)
                 kw = {}
                 if sigma_next > 0:
                     kw = ({"noise": explicit[:, k + 1].contiguous()} if explicit is not None
@@ -524,8 +524,7 @@ class Engine:
                 kw = ({"noise": explicit[:, num_steps].contiguous()} if explicit is not None
                       else {"noise_key": keys[num_steps + 1]})
                 x_in = sampler_step(x, x, 1.0 - s, 0.0, s, return_mu=False, backend=cfg.sampler_backend, **kw).x_next
-            t = torch.full((batch_size, cfg.chunk_frames), self._context_t, dtype=torch.float32, device=self.device)
-            self.model(x_in, t, positions, ctx, text, kv_only=True)
+            self.model(x_in, float(self._context_t), positions, ctx, text, kv_only=True)
 
     def _recache(self, session: StreamSession, cond: TextConditioning) -> None:
         """LongLive re-cache: rewrite the K/V of the session's visible frames with the new prompt."""
@@ -547,9 +546,8 @@ class Engine:
                 key = self._noise_keys([session])[-1]
                 x = sampler_step(x.contiguous(), x.contiguous(), 1.0 - s, 0.0, s, noise_key=key, return_mu=False,
                                  backend=self.config.sampler_backend).x_next
-            t = torch.full((1, len(frames)), self._context_t, dtype=torch.float32, device=self.device)
             ctx = self.attention_context(plan)
-            self.model(x, t, plan_positions(plan.device.q_frame_idx, 1), ctx, cond, kv_only=True)
+            self.model(x, float(self._context_t), plan_positions(plan.device.q_frame_idx, 1), ctx, cond, kv_only=True)
             cache.commit(plan)
 
     # ------------------------------------------------------------------ decode

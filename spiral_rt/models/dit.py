@@ -380,6 +380,32 @@ class TextConditioning:
         )
 
 
+# ----------------------------------------------------------------------------- time tables
+
+
+_MAX_TIME_TABLES = 64
+"""Cached (t, B, F, device) entries per model; past this, a forward at a new key computes its tables
+without keeping them (entries are never evicted: a captured CUDA graph may read them)."""
+
+
+@dataclass
+class _TimeTables:
+    """What one forward derives from its timesteps, fp32: the time embedding e (B, F, dim), the 6-way
+    modulation e0 (B, F, 6, dim) and, built on the fused path's first use, ``_fused_tables``."""
+
+    e: torch.Tensor
+    e0: torch.Tensor
+    fused: tuple | None = None
+    versions: tuple = ()
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [self.e, self.e0]
+        if self.fused is not None:
+            mods, norm3_mods, head_mod, ones = self.fused
+            out += [mods, *norm3_mods.values(), head_mod, ones]
+        return out
+
+
 # ----------------------------------------------------------------------------- the model
 
 
@@ -399,6 +425,7 @@ class CausalWanDiT(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
         self.head = Head(cfg)
         self.rope = RotaryEmbedding3D(cfg.head_dim, cfg.rope_theta)
+        self._time_tables: dict[tuple, _TimeTables] = {}  # numeric timesteps' tables (_time_conditioning)
 
     # ------------------------------------------------------------------ dtype
 
@@ -461,6 +488,73 @@ class CausalWanDiT(nn.Module):
         return TextConditioning(context=context, cross_k=list(ks), cross_v=list(vs), distinct_rows=distinct,
                                 cross_k_q_weighted=_q_weighted_keys(self, ks))
 
+    # ------------------------------------------------------------------ time tables
+
+    def _time_params(self) -> list[torch.Tensor]:
+        """Every parameter the time tables read: the time MLP (adapters included), the blocks'
+        modulations and cross-attention norm affines, the head's modulation."""
+        params = [*self.time_embedding.parameters(), *self.time_projection.parameters(), self.head.modulation]
+        for block in self.blocks:
+            params.append(block.modulation)
+            params += block.norm3.parameters()
+        return params
+
+    def _time_versions(self) -> tuple:
+        # inference tensors (weights made under torch.inference_mode) keep no version counter
+        return tuple((p.data_ptr(), -1 if p.is_inference() else p._version) for p in self._time_params())
+
+    def _time_mlp(self, t: torch.Tensor) -> _TimeTables:
+        """The time MLP at (B, F) timesteps: e (B, F, dim) and e0 (B, F, 6, dim), fp32."""
+        t_dtype = self.time_embedding[0].weight.dtype
+        e = self.time_embedding(timestep_embedding(t, self.config.freq_dim).to(t_dtype)).float()
+        e0 = self.time_projection(e.to(t_dtype)).float().unflatten(-1, (6, self.config.dim))
+        return _TimeTables(e, e0)
+
+    def _time_conditioning(self, timesteps, B: int, frames: int, device: torch.device) -> _TimeTables:
+        """The time tables of one forward. A tensor of timesteps runs the time MLP. A number (one t for
+        every frame and sequence: the engine's fixed few-step schedule) is looked up in a per-model
+        cache keyed by (t, B, F, device), filled on first use and recomputed in place when a parameter
+        it reads has changed (data pointer or version counter: weights made under inference mode have
+        none, so write those only through new tensors); with autograd on it is not cached."""
+        if isinstance(timesteps, torch.Tensor):
+            return self._time_mlp(timesteps if timesteps.dim() == 2 else timesteps[:, None].expand(B, frames))
+        t = float(timesteps)
+        if torch.is_grad_enabled():
+            return self._time_mlp(torch.full((B, frames), t, device=device))
+        tables = self._time_tables
+        key = (t, B, frames, torch.device(device))
+        entry = tables.get(key)
+        versions = self._time_versions()
+        if entry is None:
+            entry = self._time_mlp(torch.full((B, frames), t, device=device))
+            entry.versions = versions
+            if len(tables) < _MAX_TIME_TABLES:
+                tables[key] = entry
+        elif entry.versions != versions:
+            self._refresh_time_entry(key, entry, versions)
+        return entry
+
+    def _refresh_time_entry(self, key: tuple, entry: _TimeTables, versions: tuple) -> None:
+        t, B, frames, device = key
+        with torch.inference_mode(entry.e.is_inference()), torch.no_grad():  # no_grad inside: mode False enables grad
+            fresh = self._time_mlp(torch.full((B, frames), t, device=device))
+            if entry.fused is not None:
+                fresh.fused = self._fused_tables(fresh)
+            for dst, src in zip(entry.tensors(), fresh.tensors(), strict=True):
+                dst.copy_(src)
+        entry.versions = versions
+
+    def refresh_time_tables(self) -> None:
+        """Recompute, in place, the cached time tables whose parameters changed since they were built.
+        A forward does this for the entry it uses; call it before replaying a CUDA graph captured from
+        forwards at numeric timesteps (the graph reads the tables, it does not recompute them)."""
+        tables = self._time_tables
+        if tables:
+            versions = self._time_versions()
+            for key, entry in tables.items():
+                if entry.versions != versions:
+                    self._refresh_time_entry(key, entry, versions)
+
     # ------------------------------------------------------------------ forward
 
     def _check_inputs(self, x, timesteps, frame_offset, text):
@@ -475,10 +569,14 @@ class CausalWanDiT(nn.Module):
                 f"CausalWanDiT: 'x' frames/height/width ({Fr}, {H}, {W}) must be multiples of the patch {cfg.patch_size}"
             )
         frames = Fr // pt
-        if not isinstance(timesteps, torch.Tensor) or tuple(timesteps.shape) not in ((B, frames), (B,)):
+        if isinstance(timesteps, (int, float)) and not isinstance(timesteps, bool):
+            if not 0 <= timesteps <= 1000:
+                raise ValueError(f"CausalWanDiT: 'timesteps' as a number must lie in [0, 1000], got {timesteps!r}")
+        elif not isinstance(timesteps, torch.Tensor) or tuple(timesteps.shape) not in ((B, frames), (B,)):
             shape = tuple(timesteps.shape) if isinstance(timesteps, torch.Tensor) else type(timesteps).__name__
             raise ValueError(
-                f"CausalWanDiT: 'timesteps' must be (B, F) = ({B}, {frames}) (one t per latent frame) or ({B},), got {shape}"
+                f"CausalWanDiT: 'timesteps' must be (B, F) = ({B}, {frames}) (one t per latent frame), ({B},) "
+                f"or one number for every frame, got {shape}"
             )
         if isinstance(frame_offset, torch.Tensor):
             if tuple(frame_offset.shape) != (B, frames) or frame_offset.is_floating_point() or frame_offset.device != x.device:
@@ -512,7 +610,9 @@ class CausalWanDiT(nn.Module):
 
         Args:
             x: (B, C, F, H, W) latents of this chunk.
-            timesteps: (B, F) one t in [0, 1000] per latent frame (or (B,): the same t for every frame).
+            timesteps: (B, F) one t in [0, 1000] per latent frame, (B,) the same t for every frame, or
+                one number for every frame of every sequence (its time tables are cached per model:
+                ``_time_conditioning``).
             frame_offset: temporal RoPE position of the chunk's first frame (frames before it in the video),
                 or a (B, F) integer tensor of each sequence's frame positions (sequences batched at
                 different positions; non-consecutive frames, e.g. a re-cache over sink + window).
@@ -539,14 +639,11 @@ class CausalWanDiT(nn.Module):
         L = tokens.shape[1]
 
         # per-frame time embedding and 6-way modulation, fp32: (B, F, dim), (B, F, 6, dim)
-        if timesteps.dim() == 1:
-            timesteps = timesteps[:, None].expand(B, frames)
-        t_dtype = self.time_embedding[0].weight.dtype
-        e = self.time_embedding(timestep_embedding(timesteps, cfg.freq_dim).to(t_dtype)).float()
-        e0 = self.time_projection(e.to(t_dtype)).float().unflatten(-1, (6, cfg.dim))
+        time = self._time_conditioning(timesteps, B, frames, x.device)
+        e, e0 = time.e, time.e0
 
         if self._fused_path(attention):
-            y = self._blocks_fused(tokens, e, e0, frame_offset, attention, text, frames, (h, w), kv_only)
+            y = self._blocks_fused(tokens, time, frame_offset, attention, text, frames, (h, w), kv_only)
         else:
             if isinstance(frame_offset, torch.Tensor):
                 cos, sin = self.rope.tables_at(frame_offset, h, w)
@@ -603,7 +700,7 @@ class CausalWanDiT(nn.Module):
         return (bool(getattr(attention, "fused_ops", False)) and hasattr(attention, "self_attention_fused")
                 and self.config.qk_norm)
 
-    def _blocks_fused(self, x, e, e0, frame_offset, attention, text, frames, grid_hw, kv_only=False):
+    def _blocks_fused(self, x, time: "_TimeTables", frame_offset, attention, text, frames, grid_hw, kv_only=False):
         """The blocks and the head's adaLN through ``spiral_rt.ops``: the same math as ``_block`` and
         the head, with fewer passes over the (B, L, dim) activations.
 
@@ -622,8 +719,9 @@ class CausalWanDiT(nn.Module):
             frame_index = frame_offset.reshape(-1)
         else:
             frame_index = torch.arange(frame_offset, frame_offset + frames, device=device).repeat(B)
-        ones = torch.ones(B, frames, C, device=device)
-        mods, norm3_mods = self._fused_modulations(e0)
+        if time.fused is None:
+            time.fused = self._fused_tables(time)
+        mods, norm3_mods, head_mod, ones = time.fused
         text_plan = _text_attention_plan(B, L, text)
         carry = None  # (branch, gate) of the residual add not yet applied: the previous block's FFN
         for i, block in enumerate(self.blocks):
@@ -669,9 +767,16 @@ class CausalWanDiT(nn.Module):
             y, x = modulated_norm(x, c_shift, c_scale, gate=ones, branch=branch, eps=block.eps)
             carry = (_ffn_fused(block.ffn, y), c_gate)
 
-        mod = self.head.modulation.float()[:, None] + e[:, :, None]  # (B, F, 2, dim)
-        shift, scale = mod[:, :, 0].contiguous(), mod[:, :, 1].contiguous()
-        return modulated_norm(x, shift, scale, gate=carry[1], branch=carry[0], eps=self.config.eps).y
+        return modulated_norm(x, head_mod[0], head_mod[1], gate=carry[1], branch=carry[0], eps=self.config.eps).y
+
+    def _fused_tables(self, time: "_TimeTables") -> tuple:
+        """What the fused path derives from the time embedding: the blocks' modulations and the
+        norm3 affines (``_fused_modulations``), the head's (2, B, F, dim) shift and scale, and the
+        all-ones (B, F, dim) gate of the cross-attention's residual add."""
+        mods, norm3_mods = self._fused_modulations(time.e0)
+        e = time.e
+        head_mod = (self.head.modulation.float()[0, :, None, None] + e[None]).contiguous()  # (2, B, F, dim)
+        return mods, norm3_mods, head_mod, torch.ones_like(e)
 
     def _fused_modulations(self, e0: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Every block's per-frame modulation for the fused path, built with a few kernels per forward

@@ -297,9 +297,10 @@ def gate_lora_by_timestep(model: nn.Module, timesteps: Sequence[float], atol: fl
     """Make ``model``'s adapters act only in forwards at ``timesteps`` (argument 1 of the DiT's forward:
     (B, F) or (B,) t in [0, 1000]); in every other forward (the untrained denoising steps, the clean
     pass writing the cache) the model is the base model. A step-specific policy: an update credited to
-    the trained steps changes those steps alone. The gate is computed on the device from the timesteps
-    tensor (no host sync, so forwards stay capturable in CUDA graphs); a forward mixing trained and
-    other timesteps runs without adapters. Returns the hook handle (``.remove()``; the gates stay set).
+    the trained steps changes those steps alone. The gate is computed on the device from a timesteps
+    tensor (no host sync, so forwards stay capturable in CUDA graphs), or on the host from a number
+    (one constant gate tensor each for open and closed); a forward mixing trained and other timesteps
+    runs without adapters. Returns the hook handle (``.remove()``; the gates stay set).
     """
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
     if not layers:
@@ -309,13 +310,22 @@ def gate_lora_by_timestep(model: nn.Module, timesteps: Sequence[float], atol: fl
     allowed = sorted(float(t) for t in timesteps)
     if not allowed:
         raise ValueError("gate_lora_by_timestep: argument 'timesteps' is empty")
-    cache: dict[torch.device, torch.Tensor] = {}
+    cache: dict = {}  # device -> the allowed timesteps; (device, open) -> a constant gate
     for m in layers:  # off until the first forward sets it (and marked as gated for lora_merged_state_dict)
         m.gate = torch.zeros((), device=m.lora_A.device)
         m.gate_timesteps = tuple(allowed)
 
     def set_gates(module, args, kwargs):
         t = args[1] if len(args) > 1 else kwargs["timesteps"]
+        if not isinstance(t, torch.Tensor):  # one number for every frame: the gate is known on the host
+            device = layers[0].lora_A.device
+            key = (device, any(abs(float(t) - a) <= atol for a in allowed))
+            if key not in cache:
+                with torch.inference_mode(False):  # a normal tensor: training forwards may save it
+                    cache[key] = torch.full((), float(key[1]), device=device)
+            for m in layers:
+                m.gate = cache[key]
+            return
         if t.device not in cache:
             cache[t.device] = torch.tensor(allowed, dtype=torch.float64, device=t.device)
         near = (t.reshape(-1, 1).double() - cache[t.device]).abs() <= atol

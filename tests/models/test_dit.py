@@ -156,6 +156,40 @@ def test_scalar_timesteps_and_text_broadcast(tiny_cfg):
     assert text1.cross_k[0].shape == (1, tiny_cfg.text_len, tiny_cfg.num_heads, tiny_cfg.head_dim)
 
 
+def test_numeric_timesteps_reuse_time_tables_until_the_weights_change(tiny_cfg):
+    """A number for timesteps: the same output as the tensor, the time MLP runs once per (t, B, F),
+    and an in-place weight change (an optimizer step) refreshes the kept tables in place."""
+    model = _model(tiny_cfg)
+    x = torch.randn(2, 4, 3, 6, 10)
+    text = _text(model, 2)
+    runs = []
+    model.time_projection.register_forward_hook(lambda *_: runs.append(1))
+    with torch.no_grad():
+        a = model(x, 750.0, 0, None, text)
+        assert torch.equal(a, model(x, torch.full((2, 3), 750.0), 0, None, text))
+        assert len(runs) == 2 and len(model._time_tables) == 1
+        entry = next(iter(model._time_tables.values()))
+        assert torch.equal(model(x, 750.0, 0, None, text), a) and len(runs) == 2  # no time MLP
+        with pytest.raises(ValueError, match="'timesteps'"):
+            model(x, 1500.0, 0, None, text)
+
+        model.blocks[1].modulation.add_(0.25)
+        model.time_projection[1].weight.mul_(1.5)
+        ptr = entry.e0.data_ptr()
+        b = model(x, 750.0, 0, None, text)
+        assert torch.equal(b, model(x, torch.full((2, 3), 750.0), 0, None, text)) and not torch.equal(a, b)
+        assert entry.e0.data_ptr() == ptr  # refreshed in place: a captured graph keeps reading it
+
+        model.time_embedding[0].bias.sub_(0.5)
+        model.refresh_time_tables()  # what a graph replay does first
+        fresh = model._time_mlp(torch.full((2, 3), 750.0))
+        assert torch.equal(entry.e, fresh.e) and torch.equal(entry.e0, fresh.e0)
+
+    # autograd on: not cached, and the time MLP's weights get their gradient
+    model(x, 500.0, 0, None, text).square().mean().backward()
+    assert len(model._time_tables) == 1 and model.time_projection[1].weight.grad is not None
+
+
 @torch.no_grad()
 def test_text_conditioning_rows_and_cat(tiny_cfg):
     """TextConditioning.rows / cat (the engine's and the trainer's batches of prompts): rows in order."""

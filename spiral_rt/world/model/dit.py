@@ -73,12 +73,12 @@ def world_dit_config(size: str = "world", codec: PixelCodecConfig | None = None)
 class WorldDiT(CausalWanDiT):
     """CausalWanDiT with an x0 head and a velocity interface (module docstring)."""
 
-    def predict_x0(self, x: torch.Tensor, timesteps: torch.Tensor, frame_offset, attention, text: TextConditioning,
+    def predict_x0(self, x: torch.Tensor, timesteps: torch.Tensor | float, frame_offset, attention, text: TextConditioning,
                    kv_only: bool = False) -> torch.Tensor | None:
         """Clean-latent prediction (B, C, F, H, W) in the model dtype; arguments as ``CausalWanDiT.forward``."""
         return super().forward(x, timesteps, frame_offset, attention, text, kv_only=kv_only)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, frame_offset, attention, text: TextConditioning,
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, frame_offset, attention, text: TextConditioning,
                 kv_only: bool = False) -> torch.Tensor | None:
         """Velocity (B, C, F, H, W), fp32 (or fp64 for fp64 x): (x - x0_hat) / max(t / 1000, SIGMA_MIN) per
         frame; None with ``kv_only`` (only the K/V written into ``attention``'s cache, as ``CausalWanDiT``)."""
@@ -86,8 +86,10 @@ class WorldDiT(CausalWanDiT):
         if kv_only:
             return None
         B, _, F = x.shape[:3]
-        t = timesteps if timesteps.dim() == 2 else timesteps[:, None].expand(B, F)
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if not isinstance(timesteps, torch.Tensor):  # one t for every frame (a tensor: the same division)
+            timesteps = torch.full((B, F), float(timesteps), device=x.device)
+        t = timesteps if timesteps.dim() == 2 else timesteps[:, None].expand(B, F)
         sigma = (t.to(work) / NUM_TRAIN_TIMESTEPS).clamp_min(SIGMA_MIN).view(B, 1, F, 1, 1)
         return (x.to(work) - x0.to(work)) / sigma
 
