@@ -494,7 +494,7 @@ class Engine:
             (B, C, F, h, w) clean latents in ``config.latent_dtype``.
         """
         cfg, model = self.config, self.model
-        B, F = batch_size, cfg.chunk_frames
+        B = batch_size
         shape = self._latent_shape(B)
         policy, backend = step_policy or cfg.step_policy, cfg.sampler_backend
         positions = plan_positions(frame_idx, B)
