@@ -90,7 +90,8 @@ void chunk_attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr
                      uintptr_t partial_lse, uintptr_t work, uintptr_t tiles, int64_t q_row_stride, int64_t total_q,
                      int64_t num_work, int64_t num_pieces, int64_t num_pages, int page_size, int num_heads, int num_kv_heads,
                      int head_dim, int block_n, float sm_scale, int dtype, int device, uintptr_t stream,
-                     uintptr_t tile_log2_count, uintptr_t q_row_scale, bool short_items, uintptr_t piece_units) {
+                     uintptr_t tile_log2_count, uintptr_t q_row_scale, bool short_items, uintptr_t piece_units,
+                     uintptr_t own_k, uintptr_t own_v, int64_t own_row_stride, int64_t num_own_pages) {
   spiral_rt::ChunkAttentionArgs args;
   args.q = ptr<const void>(q);
   args.k = ptr<const void>(k);
@@ -104,6 +105,10 @@ void chunk_attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr
   args.tiles = ptr<const int32_t>(tiles);
   args.tile_log2_count = ptr<const float>(tile_log2_count);
   args.q_row_scale = ptr<const float>(q_row_scale);
+  args.own_k = ptr<const void>(own_k);
+  args.own_v = ptr<const void>(own_v);
+  args.own_row_stride = own_row_stride;
+  args.num_own_pages = num_own_pages;
   args.q_row_stride = q_row_stride;
   args.total_q = total_q;
   args.num_work = num_work;
@@ -175,7 +180,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_work"), py::arg("num_pieces"), py::arg("num_pages"), py::arg("page_size"), py::arg("num_heads"),
         py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("block_n"), py::arg("sm_scale"), py::arg("dtype"),
         py::arg("device"), py::arg("stream"), py::arg("tile_log2_count") = 0, py::arg("q_row_scale") = 0,
-        py::arg("short_items") = false, py::arg("piece_units") = 0);
+        py::arg("short_items") = false, py::arg("piece_units") = 0, py::arg("own_k") = 0, py::arg("own_v") = 0,
+        py::arg("own_row_stride") = 0, py::arg("num_own_pages") = 0);
   m.def("chunk_attention_available", &spiral_rt::chunk_attention_sm90_available,
         "Whether the Hopper chunk attention kernel runs on this device (sm_90a build, compute 9.0)",
         py::arg("device"));

@@ -17,7 +17,11 @@
 //   tiles    (num_tiles, 2) int32: page, row0 | valid << 16 | counted << 30. A tile is `block_n`
 //            consecutive rows of one page starting at row0, of which the first `valid` are keys
 //            (the rest are masked; rows past the page end read as zeros); `counted` (with
-//            tile_log2_count) marks a tile whose last valid key stands for several copies.
+//            tile_log2_count) marks a tile whose last valid key stands for several copies. A page
+//            word with bit 31 set names page (word & 0x7FFFFFFF) of own_k / own_v instead;
+//   own_k, own_v (num_own_pages * page_size, H_kv, D) rows of own_row_stride elements (heads
+//            contiguous), or null: K/V the caller keeps outside the pool (the current chunk's, straight
+//            from the QKV projection), read as pages of page_size consecutive rows.
 //   tile_log2_count (num_tiles,) fp32, or null: for tiles marked `counted`, log2 of the number of
 //            copies the tile's last valid key stands for, added to that key's score (in the log2
 //            domain after scaling); with it, the key range of a work item ends at its first tile with no valid
@@ -50,6 +54,10 @@ struct ChunkAttentionArgs {
   const int32_t* tiles = nullptr;
   const float* tile_log2_count = nullptr;  // (num_tiles,) or null
   const float* q_row_scale = nullptr;      // (total_q,) or null
+  const void* own_k = nullptr;  // own K/V rows (see above), or null
+  const void* own_v = nullptr;
+  int64_t own_row_stride = 0;  // elements between consecutive own K (and V) rows
+  int64_t num_own_pages = 0;
   int64_t q_row_stride = 0;  // elements between consecutive query rows
   int64_t total_q = 0;
   int64_t num_work = 0;

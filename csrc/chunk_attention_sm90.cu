@@ -287,7 +287,8 @@ __device__ __forceinline__ void merge_unit(const Params& p, int q_start, int q_e
 template <typename T, int BN, int STAGES>
 __global__ void __launch_bounds__(kThreads, 1)
     chunk_attention_sm90_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
-                                const __grid_constant__ CUtensorMap v_map, const Params p) {
+                                const __grid_constant__ CUtensorMap v_map, const __grid_constant__ CUtensorMap k_own_map,
+                                const __grid_constant__ CUtensorMap v_own_map, const Params p) {
 #ifdef SPIRAL_RT_SM90A
   using L = Layout<BN, STAGES>;
   extern __shared__ uint8_t smem_raw[];
@@ -335,8 +336,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     // ---------------------------------------------------------------- producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
     if (tid == 0) {
-      asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&k_map)) : "memory");
-      asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&v_map)) : "memory");
+      for (const CUtensorMap* map : {&k_map, &v_map, &k_own_map, &v_own_map})
+        asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
       int done = 0;  // key tiles loaded so far: the ring's stage and phase run on across items
       ItemKeys prev = {0, 0, -1};
       for (int w = first, item = 0; w < end; w += stride, ++item) {
@@ -356,16 +357,19 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int t = t0; t < t1; ++t, ++done) {
           const int s = done % STAGES;
           const uint32_t phase = (done / STAGES) & 1;
-          const int page = p.tiles[2 * t], row0 = p.tiles[2 * t + 1] & 0xFFFF;
+          // a negative page word is a page of the caller's own K/V rows (bit 31 set, the page below it)
+          const int page_word = p.tiles[2 * t], page = page_word & 0x7FFFFFFF, row0 = p.tiles[2 * t + 1] & 0xFFFF;
+          const CUtensorMap* km = page_word < 0 ? &k_own_map : &k_map;
+          const CUtensorMap* vm = page_word < 0 ? &v_own_map : &v_map;
           const uint32_t k_dst = base + L::kK + s * L::kTileBytes, v_dst = base + L::kV + s * L::kTileBytes;
           mbar_wait(bar_k_free(s), phase ^ 1);  // a fresh barrier passes parity 1 at once
           mbar_expect_tx(bar_k(s), L::kTileBytes);
-          tma_load_3d(k_dst, &k_map, kv_col, row0, page, bar_k(s));
-          tma_load_3d(k_dst + BN * kHalfBytes, &k_map, kv_col + 64, row0, page, bar_k(s));
+          tma_load_3d(k_dst, km, kv_col, row0, page, bar_k(s));
+          tma_load_3d(k_dst + BN * kHalfBytes, km, kv_col + 64, row0, page, bar_k(s));
           mbar_wait(bar_v_free(s), phase ^ 1);
           mbar_expect_tx(bar_v(s), L::kTileBytes);
-          tma_load_3d(v_dst, &v_map, kv_col, row0, page, bar_v(s));
-          tma_load_3d(v_dst + BN * kHalfBytes, &v_map, kv_col + 64, row0, page, bar_v(s));
+          tma_load_3d(v_dst, vm, kv_col, row0, page, bar_v(s));
+          tma_load_3d(v_dst + BN * kHalfBytes, vm, kv_col + 64, row0, page, bar_v(s));
         }
       }
     }
@@ -693,7 +697,7 @@ cudaError_t launch(const ChunkAttentionArgs& a, int num_sms, cudaStream_t stream
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kAlloc);
   if (attr != cudaSuccess) return attr;
 
-  CUtensorMap q_map, k_map, v_map;
+  CUtensorMap q_map, k_map, v_map, k_own_map, v_own_map;
   const cuuint64_t q_dims[2] = {static_cast<cuuint64_t>(a.num_heads) * kHeadDim, static_cast<cuuint64_t>(a.total_q)};
   const cuuint64_t q_strides[1] = {static_cast<cuuint64_t>(a.q_row_stride) * 2};
   const cuuint32_t q_box[2] = {64, kRowsPerConsumer};
@@ -705,6 +709,18 @@ cudaError_t launch(const ChunkAttentionArgs& a, int num_sms, cudaStream_t stream
       !make_map(&k_map, a.dtype, a.k, 3, kv_dims, kv_strides, kv_box) ||
       !make_map(&v_map, a.dtype, a.v, 3, kv_dims, kv_strides, kv_box))
     return cudaErrorInvalidValue;
+  if (a.own_k != nullptr) {  // the own rows as pages of page_size rows, own_row_stride elements apart
+    const cuuint64_t own_dims[3] = {kv_row, static_cast<cuuint64_t>(a.page_size),
+                                    static_cast<cuuint64_t>(a.num_own_pages)};
+    const cuuint64_t own_row = static_cast<cuuint64_t>(a.own_row_stride) * 2;
+    const cuuint64_t own_strides[2] = {own_row, own_row * a.page_size};
+    if (!make_map(&k_own_map, a.dtype, a.own_k, 3, own_dims, own_strides, kv_box) ||
+        !make_map(&v_own_map, a.dtype, a.own_v, 3, own_dims, own_strides, kv_box))
+      return cudaErrorInvalidValue;
+  } else {  // no tile is flagged own: any valid map will do
+    k_own_map = k_map;
+    v_own_map = v_map;
+  }
 
   Params p;
   p.o = a.o;
@@ -726,7 +742,7 @@ cudaError_t launch(const ChunkAttentionArgs& a, int num_sms, cudaStream_t stream
   // whole items: one persistent CTA per SM (its shared memory allows no second), striding over
   // them; then one CTA per piece, each started on the first SM to free up
   kernel<<<static_cast<unsigned>(p.num_persistent + p.num_work - p.num_whole), kThreads, L::kAlloc, stream>>>(
-      q_map, k_map, v_map, p);
+      q_map, k_map, v_map, k_own_map, v_own_map, p);
   return cudaGetLastError();
 }
 

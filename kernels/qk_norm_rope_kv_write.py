@@ -1,12 +1,15 @@
-"""RMSNorm over heads + Wan 3D RoPE on q and k, and the write of k, v into KV pages, in one Triton
-pass (math and contract: ``spiral_rt.reference.qk_norm_rope_kv_write``).
+"""RMSNorm over heads + Wan 3D RoPE on q and k, and the write of k, v into KV pages and/or of k into
+k_out, in one Triton pass (math and contract: ``spiral_rt.reference.qk_norm_rope_kv_write``).
 
-One program per token: it reads the token's q, k, v rows as (H, D) blocks (each padded to a power
-of two and masked), normalizes q and k over the whole row in fp32, rotates the (even, odd) pairs
-by cos/sin of pos * inv_freq (D/2 angles per token in fp32 from a (D/2,) table of inverse
-frequencies, shared by all heads), and stores q' to the output and k', v to the token's slot of
-the pages. Traffic per token: 3 row reads and
-3 row writes, nothing else (the weights and the frequency table stay in L2).
+One program per token: it reads the token's q and k rows as (H, D) blocks (each padded to a power
+of two and masked), normalizes them over the whole row in fp32, rotates the (even, odd) pairs by
+cos/sin of pos * inv_freq (D/2 angles per token in fp32 from a (D/2,) table of inverse
+frequencies, shared by all heads), and stores q' to the output, then, per the constexpr flags:
+WRITE_K_OUT stores k' to the token's row of k_out (which may be k itself: the row was loaded
+first); WRITE_PAGES loads the token's slot and v row and stores k', v to the slot of the pages
+(without it no slot, v or page is touched). Traffic per token, nothing else (the weights and the
+frequency table stay in L2): pages only 3 row reads + 3 row writes; k_out only 2 reads + 2
+writes; both 3 reads + 4 writes.
 
 The sequence of a token (varlen) is found by comparing the token index with all of ``cu_seqlens``
 at once (MAX_SEQS lanes). Slots outside [0, num_slots) are skipped (negative = padding; the op
@@ -31,12 +34,13 @@ def _norm_rope(x, w, cos, sin, eps, ROW: tl.constexpr, BLOCK_H: tl.constexpr, BL
 @triton.jit
 def _qk_norm_rope_kv_write_kernel(
     q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, inv_freq_ptr,
-    q_out_ptr, k_pages_ptr, v_pages_ptr, slot_ptr,
+    q_out_ptr, k_out_ptr, k_pages_ptr, v_pages_ptr, slot_ptr,
     cu_seqlens_ptr, frame_offsets_ptr,
-    stride_q, stride_k, stride_v,
+    stride_q, stride_k, stride_v, stride_k_out,
     num_seqs, frame_offset, grid_h, grid_w, num_slots, eps,
     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAIRS_T: tl.constexpr, PAIRS_H: tl.constexpr,
     VARLEN: tl.constexpr, OFFSET_TENSOR: tl.constexpr, FRAME_TABLE: tl.constexpr, MAX_SEQS: tl.constexpr,
+    WRITE_PAGES: tl.constexpr, WRITE_K_OUT: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     ROW: tl.constexpr = HEADS * HEAD_DIM
@@ -79,9 +83,10 @@ def _qk_norm_rope_kv_write_kernel(
     cols = heads[:, None] * HEAD_DIM + dims[None, :]
     mask = (heads[:, None] < HEADS) & (dims[None, :] < HEAD_DIM)
     tok = token.to(tl.int64)
-    slot = tl.load(slot_ptr + tok)
-    write = (slot >= 0) & (slot < num_slots)
-    dst = slot * ROW + cols
+    if WRITE_PAGES:  # the slot is loaded up front, its latency hidden behind q and k
+        slot = tl.load(slot_ptr + tok)
+        write = (slot >= 0) & (slot < num_slots)
+        dst = slot * ROW + cols
 
     # ---- q: norm + rope -> q_out
     x = tl.load(q_ptr + tok * stride_q + cols, mask=mask, other=0.0).to(tl.float32)
@@ -89,15 +94,18 @@ def _qk_norm_rope_kv_write_kernel(
     x = _norm_rope(x, w, cos, sin, eps, ROW, BLOCK_H, BLOCK_D)
     tl.store(q_out_ptr + tok * ROW + cols, x.to(q_out_ptr.dtype.element_ty), mask=mask)
 
-    # ---- k: norm + rope -> k page slot
+    # ---- k: norm + rope -> k_out row and/or k page slot
     x = tl.load(k_ptr + tok * stride_k + cols, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(kw_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     x = _norm_rope(x, w, cos, sin, eps, ROW, BLOCK_H, BLOCK_D)
-    tl.store(k_pages_ptr + dst, x.to(k_pages_ptr.dtype.element_ty), mask=mask & write)
+    if WRITE_K_OUT:
+        tl.store(k_out_ptr + tok * stride_k_out + cols, x.to(k_out_ptr.dtype.element_ty), mask=mask)
+    if WRITE_PAGES:
+        tl.store(k_pages_ptr + dst, x.to(k_pages_ptr.dtype.element_ty), mask=mask & write)
 
-    # ---- v: copy -> v page slot
-    x = tl.load(v_ptr + tok * stride_v + cols, mask=mask, other=0.0)
-    tl.store(v_pages_ptr + dst, x.to(v_pages_ptr.dtype.element_ty), mask=mask & write)
+        # ---- v: copy -> v page slot
+        x = tl.load(v_ptr + tok * stride_v + cols, mask=mask, other=0.0)
+        tl.store(v_pages_ptr + dst, x.to(v_pages_ptr.dtype.element_ty), mask=mask & write)
 
 
 def _num_warps(block: int) -> int:
@@ -108,24 +116,33 @@ def _num_warps(block: int) -> int:
 
 def qk_norm_rope_kv_write(q, k, v, q_weight, k_weight, inv_freq, q_out, k_pages, v_pages, slot_mapping,
                           cu_seqlens, frame_offsets, frame_offset: int, grid_h: int, grid_w: int,
-                          pairs_t: int, pairs_h: int, eps: float, num_warps: int | None = None, frame_index=None):
+                          pairs_t: int, pairs_h: int, eps: float, num_warps: int | None = None, frame_index=None,
+                          k_out=None):
     """Launch on checked tensors: q, k, v (T, H, D) with (H, D) contiguous and any token stride;
     q_out (T, H, D) contiguous; pages (P, page_size, H, D) contiguous; slot_mapping (T,) int64;
     cu_seqlens (S+1,) int32 or None (one sequence); frame_offsets (S,) int32/int64 or None (use the
     int frame_offset); frame_index (T / (grid_h * grid_w),) int32/int64 absolute frame of each
-    frame of tokens, or None (overrides cu_seqlens/frame offsets); inv_freq (D/2,) fp32."""
+    frame of tokens, or None (overrides cu_seqlens/frame offsets); inv_freq (D/2,) fp32; k_out
+    (T, H, D) like k (may be k), or None. k_pages, v_pages and slot_mapping are all None when no
+    page is written (v is then not read and may be None)."""
     total, heads, head_dim = q.shape
     block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(head_dim)
     num_seqs = cu_seqlens.numel() - 1 if cu_seqlens is not None else 1
-    num_slots = k_pages.shape[0] * k_pages.shape[1]
+    write_pages = k_pages is not None
+    num_slots = k_pages.shape[0] * k_pages.shape[1] if write_pages else 0
+    # stand-in for the pointers of disabled paths (never dereferenced)
+    unused = slot_mapping if write_pages else q
     _qk_norm_rope_kv_write_kernel[(total,)](
-        q, k, v, q_weight, k_weight, inv_freq, q_out, k_pages, v_pages, slot_mapping,
-        cu_seqlens if cu_seqlens is not None else slot_mapping,
-        frame_index if frame_index is not None else frame_offsets if frame_offsets is not None else slot_mapping,
-        q.stride(0), k.stride(0), v.stride(0),
+        q, k, v if v is not None else unused, q_weight, k_weight, inv_freq, q_out,
+        k_out if k_out is not None else unused, k_pages if write_pages else unused,
+        v_pages if write_pages else unused, slot_mapping if write_pages else unused,
+        cu_seqlens if cu_seqlens is not None else unused,
+        frame_index if frame_index is not None else frame_offsets if frame_offsets is not None else unused,
+        q.stride(0), k.stride(0), v.stride(0) if v is not None else 0, k_out.stride(0) if k_out is not None else 0,
         num_seqs, frame_offset, grid_h, grid_w, num_slots, eps,
         HEADS=heads, HEAD_DIM=head_dim, PAIRS_T=pairs_t, PAIRS_H=pairs_h,
         VARLEN=cu_seqlens is not None, OFFSET_TENSOR=frame_offsets is not None, FRAME_TABLE=frame_index is not None,
-        MAX_SEQS=max(2, triton.next_power_of_2(num_seqs)), BLOCK_H=block_h, BLOCK_D=block_d,
+        MAX_SEQS=max(2, triton.next_power_of_2(num_seqs)), WRITE_PAGES=write_pages, WRITE_K_OUT=k_out is not None,
+        BLOCK_H=block_h, BLOCK_D=block_d,
         num_warps=num_warps or _num_warps(block_h * block_d),
     )

@@ -102,6 +102,11 @@ class EngineConfig:
     fused_ops: bool = True
     """Run the DiT's fused path (adaLN, residual adds, qk-norm, RoPE and the K/V write through
     ``spiral_rt.ops``); False: the model's plain PyTorch path (the readable reference)."""
+    denoising_kv_from_qkv: bool = True
+    """Fused path: the denoising forwards leave the KV cache alone and their attention reads the
+    chunk's own K/V from the QKV projection's output (the clean pass writes them, as every later chunk
+    reads them); needs the cuda or reference attention backend and one frame a page. False: every
+    forward writes its K/V into the cache first."""
     sampler_backend: str | None = None
     """Backend of ``sampler_step`` ("reference", "triton", "cuda"; None: the fastest)."""
     cuda_graphs: bool = False
@@ -123,7 +128,7 @@ class EngineConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"EngineConfig: '{name}' must be a positive int, got {v!r}")
-        for name in ("fused_ops", "cuda_graphs", "vae_side_stream", "timing", "recache_on_switch", "clean_pass_last_chunk"):
+        for name in ("fused_ops", "denoising_kv_from_qkv", "cuda_graphs", "vae_side_stream", "timing", "recache_on_switch", "clean_pass_last_chunk"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EngineConfig: '{name}' must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.schedule, FlowMatchSchedule):

@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 # what ``with_distinct_keys`` derives tiles from): each is copied into the bucket's static copy
 # before a replay.
 _PLAN_TENSORS = ("q_indptr", "kv_indptr", "kv_indices", "kv_last_page_len", "work", "tile_rows", "left_rows",
-                 "cuda_work", "cuda_tiles", "cuda_merge", "cuda_tile_keys", "distinct_keys", "cuda_tile_log2_count")
+                 "cuda_work", "cuda_tiles", "cuda_merge", "cuda_tile_keys", "distinct_keys", "cuda_tile_log2_count",
+                 "cuda_own_tiles")
 
 
 class SideStreamDecoder:

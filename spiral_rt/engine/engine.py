@@ -447,7 +447,8 @@ class Engine:
         """The DiT's attention context for one chunk plan of this engine's cache (backend and fused path
         as configured); ``attn_plan`` reuses an already built ``build_attention_plan``."""
         return PagedAttentionContext(self.cache, plan, attn_plan if attn_plan is not None else build_attention_plan(self.cache, plan),
-                                     backend=self.config.attention_backend, fused=self.config.fused_ops)
+                                     backend=self.config.attention_backend, fused=self.config.fused_ops,
+                                     own_kv=self.config.denoising_kv_from_qkv)
 
     def _latent_shape(self, batch_size: int) -> tuple[int, ...]:
         h, w = self.config.latent_size

@@ -736,7 +736,7 @@ class CausalWanDiT(nn.Module):
             o = attention.self_attention_fused(i, *_qkv_heads(sa, y),
                                                q_norm_weight=sa.norm_q.weight, k_norm_weight=sa.norm_k.weight,
                                                eps=sa.norm_q.eps, grid_hw=grid_hw, frame_index=frame_index,
-                                               attend=attend)
+                                               attend=attend, kv_only=kv_only)
             if not attend:
                 return None
             branch = _linear(sa.o, o.flatten(2))

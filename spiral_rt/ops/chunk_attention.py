@@ -9,7 +9,10 @@ Layout (FlashInfer's naming; the KV cache manager produces it):
 - sequence s lists pages ``kv_indices[kv_indptr[s]:kv_indptr[s+1]]`` (any order, any ids, pages
   may be shared between sequences: sink pages, window pages, then its own chunk's pages, which
   were written before attention); logical key j lives at page list[j // page_size], offset
-  j % page_size; kv_len[s] = (num_pages[s] - 1) * page_size + kv_last_page_len[s] (0 pages: 0 keys).
+  j % page_size; kv_len[s] = (num_pages[s] - 1) * page_size + kv_last_page_len[s] (0 pages: 0 keys);
+- a plan built with ``own_pages`` may read each sequence's last own_pages[s] pages from the caller's
+  own K/V rows (``own_k``, ``own_v``: the current chunk's, straight from the QKV projection, so a
+  denoising forward need not write them into the pool first) instead of the pool.
 
 Every query attends to all keys of its sequence (no mask: bidirectional within the chunk, full
 view of the listed context). O (total_q, H, D) in q's dtype; LSE (total_q, H) fp32, natural log;
@@ -206,6 +209,12 @@ class ChunkAttentionPlan:
     cuda_tile_log2_count: torch.Tensor | None = None
     """CUDA kernel with ``distinct_keys``: (num_tiles,) fp32, log2 of the copies a counted tile's last
     key stands for (csrc/chunk_attention.h)."""
+    own_pages: tuple[int, ...] | None = None
+    """Per sequence, how many of its last pages ``chunk_attention(own_k=, own_v=)`` reads from the own
+    rows (sequence s's first own page is own page sum(own_pages[:s])); None: the pool only."""
+    cuda_own_tiles: torch.Tensor | None = None
+    """CUDA kernel with ``own_pages``: ``cuda_tiles`` with each own page's tiles naming own page i as
+    i | 1 << 31 (csrc/chunk_attention.h): the table used when own rows are given."""
 
     @property
     def num_splits(self) -> int:
@@ -223,6 +232,8 @@ class ChunkAttentionPlan:
         layer and step can reuse the result)."""
         if self.distinct_keys is not None:
             raise ValueError(f"{OP}: with_distinct_keys: this plan already has distinct keys; call it on the base plan")
+        if self.own_pages is not None:
+            raise ValueError(f"{OP}: with_distinct_keys: this plan reads own pages; distinct keys need a plan without")
         d = dispatch.check_tensor(OP, "distinct_keys", distinct_keys, shape=(self.num_seqs,), device=self.device)
         if d.is_floating_point() or d.dtype == torch.bool:
             raise ValueError(f"{OP}: argument 'distinct_keys' must hold integers, got {str(d.dtype).replace('torch.', '')}")
@@ -327,7 +338,8 @@ def cuda_unavailable_reason(head_dim: int, dtype: torch.dtype, page_size: int, d
 
 
 def cuda_work_tables(q_ptr: list[int], kv_ptr: list[int], pages: list[int], last: list[int], page_size: int,
-                     order: list[int], block_n: int, heads: int, splits: int, num_sms: int):
+                     order: list[int], block_n: int, heads: int, splits: int, num_sms: int,
+                     own_pages: list[int] | None = None):
     """The CUDA kernel's work partition (csrc/chunk_attention.h): each sequence's keys cut into
     tiles of ``block_n`` rows that never cross a page (the last tile of a page is short); units of
     CUDA_BLOCK_M query rows x one head, listed longest sequence first; a unit runs whole, or its
@@ -336,20 +348,27 @@ def cuda_work_tables(q_ptr: list[int], kv_ptr: list[int], pages: list[int], last
     ``splits`` >= 1 splits every unit that many ways; 0 chooses by shape (``_tail_split``). Whole
     units are listed (launched) first, in order (uniform units of at most ``_CUDA_RUN_MAX_TILES``
     tiles: in runs per persistent CTA, ``_runs_per_cta``), then the pieces.
-    Returns (work rows, tiles, piece rows, number of pieces, tile keys): piece rows are (first slot
-    of the unit, its pieces, 0) per slot; tile keys lists, per tile, its sequence, the logical index
-    of its first key and the sequence's key count."""
-    units, tiles, tile_keys = [], [], []
+    Returns (work rows, tiles, piece rows, number of pieces, tile keys, own tiles): piece rows are
+    (first slot of the unit, its pieces, 0) per slot; tile keys lists, per tile, its sequence, the
+    logical index of its first key and the sequence's key count; own tiles (with ``own_pages``, else
+    None) are the tiles with sequence s's last own_pages[s] pages named as own pages (bit 31)."""
+    own_base = None if own_pages is None else [sum(own_pages[:s]) for s in range(len(own_pages))]
+    units, tiles, tile_keys, own_tiles = [], [], [], []
     for s in order:
         if q_ptr[s + 1] == q_ptr[s]:
             continue
         t_start = len(tiles)
         seq_pages = pages[kv_ptr[s]:kv_ptr[s + 1]]
         kv_len = (len(seq_pages) - 1) * page_size + last[s] if seq_pages else 0
+        first_own = len(seq_pages) - (own_pages[s] if own_pages is not None else 0)
         for i, page in enumerate(seq_pages):
             in_page = page_size if i < len(seq_pages) - 1 else last[s]
-            tiles += [(page, r0 | min(block_n, in_page - r0) << 16) for r0 in range(0, in_page, block_n)]
+            words = [r0 | min(block_n, in_page - r0) << 16 for r0 in range(0, in_page, block_n)]
+            tiles += [(page, w) for w in words]
             tile_keys += [(s, i * page_size + r0, kv_len) for r0 in range(0, in_page, block_n)]
+            if own_pages is not None:  # bit 31 of the page word, as an int32: own page i is i - 2**31
+                own_page = own_base[s] + i - first_own - 2**31 if i >= first_own else page
+                own_tiles += [(own_page, w) for w in words]
         for head in range(heads):  # one head's row blocks back to back: they stream the same K/V
             units += [(q0, min(q0 + CUDA_BLOCK_M, q_ptr[s + 1]), head, t_start, len(tiles))
                       for q0 in range(q_ptr[s], q_ptr[s + 1], CUDA_BLOCK_M)]
@@ -367,7 +386,7 @@ def cuda_work_tables(q_ptr: list[int], kv_ptr: list[int], pages: list[int], last
         work += [(q0, q1, t0 + n * i // pieces, t0 + n * (i + 1) // pieces, head, slots + i) for i in range(pieces)]
         merge += [(slots, pieces, 0)] * pieces
         slots += pieces
-    return work, tiles, merge, slots, tile_keys
+    return work, tiles, merge, slots, tile_keys, (own_tiles if own_pages is not None else None)
 
 
 def _short_units(whole: list) -> bool:
@@ -445,6 +464,7 @@ def plan_chunk_attention(
     device: torch.device | str = "cuda",
     config: AttentionConfig | None = None,
     num_sms: int | None = None,
+    own_pages=None,
 ) -> ChunkAttentionPlan:
     """Validate the index tables once and build the plan (see the module docstring).
 
@@ -463,6 +483,9 @@ def plan_chunk_attention(
         device: where q and the pages live.
         config: kernel config; default ``default_config`` (num_splits=0: chosen by shape).
         num_sms: SM count for the split choice; default the device's (132 off-GPU).
+        own_pages: (S,) per sequence, how many of its last pages ``chunk_attention`` reads from the
+            caller's own K/V rows when it is given them (``own_k``, ``own_v``); every own page but a
+            sequence's last must be full. None: the pool only.
     """
     q_ptr = _host_ints(OP, "q_indptr", q_indptr)
     _check_indptr("q_indptr", q_ptr)
@@ -487,6 +510,12 @@ def plan_chunk_attention(
         if not lo <= last[s] <= hi:
             what = f"in [1, page_size={page_size}]" if n > 0 else "0 (the sequence lists no pages)"
             raise ValueError(f"{OP}: argument 'kv_last_page_len' entry {s} is {last[s]}, must be {what}")
+    if own_pages is not None:
+        own_pages = _host_ints(OP, "own_pages", own_pages, num_seqs)
+        for s, n in enumerate(own_pages):
+            if not 0 <= n <= kv_ptr[s + 1] - kv_ptr[s]:
+                raise ValueError(f"{OP}: argument 'own_pages' entry {s} is {n}, must be in [0, "
+                                 f"{kv_ptr[s + 1] - kv_ptr[s]}] (the pages sequence {s} lists)")
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"{OP}: argument 'head_dim' is {head_dim}; supported head dims are {SUPPORTED_HEAD_DIMS}")
     num_kv_heads = num_qo_heads if num_kv_heads is None else num_kv_heads
@@ -554,11 +583,12 @@ def plan_chunk_attention(
         fields = WORK_FIELDS_TMA
 
     cuda_reason = cuda_unavailable_reason(head_dim, dtype, page_size, device)
-    cuda_work = cuda_tiles = cuda_merge = cuda_tile_keys = None
+    cuda_work = cuda_tiles = cuda_merge = cuda_tile_keys = cuda_own_tiles = None
     cuda_pieces = 0
     if cuda_reason is None:
-        cuda_work, cuda_tiles, cuda_merge, cuda_pieces, cuda_tile_keys = cuda_work_tables(
-            q_ptr, kv_ptr, pages, last, page_size, order, config.cuda_block_n, num_qo_heads, cuda_splits, num_sms)
+        cuda_work, cuda_tiles, cuda_merge, cuda_pieces, cuda_tile_keys, cuda_own_tiles = cuda_work_tables(
+            q_ptr, kv_ptr, pages, last, page_size, order, config.cuda_block_n, num_qo_heads, cuda_splits, num_sms,
+            own_pages)
 
     def table(values):
         return torch.tensor(values, dtype=torch.int32)
@@ -573,13 +603,14 @@ def plan_chunk_attention(
         "cuda_tiles": None if cuda_tiles is None else table(cuda_tiles or [(0, 0)]).reshape(-1, 2),
         "cuda_merge": table(cuda_merge).reshape(-1, CUDA_PIECE_FIELDS) if cuda_merge else None,
         "cuda_tile_keys": None if cuda_tile_keys is None else table(cuda_tile_keys or [(0, 0, 0)]).reshape(-1, 3),
+        "cuda_own_tiles": None if cuda_own_tiles is None else table(cuda_own_tiles or [(0, 0)]).reshape(-1, 2),
     }, device)
     return ChunkAttentionPlan(
         num_seqs=num_seqs, total_q=q_ptr[-1], num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
         head_dim=head_dim, page_size=page_size, num_pages=num_pages, dtype=dtype, device=device, config=config,
         cuda_pieces=cuda_pieces, cuda_short_items=_short_item_kernel(cuda_work),
         cuda_reason=cuda_reason, kv_lens=tuple(kv_lens), flops=sum(4 * ql * kl * num_qo_heads * head_dim for ql, kl in zip(q_lens, kv_lens)),
-        **tables,
+        own_pages=None if own_pages is None else tuple(own_pages), **tables,
     )
 
 
@@ -591,6 +622,8 @@ def chunk_attention(
     *,
     sm_scale: float | None = None,
     q_row_scale: torch.Tensor | None = None,
+    own_k: torch.Tensor | None = None,
+    own_v: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> AttentionState:
     """Attention of each sequence's queries over its listed K/V pages; see the module docstring.
@@ -605,6 +638,11 @@ def chunk_attention(
             multiplied by q_row_scale[i], as if the row (all its heads) were scaled by it. With
             ``row_inv_rms(q)`` and an RMS norm's weight folded into the keys, this is attention of
             the RMS-normalised queries without writing them. cuda and reference backends.
+        own_k, own_v: with a plan built with ``own_pages``: (sum(own_pages) * page_size, H_kv, D)
+            rows of the plan's dtype, (H_kv, D) contiguous, any row stride (e.g. views of a QKV
+            projection's output); sequence s's last own_pages[s] pages are read from them (own page
+            i = rows [i * page_size, (i + 1) * page_size)) instead of from the pool, whose slots for
+            them need not be written. Both or neither. cuda and reference backends.
         backend: "cuda" | "triton" | "reference" | "auto"/None (see spiral_rt.ops.dispatch); auto
             takes cuda when the plan and q's layout allow it, else triton.
     Returns:
@@ -630,8 +668,13 @@ def chunk_attention(
     if q_row_scale is not None:
         dispatch.check_tensor(OP, "q_row_scale", q_row_scale, shape=(plan.total_q,), dtypes=(torch.float32,),
                               device=plan.device)
+    own = _check_own_rows(plan, own_k, own_v)
+    if own and cuda_reason is None:
+        cuda_reason = _cuda_own_reason(own_k, own_v)
+        if cuda_reason is not None and dispatch.requested_backend(OP, backend) == "cuda":
+            raise ValueError(f"{OP}: backend 'cuda' cannot run these inputs: {cuda_reason}")
     implemented = IMPLEMENTED if cuda_reason is None else IMPLEMENTED[1:]
-    if plan.distinct_keys is not None or q_row_scale is not None:  # the Triton kernel has neither
+    if plan.distinct_keys is not None or q_row_scale is not None or own:  # the Triton kernel has none of them
         implemented = tuple(b for b in implemented if b != "triton")
     chosen = dispatch.select_backend(OP, q.device, implemented, backend)
     cfg = plan.config
@@ -642,8 +685,37 @@ def chunk_attention(
         float(sm_scale), cfg.num_splits, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.hoist_pages,
         cfg.warp_specialize, plan.tile_rows, plan.left_rows, plan.cuda_work, plan.cuda_tiles, cfg.cuda_block_n,
         plan.cuda_merge, plan.cuda_pieces, plan.cuda_short_items, plan.cuda_tile_log2_count, plan.distinct_keys,
-        q_row_scale, chosen)
+        q_row_scale, own_k, own_v, list(plan.own_pages) if own else None, plan.cuda_own_tiles if own else None, chosen)
     return AttentionState(o, lse)
+
+
+def _check_own_rows(plan: ChunkAttentionPlan, own_k: torch.Tensor | None, own_v: torch.Tensor | None) -> bool:
+    """Whether this call reads own rows; ValueError naming the argument when they do not fit the plan."""
+    if own_k is None and own_v is None:
+        return False
+    if own_k is None or own_v is None:
+        raise ValueError(f"{OP}: arguments 'own_k' and 'own_v' go together; got only "
+                         f"'{'own_k' if own_v is None else 'own_v'}'")
+    if plan.own_pages is None:
+        raise ValueError(f"{OP}: argument 'own_k' needs a plan built with own_pages (plan_chunk_attention)")
+    shape = (sum(plan.own_pages) * plan.page_size, plan.num_kv_heads, plan.head_dim)
+    for name, t in (("own_k", own_k), ("own_v", own_v)):
+        dispatch.check_tensor(OP, name, t, shape=shape, dtypes=(plan.dtype,), device=plan.device, contiguous=False)
+        if t.stride(2) != 1 or t.stride(1) != plan.head_dim:
+            raise ValueError(f"{OP}: argument '{name}' must have contiguous heads and head_dim (strides "
+                             f"(*, {plan.head_dim}, 1)), got strides {tuple(t.stride())}")
+    return True
+
+
+def _cuda_own_reason(own_k: torch.Tensor, own_v: torch.Tensor) -> str | None:
+    """Layout limits of the CUDA kernel's own-row descriptors (one row stride for K and V)."""
+    if own_k.stride(0) != own_v.stride(0):
+        return f"own_k and own_v must share a row stride, got {own_k.stride(0)} and {own_v.stride(0)}"
+    if (own_k.stride(0) * own_k.element_size()) % 16:
+        return f"own rows' stride must be a multiple of 16 bytes, got {own_k.stride(0) * own_k.element_size()}"
+    if not torch.compiler.is_compiling() and (own_k.data_ptr() % 16 or own_v.data_ptr() % 16):
+        return "own_k and own_v must be 16-byte aligned"
+    return None
 
 
 def _cuda_input_reason(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor) -> str | None:
@@ -712,6 +784,10 @@ def _chunk_attention_impl(
     cuda_tile_log2_count: Optional[torch.Tensor],
     distinct_keys: Optional[torch.Tensor],
     q_row_scale: Optional[torch.Tensor],
+    own_k: Optional[torch.Tensor],
+    own_v: Optional[torch.Tensor],
+    own_pages: Optional[list[int]],
+    cuda_own_tiles: Optional[torch.Tensor],
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "reference":
@@ -719,7 +795,8 @@ def _chunk_attention_impl(
         return _reference.chunk_attention(q, k_pages, v_pages, q_indptr.tolist(), kv_ptr,
                                           kv_indices.tolist()[:kv_ptr[-1]], kv_last_page_len.tolist(), sm_scale,
                                           distinct_keys=None if distinct_keys is None else distinct_keys.tolist(),
-                                          q_row_scale=q_row_scale)
+                                          q_row_scale=q_row_scale,
+                                          own=None if own_k is None else (own_k, own_v, list(own_pages)))
     total_q, heads, head_dim = q.shape
     o = torch.empty((total_q, heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((total_q, heads), dtype=torch.float32, device=q.device)
@@ -731,6 +808,8 @@ def _chunk_attention_impl(
             part_o = torch.empty((cuda_pieces, CUDA_BLOCK_M, head_dim), dtype=torch.float32, device=q.device)
             part_lse = torch.empty((cuda_pieces, CUDA_BLOCK_M), dtype=torch.float32, device=q.device)
         C = dispatch.NATIVE
+        if own_k is not None:
+            cuda_tiles = cuda_own_tiles
         C.chunk_attention(
             q.data_ptr(), k_pages.data_ptr(), v_pages.data_ptr(), o.data_ptr(), lse.data_ptr(),
             part_o.data_ptr() if cuda_pieces else 0, part_lse.data_ptr() if cuda_pieces else 0, cuda_work.data_ptr(), cuda_tiles.data_ptr(), q.stride(0), total_q, cuda_work.shape[0],
@@ -738,7 +817,9 @@ def _chunk_attention_impl(
             C.DTYPES[str(q.dtype).replace("torch.", "")], q.device.index, torch.cuda.current_stream(q.device).cuda_stream,
             0 if cuda_tile_log2_count is None else cuda_tile_log2_count.data_ptr(),
             0 if q_row_scale is None else q_row_scale.data_ptr(), cuda_short_items,
-            cuda_merge.data_ptr() if cuda_pieces else 0)  # counts in place and restores 0: no mutation seen
+            cuda_merge.data_ptr() if cuda_pieces else 0,  # counts in place and restores 0: no mutation seen
+            0 if own_k is None else own_k.data_ptr(), 0 if own_v is None else own_v.data_ptr(),
+            0 if own_k is None else own_k.stride(0), 0 if own_k is None else own_k.shape[0] // k_pages.shape[1])
         return o, lse
     partial_o = partial_lse = None
     if num_splits > 1:
@@ -757,6 +838,6 @@ _chunk_attention_op = torch.library.custom_op("spiral_rt::chunk_attention", _chu
 def _(q, k_pages, v_pages, q_indptr, kv_indptr, kv_indices, kv_last_page_len, work, sm_scale, num_splits,
       block_m, block_n, num_warps, num_stages, hoist_pages, warp_specialize, tile_rows, left_rows, cuda_work, cuda_tiles,
       cuda_block_n, cuda_merge, cuda_pieces, cuda_short_items, cuda_tile_log2_count, distinct_keys, q_row_scale,
-      backend):
+      own_k, own_v, own_pages, cuda_own_tiles, backend):
     total_q, heads, head_dim = q.shape
     return q.new_empty((total_q, heads, head_dim)), q.new_empty((total_q, heads), dtype=torch.float32)

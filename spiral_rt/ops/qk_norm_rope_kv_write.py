@@ -7,17 +7,23 @@ For the T tokens of one chunk (or of S sequences back to back, ``cu_seqlens``):
    D - 4 (D // 6), 2 (D // 6), 2 (D // 6) dims (44/42/42 for D = 128), adjacent pairs rotated;
    token i of a sequence is latent (f, y, x) of a frame-major grid_h x grid_w grid and sits at
    position (frame_offset + f, y, x) (or (frame_index[frame], y, x) with a per-frame table);
-3. the write of the rotated k and of v into the KV pages at per-token flat slots
-   (slot = page * page_size + offset; negative = padding, not written).
+3. the writes, either or both:
+   - of the rotated k and of v into the KV pages at per-token flat slots
+     (slot = page * page_size + offset; negative = padding, not written);
+   - of the rotated k into ``k_out`` (T, H, D), which may be k itself (in place). The engine's
+     denoising forwards read the chunk's K and V straight from the QKV projection's output, so
+     there the rotated k goes back into it and nothing is written to the pages (v is not read:
+     2 row reads + 2 row writes per token instead of 3 + 3).
 
-Returns the normed, rotated q (T, H, D) in q's dtype; k_pages and v_pages are written in place.
-q, k, v may be strided views of a fused QKV projection (only their (H, D) part must be
-contiguous): nothing is copied. Math: ``spiral_rt.reference.qk_norm_rope_kv_write``.
+Returns the normed, rotated q (T, H, D) in q's dtype; k_pages, v_pages and k_out are written in
+place. q, k, v, k_out may be strided views of a fused QKV projection (only their (H, D) part must
+be contiguous): nothing is copied. Math: ``spiral_rt.reference.qk_norm_rope_kv_write``.
 
 Device-side metadata (slot_mapping, cu_seqlens, frame offsets) is not read back to the host per
 call: the kernel never writes outside the pages (out-of-range slots are skipped), and
 ``validate_slots=True`` (one host sync) turns an out-of-range slot into a ValueError for
-debugging. Backends: triton (kernels/qk_norm_rope_kv_write.py), reference.
+debugging (without pages there is nothing to validate). Backends: triton
+(kernels/qk_norm_rope_kv_write.py), reference.
 """
 
 from __future__ import annotations
@@ -47,12 +53,12 @@ def _check_rows(name: str, t: torch.Tensor, shape, dtype, device) -> None:
 def qk_norm_rope_kv_write(
     q: torch.Tensor,
     k: torch.Tensor,
-    v: torch.Tensor,
+    v: torch.Tensor | None,
     q_norm_weight: torch.Tensor,
     k_norm_weight: torch.Tensor,
-    k_pages: torch.Tensor,
-    v_pages: torch.Tensor,
-    slot_mapping: torch.Tensor,
+    k_pages: torch.Tensor | None,
+    v_pages: torch.Tensor | None,
+    slot_mapping: torch.Tensor | None,
     *,
     grid_hw: tuple[int, int],
     frame_offset: int | torch.Tensor = 0,
@@ -60,15 +66,18 @@ def qk_norm_rope_kv_write(
     frame_index: torch.Tensor | None = None,
     eps: float = 1e-6,
     validate_slots: bool = False,
+    k_out: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Normalize and rotate q and k, write k and v into their pages; returns q'.
+    """Normalize and rotate q and k, write k and v into their pages and/or k into k_out; returns q'.
 
     Args:
-        q, k, v: (T, H, D) bf16/fp16/fp32, one dtype; (H, D) contiguous, any token stride.
+        q, k, v: (T, H, D) bf16/fp16/fp32, one dtype; (H, D) contiguous, any token stride. v is
+            read only when the pages are written (it may be None without pages).
         q_norm_weight, k_norm_weight: (H * D,) RMSNorm weights, any float dtype.
         k_pages, v_pages: (num_pages, page_size, H, D) contiguous, same dtype (a layer's K and V).
         slot_mapping: (T,) int64 flat slot (page * page_size + offset) of each token; < 0 skips.
+            k_pages, v_pages and slot_mapping are all given or all None (no page write).
         grid_hw: (grid_h, grid_w) latent tokens per frame (e.g. (30, 52) at 832x480).
         frame_offset: latent frame index of each sequence's first token: an int, or an int32/int64
             tensor of shape (S,) on the device (CUDA-graph friendly).
@@ -79,6 +88,9 @@ def qk_norm_rope_kv_write(
             skip frames).
         eps: RMSNorm epsilon (> 0).
         validate_slots: check slot_mapping < num_pages * page_size on the host (one sync).
+        k_out: (T, H, D) of q's dtype, (H, D) contiguous, any token stride: receives the rotated k
+            of every token (padding slots included). It may be k itself; it must not overlap q or v.
+            Without pages, k_out is required (else the call would write nothing).
         backend: "triton" | "reference" | "auto"/None (see spiral_rt.ops.dispatch).
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
@@ -92,16 +104,31 @@ def qk_norm_rope_kv_write(
         raise ValueError(f"{OP}: argument 'q' has head_dim {head_dim}; Wan's 3D RoPE needs an even head_dim >= 6")
     _check_rows("q", q, q.shape, q.dtype, device)
     _check_rows("k", k, q.shape, q.dtype, device)
-    _check_rows("v", v, q.shape, q.dtype, device)
+    page_args = {"k_pages": k_pages, "v_pages": v_pages, "slot_mapping": slot_mapping}
+    missing = [name for name, t in page_args.items() if t is None]
+    if 0 < len(missing) < len(page_args):
+        given = [f"'{name}'" for name in page_args if name not in missing]
+        raise ValueError(f"{OP}: argument '{missing[0]}' is None but {' and '.join(given)} "
+                         f"{'is' if len(given) == 1 else 'are'} given; k_pages, v_pages and slot_mapping must be "
+                         "all given (page write) or all None (no page write)")
+    write_pages = not missing
+    if not write_pages and k_out is None:
+        raise ValueError(f"{OP}: no pages (k_pages, v_pages, slot_mapping are None) and no argument 'k_out': "
+                         "the call writes nothing; pass k_out (e.g. k itself) or the pages")
+    if write_pages or v is not None:
+        _check_rows("v", v, q.shape, q.dtype, device)
+    if k_out is not None:
+        _check_rows("k_out", k_out, q.shape, q.dtype, device)
     row = heads * head_dim
     dispatch.check_tensor(OP, "q_norm_weight", q_norm_weight, shape=(row,), dtypes=FLOAT_DTYPES, device=device)
     dispatch.check_tensor(OP, "k_norm_weight", k_norm_weight, shape=(row,), dtypes=FLOAT_DTYPES, device=device)
-    if not isinstance(k_pages, torch.Tensor) or k_pages.dim() != 4 or tuple(k_pages.shape[2:]) != (heads, head_dim):
-        raise ValueError(f"{OP}: argument 'k_pages' must have shape (num_pages, page_size, {heads}, {head_dim}), got "
-                         f"{tuple(k_pages.shape) if isinstance(k_pages, torch.Tensor) else type(k_pages).__name__}")
-    dispatch.check_tensor(OP, "k_pages", k_pages, dtypes=FLOAT_DTYPES, device=device)
-    dispatch.check_tensor(OP, "v_pages", v_pages, shape=k_pages.shape, dtypes=(k_pages.dtype,), device=device)
-    dispatch.check_tensor(OP, "slot_mapping", slot_mapping, shape=(total,), dtypes=(torch.int64,), device=device)
+    if write_pages:
+        if not isinstance(k_pages, torch.Tensor) or k_pages.dim() != 4 or tuple(k_pages.shape[2:]) != (heads, head_dim):
+            raise ValueError(f"{OP}: argument 'k_pages' must have shape (num_pages, page_size, {heads}, {head_dim}), got "
+                             f"{tuple(k_pages.shape) if isinstance(k_pages, torch.Tensor) else type(k_pages).__name__}")
+        dispatch.check_tensor(OP, "k_pages", k_pages, dtypes=FLOAT_DTYPES, device=device)
+        dispatch.check_tensor(OP, "v_pages", v_pages, shape=k_pages.shape, dtypes=(k_pages.dtype,), device=device)
+        dispatch.check_tensor(OP, "slot_mapping", slot_mapping, shape=(total,), dtypes=(torch.int64,), device=device)
     if not (isinstance(grid_hw, (tuple, list)) and len(grid_hw) == 2 and all(isinstance(g, int) and g > 0 for g in grid_hw)):
         raise ValueError(f"{OP}: argument 'grid_hw' must be two positive ints (grid_h, grid_w), got {grid_hw!r}")
     num_seqs = 1
@@ -127,7 +154,7 @@ def qk_norm_rope_kv_write(
                               device=device)
     if not (isinstance(eps, (int, float)) and eps > 0):
         raise ValueError(f"{OP}: argument 'eps' must be a positive float, got {eps!r}")
-    if validate_slots and total:
+    if validate_slots and write_pages and total:
         num_slots = k_pages.shape[0] * k_pages.shape[1]
         hi = int(slot_mapping.max())
         if hi >= num_slots:
@@ -135,7 +162,7 @@ def qk_norm_rope_kv_write(
                              f"({k_pages.shape[0]} pages x {k_pages.shape[1]})")
     chosen = dispatch.select_backend(OP, device, IMPLEMENTED, backend)
     return dispatch.invoke(_qk_norm_rope_kv_write_op, _qk_norm_rope_kv_write_impl, 
-        q, k, v, q_norm_weight, k_norm_weight, k_pages, v_pages, slot_mapping, cu_seqlens, frame_offsets,
+        q, k, v, q_norm_weight, k_norm_weight, k_pages, v_pages, slot_mapping, k_out, cu_seqlens, frame_offsets,
         frame_index, int(frame_offset), int(grid_hw[0]), int(grid_hw[1]), float(eps), chosen)
 
 
@@ -145,12 +172,13 @@ def qk_norm_rope_kv_write(
 def _qk_norm_rope_kv_write_impl(
     q: torch.Tensor,
     k: torch.Tensor,
-    v: torch.Tensor,
+    v: Optional[torch.Tensor],
     q_norm_weight: torch.Tensor,
     k_norm_weight: torch.Tensor,
-    k_pages: torch.Tensor,
-    v_pages: torch.Tensor,
-    slot_mapping: torch.Tensor,
+    k_pages: Optional[torch.Tensor],
+    v_pages: Optional[torch.Tensor],
+    slot_mapping: Optional[torch.Tensor],
+    k_out: Optional[torch.Tensor],
     cu_seqlens: Optional[torch.Tensor],
     frame_offsets: Optional[torch.Tensor],
     frame_index: Optional[torch.Tensor],
@@ -168,7 +196,7 @@ def _qk_norm_rope_kv_write_impl(
             cu = list(range(0, q.shape[0] + 1, per_frame))
             offsets = frame_index.tolist()
         return _reference.qk_norm_rope_kv_write(q, k, v, q_norm_weight, k_norm_weight, k_pages, v_pages, slot_mapping,
-                                                grid_h, grid_w, offsets, cu, eps)
+                                                grid_h, grid_w, offsets, cu, eps, k_out=k_out)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.shape[0]:
         from spiral_rt.kernels import qk_norm_rope_kv_write as kernel
@@ -177,15 +205,15 @@ def _qk_norm_rope_kv_write_impl(
         d_t, d_h, _ = _reference.rope_parts(head_dim)
         kernel.qk_norm_rope_kv_write(q, k, v, q_norm_weight, k_norm_weight, _inv_freq(head_dim, q.device), q_out,
                                      k_pages, v_pages, slot_mapping, cu_seqlens, frame_offsets, frame_offset,
-                                     grid_h, grid_w, d_t // 2, d_h // 2, eps, frame_index=frame_index)
+                                     grid_h, grid_w, d_t // 2, d_h // 2, eps, frame_index=frame_index, k_out=k_out)
     return q_out
 
 
-_qk_norm_rope_kv_write_op = torch.library.custom_op("spiral_rt::qk_norm_rope_kv_write", _qk_norm_rope_kv_write_impl, mutates_args=("k_pages", "v_pages"))
+_qk_norm_rope_kv_write_op = torch.library.custom_op("spiral_rt::qk_norm_rope_kv_write", _qk_norm_rope_kv_write_impl, mutates_args=("k_pages", "v_pages", "k_out"))
 
 
 @_qk_norm_rope_kv_write_op.register_fake
-def _(q, k, v, q_norm_weight, k_norm_weight, k_pages, v_pages, slot_mapping, cu_seqlens, frame_offsets,
+def _(q, k, v, q_norm_weight, k_norm_weight, k_pages, v_pages, slot_mapping, k_out, cu_seqlens, frame_offsets,
       frame_index, frame_offset, grid_h, grid_w, eps, backend):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 

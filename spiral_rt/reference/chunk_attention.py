@@ -15,6 +15,10 @@ d_s on are taken to be copies of key d_s (a zero-padded prompt's text rows are):
 keys 0 .. d_s, the last one's score raised by log(kv_len - d_s), i.e. counted kv_len - d_s times.
 When the copies are exact this equals attention over all kv_len keys.
 
+With ``own`` = (own_k, own_v, own_pages), sequence s's last own_pages[s] pages are read from the rows
+own_k / own_v (N * page_size, H_kv, D) instead of the pool: its first own page is own page
+sum(own_pages[:s]), own page i being rows [i * page_size, (i + 1) * page_size).
+
 Math in fp32 (fp64 for fp64 inputs). Returns O (total_q, H, D) in q's dtype and LSE (total_q, H)
 in fp32 (natural log); a sequence without keys gets O = 0 and LSE = -inf.
 """
@@ -54,9 +58,10 @@ def chunk_attention(
     sm_scale: float | None = None,
     distinct_keys: list[int] | None = None,
     q_row_scale: torch.Tensor | None = None,
+    own: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference of ``spiral_rt.ops.chunk_attention`` (index tables as host lists). ``q_row_scale``
-    (total_q,): query row i's scores are multiplied by q_row_scale[i]."""
+    (total_q,): query row i's scores are multiplied by q_row_scale[i]; ``own``: see the module docstring."""
     total_q, heads, head_dim = q.shape
     group = heads // k_pages.shape[2]
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
@@ -70,8 +75,17 @@ def chunk_attention(
         if q1 == q0 or lens[s] == 0:
             continue
         pages = kv_indices[kv_indptr[s]:kv_indptr[s + 1]]
-        k = gather_kv(k_pages, pages, lens[s]).to(work).repeat_interleave(group, dim=1)
-        v = gather_kv(v_pages, pages, lens[s]).to(work).repeat_interleave(group, dim=1)
+        k = gather_kv(k_pages, pages, lens[s])
+        v = gather_kv(v_pages, pages, lens[s])
+        if own is not None and own[2][s]:
+            own_k, own_v, own_pages = own
+            n, first = own[2][s], sum(own_pages[:s])
+            context = (len(pages) - n) * page_size  # keys before the own pages
+            rows = slice(first * page_size, first * page_size + lens[s] - context)
+            k = torch.cat([k[:context], own_k[rows].to(k.dtype)])
+            v = torch.cat([v[:context], own_v[rows].to(v.dtype)])
+        k = k.to(work).repeat_interleave(group, dim=1)
+        v = v.to(work).repeat_interleave(group, dim=1)
         if distinct_keys is not None and 0 <= distinct_keys[s] < lens[s] - 1:
             d = distinct_keys[s]
             k, v = k[:d + 1], v[:d + 1]

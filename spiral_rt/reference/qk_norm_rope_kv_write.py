@@ -14,9 +14,14 @@ Math, all fp32 (no float64):
     d_h = d_w = 2 * (D // 6), d_t = D - 2 * d_h  (44/42/42 for D = 128),
     inv_freq[j] = 1 / 10000^(2 i / d_part), i = j's index within its part
 
-k is normed and rotated the same way (with k_weight); k and v are written (in the pages' dtype)
-to flat slots ``slot_mapping[t]`` of the pages: slot = page * page_size + offset, i.e. to
-``pages.view(-1, H, D)[slot]``; a negative slot means "do not write" (padding). Returns q'.
+k is normed and rotated the same way (with k_weight). Writes, either or both:
+
+- k' and v (in the pages' dtype) to flat slots ``slot_mapping[t]`` of the pages: slot = page *
+  page_size + offset, i.e. to ``pages.view(-1, H, D)[slot]``; a negative slot means "do not
+  write" (padding). Without pages (k_pages, v_pages, slot_mapping all None) v is not read;
+- k' of every token to ``k_out`` (T, H, D) in its dtype; k_out may be k itself (in place).
+
+Returns q'.
 """
 
 from __future__ import annotations
@@ -85,28 +90,33 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 def qk_norm_rope_kv_write(
     q: torch.Tensor,
     k: torch.Tensor,
-    v: torch.Tensor,
+    v: torch.Tensor | None,
     q_weight: torch.Tensor,
     k_weight: torch.Tensor,
-    k_pages: torch.Tensor,
-    v_pages: torch.Tensor,
-    slot_mapping: torch.Tensor,
+    k_pages: torch.Tensor | None,
+    v_pages: torch.Tensor | None,
+    slot_mapping: torch.Tensor | None,
     grid_h: int,
     grid_w: int,
     frame_offsets: list[int],
     cu_seqlens: list[int] | None = None,
     eps: float = 1e-6,
+    k_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reference of ``spiral_rt.ops.qk_norm_rope_kv_write``; writes k_pages, v_pages in place, returns q'."""
+    """Reference of ``spiral_rt.ops.qk_norm_rope_kv_write``; writes k_pages, v_pages (when not None)
+    and k_out (when not None) in place, returns q'."""
     total = q.shape[0]
     cu = cu_seqlens if cu_seqlens is not None else [0, total]
     positions = token_positions(cu, frame_offsets, grid_h, grid_w)
     q_out = apply_rope(rms_norm_heads(q, q_weight, eps), positions).to(q.dtype)
     k_rot = apply_rope(rms_norm_heads(k, k_weight, eps), positions)
-    slots = slot_mapping.to(torch.int64)
-    keep = slots >= 0
-    k_flat = k_pages.view(-1, *k_pages.shape[2:])
-    v_flat = v_pages.view(-1, *v_pages.shape[2:])
-    k_flat[slots[keep]] = k_rot[keep].to(k_pages.dtype)
-    v_flat[slots[keep]] = v[keep].to(v_pages.dtype)
+    if k_pages is not None:
+        slots = slot_mapping.to(torch.int64)
+        keep = slots >= 0
+        k_flat = k_pages.view(-1, *k_pages.shape[2:])
+        v_flat = v_pages.view(-1, *v_pages.shape[2:])
+        k_flat[slots[keep]] = k_rot[keep].to(k_pages.dtype)
+        v_flat[slots[keep]] = v[keep].to(v_pages.dtype)
+    if k_out is not None:  # k_rot is computed from all of k already, so k_out may be k itself
+        k_out.copy_(k_rot)
     return q_out

@@ -110,7 +110,8 @@ def test_fused_path_equals_plain_path(dtype, tol, cross_attn_norm):
 def test_clean_pass_kv_only_leaves_the_cache_of_the_full_forward(monkeypatch):
     """The clean pass asks the DiT for its K/V alone (``kv_only``: the fused path stops after the last
     block's K/V write, no head): the latents of later chunks, which attend to those K/V at every layer,
-    equal those with full forwards, exactly."""
+    equal those with full forwards, exactly. (A full forward writes the cache only when every forward
+    does: ``denoising_kv_from_qkv=False``.)"""
     torch.manual_seed(13)
     model = tiny_model()
     p = prompt(model)
@@ -123,10 +124,49 @@ def test_clean_pass_kv_only_leaves_the_cache_of_the_full_forward(monkeypatch):
             forward = type(model).forward
             monkeypatch.setattr(type(model), "forward",
                                 lambda self, *a, kv_only=False, **k: forward(self, *a, **k))
-        engine = make_engine(model, fused_ops=True)
+        engine = make_engine(model, fused_ops=True, denoising_kv_from_qkv=not full)
         session = engine.open_session(p, seed=5)
         runs.append(run_chunks(session, 3))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_denoising_forwards_read_their_kv_from_the_projection(monkeypatch):
+    """``denoising_kv_from_qkv``: the denoising forwards write nothing into the cache (k rotated in place
+    into the projection's output, attention reading the chunk's K/V from there); the latents and, after
+    each clean pass, the cache's live pages equal those of writing every forward's K/V, exactly. Two sessions
+    of different context lengths in one batch, sink + window eviction."""
+    from spiral_rt.engine import paged_context
+
+    torch.manual_seed(15)
+    model = tiny_model()
+    p = prompt(model)
+    calls = {"pages": 0, "in_place": 0}
+    real = paged_context.qk_norm_rope_kv_write
+
+    def counting(*args, k_out=None, **kw):
+        calls["in_place" if k_out is not None else "pages"] += 1
+        return real(*args, k_out=k_out, **kw)
+
+    monkeypatch.setattr(paged_context, "qk_norm_rope_kv_write", counting)
+    outs, caches = [], []
+    for own in (False, True):
+        engine = make_engine(model, fused_ops=True, denoising_kv_from_qkv=own,
+                             policy=SinkWindowPolicy(sink_frames=1, window_frames=3))
+        a = engine.open_session(p, seed=5, noise_id=0)
+        a.next_chunk()
+        b = engine.open_session(p, seed=6, noise_id=1)
+        lat = []
+        for _ in range(3):
+            out = engine.step([a, b])
+            lat += [out[a.session_id].latents, out[b.session_id].latents]
+        outs.append(torch.cat(lat, dim=1))
+        live = [q for q in range(engine.cache.num_pages) if engine.cache.refcount(q) > 0]
+        caches.append(engine.cache.kv[:, :, live].clone())  # free pages hold whatever was last there
+        a.close(), b.close()
+        assert_no_leaks(engine)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(caches[0], caches[1])
+    layers = model.config.num_layers
+    assert calls["in_place"] > 0 and calls["in_place"] % layers == 0  # the denoising forwards of the second run
 
 
 def test_last_chunk_skips_the_clean_pass_with_the_same_frames(monkeypatch):

@@ -309,7 +309,7 @@ def test_cuda_partition_covers_every_key_once_within_pages(block_n, splits, num_
     its tiles list the sequence's keys in order, each tile inside one page."""
     b = make_batch(VARLEN, page_size=7, num_pages=18)
     order, heads = [4, 0, 1, 2, 3], 3
-    work, tiles, merge, pieces, _ = cuda_work_tables(b.q_indptr, b.kv_indptr, b.kv_indices, b.last, b.page_size, order,
+    work, tiles, merge, pieces, *_ = cuda_work_tables(b.q_indptr, b.kv_indptr, b.kv_indices, b.last, b.page_size, order,
                                                   block_n, heads, splits, num_sms)
     assert sorted(w[5] for w in work if w[5] >= 0) == list(range(pieces))
     assert len(merge) == pieces and all(count == 0 for _, _, count in merge)
@@ -397,7 +397,7 @@ def test_cross_attention_units_run_per_cta_and_reuse_their_tile():
     heads, rows_q = 12, 4680
     b = make_batch([(rows_q, [0], 512)], page_size=512, num_pages=1)
     order = [0]
-    work, tiles, _, pieces, keys = cuda_work_tables(b.q_indptr, b.kv_indptr, b.kv_indices, b.last, 512, order,
+    work, tiles, _, pieces, keys, _ = cuda_work_tables(b.q_indptr, b.kv_indptr, b.kv_indices, b.last, 512, order,
                                                     176, heads, 0, 132)
     units = [(q0, min(q0 + 128, rows_q), h) for h in range(heads) for q0 in range(0, rows_q, 128)]
     assert pieces == 0 and len(work) == len(units) == 444
@@ -466,6 +466,95 @@ def test_cuda_backend_refuses_plans_it_cannot_run():
         assert tuple(dispatch.NATIVE.CHUNK_ATTENTION_BLOCK_NS) == CUDA_BLOCK_NS
 
 
+def own_rows_of(b: Batch, own_pages, k_pages, v_pages, q_heads):
+    """What a fused QKV projection would hold: a (N * page_size, 3, ...) buffer whose k and v thirds
+    carry each sequence's last own_pages[s] pool pages (own page order), row stride 3x the row;
+    returns (buffer, own_k, own_v, the pool ids of the own pages). Rows past a partial last page are
+    NaN (never read)."""
+    n, ps = sum(own_pages), b.page_size
+    kv_heads, d = k_pages.shape[2:]
+    assert q_heads == kv_heads  # the q third has the k third's shape here
+    buf = torch.full((n * ps, 3, kv_heads, d), float("nan"), dtype=k_pages.dtype, device=k_pages.device)
+    ids, i = [], 0
+    for (_, plist, kv_len), count in zip(b.seqs, own_pages):
+        for j, page in enumerate(plist[len(plist) - count:]):
+            rows = min(ps, kv_len - (len(plist) - count + j) * ps)
+            buf[i * ps:i * ps + rows, 1] = k_pages[page, :rows]
+            buf[i * ps:i * ps + rows, 2] = v_pages[page, :rows]
+            ids.append(page)
+            i += 1
+    return buf, buf[:, 1], buf[:, 2], ids
+
+
+def test_own_pages_read_from_own_rows_reference():
+    """A plan with own_pages reads each sequence's last pages from the own rows (strided views of a
+    QKV-like buffer) and never from the pool: with those pool pages poisoned, the result equals the
+    pool-only result exactly. Partial last pages, a sequence without queries, shared pool pages."""
+    b = make_batch(VARLEN, page_size=7, num_pages=18)
+    own_pages = [2, 1, 0, 1, 1]
+    q, kp, vp = random_inputs(b, 2, 2, 64, torch.float32, "cpu")
+    plain = plan_for(b, 2, 64, torch.float32, "cpu")
+    o_ref, lse_ref = chunk_attention(q, kp, vp, plain, backend="reference")
+    plan = plan_chunk_attention(b.q_indptr, b.kv_indptr, b.kv_indices, b.last, page_size=7, num_pages=18,
+                                num_qo_heads=2, head_dim=64, dtype=torch.float32, device="cpu", own_pages=own_pages)
+    _, own_k, own_v, ids = own_rows_of(b, own_pages, kp, vp, 2)
+    kp2, vp2 = kp.clone(), vp.clone()
+    kp2[ids], vp2[ids] = float("nan"), float("nan")
+    o, lse = chunk_attention(q, kp2, vp2, plan, own_k=own_k, own_v=own_v, backend="reference")
+    assert torch.equal(o, o_ref) and torch.equal(lse, lse_ref)
+    o, lse = chunk_attention(q, kp, vp, plan, backend="reference")  # without own rows: the pool
+    assert torch.equal(o, o_ref) and torch.equal(lse, lse_ref)
+
+
+def test_own_pages_tiles_name_own_pages():
+    """The CUDA partition's own-tile table: the tiles of each sequence's own pages name own page i as
+    i | 1 << 31, in sequence order; every other tile and every row word is the pool table's."""
+    b = make_batch(VARLEN, page_size=7, num_pages=18)
+    own_pages = [2, 1, 0, 1, 1]
+    order = sorted(range(len(b.seqs)), key=lambda s: -b.seqs[s][2])
+    _, tiles, _, _, keys, own_tiles = cuda_work_tables(b.q_indptr, b.kv_indptr, b.kv_indices, b.last, b.page_size,
+                                                       order, 112, 2, 1, 132, own_pages)
+    base = [sum(own_pages[:s]) for s in range(len(own_pages))]
+    flagged = 0
+    for (page, word), (own_page, own_word), (s, key0, _) in zip(tiles, own_tiles, keys):
+        assert own_word == word
+        plist = b.seqs[s][1]
+        i = key0 // b.page_size  # the tile's page position in the sequence's list
+        first_own = len(plist) - own_pages[s]
+        if i >= first_own:
+            assert own_page < 0 and own_page + 2**31 == base[s] + i - first_own
+            flagged += 1
+        else:
+            assert own_page == page
+    assert flagged == sum(1 for s, (_, plist, _) in enumerate(b.seqs) if b.q_indptr[s + 1] > b.q_indptr[s]
+                          for _ in plist[len(plist) - own_pages[s]:])
+
+
+def test_own_pages_errors_name_the_argument():
+    b = make_batch(VARLEN, page_size=7, num_pages=18)
+    q, kp, vp = random_inputs(b, 2, 2, 64, torch.float32, "cpu")
+    kw = dict(page_size=7, num_pages=18, num_qo_heads=2, head_dim=64, dtype=torch.float32, device="cpu")
+    args = (b.q_indptr, b.kv_indptr, b.kv_indices, b.last)
+    with pytest.raises(ValueError, match="'own_pages' entry 1 is 2"):
+        plan_chunk_attention(*args, own_pages=[0, 2, 0, 0, 0], **kw)
+    with pytest.raises(ValueError, match="'own_pages' must have 5 entries"):
+        plan_chunk_attention(*args, own_pages=[1, 1], **kw)
+    plan = plan_chunk_attention(*args, own_pages=[2, 1, 0, 1, 1], **kw)
+    _, own_k, own_v, _ = own_rows_of(b, [2, 1, 0, 1, 1], kp, vp, 2)
+    with pytest.raises(ValueError, match="'own_k' and 'own_v' go together"):
+        chunk_attention(q, kp, vp, plan, own_k=own_k)
+    with pytest.raises(ValueError, match="'own_k' needs a plan built with own_pages"):
+        chunk_attention(q, kp, vp, plan_for(b, 2, 64, torch.float32, "cpu"), own_k=own_k, own_v=own_v)
+    with pytest.raises(ValueError, match="'own_v'"):
+        chunk_attention(q, kp, vp, plan, own_k=own_k, own_v=own_v[:-1])
+    with pytest.raises(ValueError, match="'own_k' must have contiguous heads"):
+        chunk_attention(q, kp, vp, plan, own_k=own_k.transpose(1, 2).contiguous().transpose(1, 2), own_v=own_v)
+    with pytest.raises(ValueError, match="triton"):
+        chunk_attention(q, kp, vp, plan, own_k=own_k, own_v=own_v, backend="triton")
+    with pytest.raises(ValueError, match="own pages"):
+        plan.with_distinct_keys(torch.zeros(5, dtype=torch.int32))
+
+
 def test_custom_op_has_fake_kernel():
     b = make_batch(VARLEN, page_size=7, num_pages=18)
     q, kp, vp = random_inputs(b, 2, 2, 64, torch.float32, "cpu")
@@ -476,7 +565,7 @@ def test_custom_op_has_fake_kernel():
         args = [mode.from_tensor(t) for t in (q, kp, vp, plan.q_indptr, plan.kv_indptr, plan.kv_indices,
                                                plan.kv_last_page_len, plan.work)]
         o, lse = torch.ops.spiral_rt.chunk_attention(*args, 0.125, 1, 16, 16, 4, 1, True, False, None, None, None, None,
-                                                      176, None, 0, False, None, None, None, "triton")
+                                                      176, None, 0, False, None, None, None, None, None, None, None, "triton")
         assert o.shape == q.shape and lse.shape == q.shape[:2] and lse.dtype == torch.float32
 
 
@@ -646,6 +735,37 @@ def test_gpu_cuda_pieces_merged_in_kernel_on_every_launch(splits):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("splits", [0, 1, 3])
+def test_gpu_cuda_own_rows_equal_the_pool_bit_for_bit(splits):
+    """The engine's layout: two sequences of 3 own frames after 7 context frames, q and the own K/V
+    as thirds of one (rows, 3, H, D) buffer. With the pool's own pages poisoned, the kernel reading
+    them from the own rows gives the pool-only result's bits (same values, same tiles); a graph replay too."""
+    b = _wan_batch(3, 7, num_seqs=2)
+    own_pages = [3, 3]
+    plan = plan_chunk_attention(b.q_indptr, b.kv_indptr, b.kv_indices, b.last, page_size=WAN_PAGE,
+                                num_pages=b.num_pages, num_qo_heads=12, head_dim=128, dtype=torch.bfloat16,
+                                device="cuda", config=AttentionConfig(num_splits=splits), own_pages=own_pages)
+    if plan.cuda_reason is not None:
+        pytest.skip(plan.cuda_reason)
+    _, kp, vp = random_inputs(b, 12, 12, 128, torch.bfloat16, "cuda")
+    buf, own_k, own_v, ids = own_rows_of(b, own_pages, kp, vp, 12)
+    q = buf[:, 0]
+    q.copy_(torch.randn_like(q))
+    o_ref, lse_ref = chunk_attention(q, kp, vp, plan, backend="cuda")
+    check_against_fp64(o_ref, lse_ref, q, kp, vp, b, 1.6e-2, 2e-2)
+    kp[ids], vp[ids] = float("nan"), float("nan")
+    o, lse = chunk_attention(q, kp, vp, plan, own_k=own_k, own_v=own_v, backend="cuda")
+    torch.testing.assert_close(o, o_ref, rtol=0, atol=0)
+    torch.testing.assert_close(lse, lse_ref, rtol=0, atol=0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        og, lg = chunk_attention(q, kp, vp, plan, own_k=own_k, own_v=own_v, backend="cuda")
+    graph.replay()
+    torch.testing.assert_close(og, o_ref, rtol=0, atol=0)
+    torch.testing.assert_close(lg, lse_ref, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
 def test_gpu_cuda_kernel_error_within_twice_sdpa_and_graph_replay():
     torch.backends.cuda.matmul.allow_tf32 = False
     b = _wan_batch(3, 7)
@@ -702,7 +822,7 @@ def _repeat_tails(k_pages, v_pages, b: Batch, distinct):
 def _expected_tiles(b: Batch, distinct, block_n):
     """Per CUDA tile: (valid keys read, counted, log2 count), from the tile list of cuda_work_tables."""
     order = sorted(range(len(b.seqs)), key=lambda s: -b.seqs[s][2])
-    _, tiles, _, _, keys = cuda_work_tables(b.q_indptr, b.kv_indptr, b.kv_indices, b.last, b.page_size, order,
+    _, tiles, _, _, keys, _ = cuda_work_tables(b.q_indptr, b.kv_indptr, b.kv_indices, b.last, b.page_size, order,
                                             block_n, 1, 1, 132)
     out = []
     for (_, word), (s, key0, kv_len) in zip(tiles, keys):

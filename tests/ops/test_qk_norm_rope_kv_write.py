@@ -3,7 +3,8 @@ Wan's own code), Triton vs reference.
 
 Awkward cases: token counts that are not whole frames, page_size not a power of two, pages listed
 out of order, padding slots (-1) left unwritten, varlen sequences with per-sequence frame offsets,
-q/k/v as strided views of one fused QKV tensor. Tolerances, relative to max |ref| (one rounding of
+q/k/v as strided views of one fused QKV tensor, the rotated k written back in place into that
+tensor without pages (``k_out=k``). Tolerances, relative to max |ref| (one rounding of
 the output): fp32 1e-5, fp16 2e-3, bf16 1.6e-2; v is copied bit-exactly.
 """
 
@@ -12,7 +13,7 @@ import math
 import pytest
 import torch
 
-from spiral_rt.ops.qk_norm_rope_kv_write import qk_norm_rope_kv_write
+from spiral_rt.ops.qk_norm_rope_kv_write import _qk_norm_rope_kv_write_op, qk_norm_rope_kv_write
 from spiral_rt.reference import qk_norm_rope_kv_write as ref
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -122,6 +123,90 @@ def test_triton_frame_index_table_with_gap(triton_device):
 def test_triton_head_dim_128_parts(triton_device):
     args = _case(12, 2, 128, torch.float32, triton_device, num_pages=3, page_size=6)
     _compare(torch.float32, args, dict(grid_hw=(2, 3), frame_offset=11), triton_device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_k_out_with_pages_is_the_k_written_to_the_pages(triton_device, backend, dtype):
+    # 23 tokens: one frame of 2 x 5, a second, and 3 tokens of a third; page_size 5; 2 padding tokens
+    q, k, v, qw, kw, k_pages, v_pages, slots = _case(23, 3, 64, dtype, triton_device, num_pages=6, page_size=5, pad=2)
+    call = dict(grid_hw=(2, 5), frame_offset=3, backend=backend)
+    kp, vp = k_pages.clone(), v_pages.clone()
+    q_plain = qk_norm_rope_kv_write(q, k, v, qw, kw, kp, vp, slots, **call)
+    kp_out, vp_out = k_pages.clone(), v_pages.clone()
+    k_out = torch.full_like(k, float("nan"))
+    q_rot = qk_norm_rope_kv_write(q, k, v, qw, kw, kp_out, vp_out, slots, k_out=k_out, **call)
+    assert torch.equal(q_rot, q_plain) and torch.equal(kp_out, kp) and torch.equal(vp_out, vp)
+    keep = slots >= 0
+    assert torch.equal(k_out[keep], kp.view(-1, 3, 64)[slots[keep]])
+    # padding tokens are not in the pages, but k_out gets them too
+    k_ref = torch.empty_like(k)
+    qk_norm_rope_kv_write(q, k, v, qw, kw, k_pages.clone(), v_pages.clone(), slots, k_out=k_ref,
+                          grid_hw=(2, 5), frame_offset=3, backend="reference")
+    torch.testing.assert_close(k_out.double(), k_ref.double(), rtol=0, atol=TOL[dtype] * k_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_in_place_k_out_into_fused_qkv_without_pages(triton_device, backend, dtype):
+    """The engine's denoising forward: q, k, v are views of the (T, 3 * H * D) projection output, the
+    rotated k goes back into its k third, no page is written and v is not needed."""
+    t, h, d, grid = 45, 3, 64, (3, 5)  # three frames, rotated as frames 4, 9, 2
+    frame_index = torch.tensor([4, 9, 2], dtype=torch.int32, device=triton_device)
+    qkv = torch.randn(t, 3 * h * d, device=triton_device).to(dtype)
+    qw = torch.rand(h * d, device=triton_device) + 0.5
+    kw = torch.rand(h * d, device=triton_device) + 0.5
+    k_pages = torch.zeros(5, 9, h, d, device=triton_device, dtype=dtype)
+    slots = torch.randperm(5 * 9, device=triton_device)[:t]
+    call = dict(grid_hw=grid, frame_index=frame_index, backend=backend)
+    q_page = qk_norm_rope_kv_write(*qkv.view(t, 3, h, d).unbind(1), qw, kw, k_pages, torch.zeros_like(k_pages),
+                                   slots, **call)
+    k_page = k_pages.view(-1, h, d)[slots].reshape(t, h * d)
+    for pass_v in (True, False):
+        buf = qkv.clone()
+        q, k, v = buf.view(t, 3, h, d).unbind(1)
+        q_rot = qk_norm_rope_kv_write(q, k, v if pass_v else None, qw, kw, None, None, None, k_out=k, **call)
+        assert torch.equal(q_rot, q_page)
+        assert torch.equal(buf[:, h * d:2 * h * d], k_page)
+        assert torch.equal(buf[:, :h * d], qkv[:, :h * d]) and torch.equal(buf[:, 2 * h * d:], qkv[:, 2 * h * d:])
+
+
+def test_registration_declares_every_write():
+    """opcheck: the schema's mutated arguments (k_pages, v_pages, k_out) and the fake kernel match
+    what the op does, with and without pages (the reference backend; CPU)."""
+    q, k, v, qw, kw, kp, vp, slots = _case(7, 3, 12, torch.float32, "cpu", num_pages=2, page_size=4)
+    rest = (None, None, None, 1, 2, 2, 1e-6, "reference")
+    for args in ((q, k, None, qw, kw, None, None, None, torch.empty_like(k)),
+                 (q, k, v, qw, kw, kp, vp, slots, torch.empty_like(k))):
+        torch.library.opcheck(_qk_norm_rope_kv_write_op, (*args, *rest))
+
+
+def test_optional_pages_and_k_out_bad_arguments():
+    q, k, v, qw, kw, kp, vp, slots = _case(7, 3, 12, torch.float32, "cpu", num_pages=2, page_size=4)
+    call = dict(grid_hw=(2, 2), backend="reference")
+    with pytest.raises(ValueError, match="'k_pages' is None but 'v_pages' and 'slot_mapping' are given"):
+        qk_norm_rope_kv_write(q, k, v, qw, kw, None, vp, slots, **call)
+    with pytest.raises(ValueError, match="'v_pages' is None"):
+        qk_norm_rope_kv_write(q, k, v, qw, kw, kp, None, slots, k_out=torch.empty_like(k), **call)
+    with pytest.raises(ValueError, match="'k_pages' is None but 'slot_mapping' is given"):
+        qk_norm_rope_kv_write(q, k, v, qw, kw, None, None, slots, k_out=k, **call)
+    with pytest.raises(ValueError, match="'slot_mapping' is None"):
+        qk_norm_rope_kv_write(q, k, v, qw, kw, kp, vp, None, **call)
+    with pytest.raises(ValueError, match="no argument 'k_out': the call writes nothing"):
+        qk_norm_rope_kv_write(q, k, v, qw, kw, None, None, None, **call)
+    with pytest.raises(ValueError, match="'k_out' must have shape"):
+        qk_norm_rope_kv_write(q, k, v, qw, kw, None, None, None, k_out=k[:-1], **call)
+    with pytest.raises(ValueError, match="'k_out' must have dtype"):
+        qk_norm_rope_kv_write(q, k, v, qw, kw, kp, vp, slots, k_out=k.half(), **call)
+    with pytest.raises(ValueError, match="'k_out' must have contiguous heads"):
+        qk_norm_rope_kv_write(q, k, v, qw, kw, None, None, None, k_out=k.transpose(1, 2).contiguous().transpose(1, 2),
+                              **call)
+    with pytest.raises(ValueError, match="'v'"):  # the pages need v
+        qk_norm_rope_kv_write(q, k, None, qw, kw, kp, vp, slots, **call)
+    with pytest.raises(ValueError, match="'v'"):  # not read without pages, but still checked when given
+        qk_norm_rope_kv_write(q, k, v.half(), qw, kw, None, None, None, k_out=k, **call)
+    # nothing to validate without slots
+    qk_norm_rope_kv_write(q, k, None, qw, kw, None, None, None, k_out=k, validate_slots=True, **call)
 
 
 def test_bad_arguments_name_the_argument():
