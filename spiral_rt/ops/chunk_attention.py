@@ -30,7 +30,7 @@ picks one by shape and bench/bench_attention.py compares them. Math:
 Backends: cuda (csrc/chunk_attention_sm90.cu: Hopper, TMA + warpgroup MMAs, D = 128, bf16/fp16;
 the plan lists its key tiles and work items, one per 128 query rows x head, and splits the units
 of the last wave(s) into pieces when a makespan model says it pays (``_tail_split``); the pieces'
-partial states are merged by a second, small kernel; ``plan.cuda_reason`` says why a plan cannot
+partial states are merged by the last piece of each unit to finish, in the same launch; ``plan.cuda_reason`` says why a plan cannot
 use it), triton (kernels/chunk_attention.py, any supported shape), reference.
 """
 
@@ -90,7 +90,8 @@ class AttentionConfig:
     num_stages: int = 3
     """Software-pipelining depth of the K/V loads."""
     num_splits: int = 0
-    """KV splits per sequence (> 1: partial states merged by a second kernel); 0 = choose by shape
+    """KV splits per sequence (> 1: partial states merged by a second kernel in Triton, in the same
+    launch in CUDA); 0 = choose by shape
     (Triton: one split count for all; CUDA: only the units of the last waves are split)."""
     hoist_pages: bool = True
     """Look pages up with two scalar loads per key tile (when block_n <= page_size) instead of a
