@@ -29,9 +29,9 @@ picks one by shape and bench/bench_attention.py compares them. Math:
 
 Backends: cuda (csrc/chunk_attention_sm90.cu: Hopper, TMA + warpgroup MMAs, D = 128, bf16/fp16;
 the plan lists its key tiles and work items, one per 128 query rows x head, and splits the units
-of the last wave(s) into pieces when a makespan model says it pays (``_tail_split``); the pieces'
-partial states are merged by the last piece of each unit to finish, in the same launch; ``plan.cuda_reason`` says why a plan cannot
-use it), triton (kernels/chunk_attention.py, any supported shape), reference.
+of the last wave(s) into pieces when a makespan model says it pays (``_tail_split``); the last piece
+of a unit to finish merges the pieces' partial states, in the same launch; ``plan.cuda_reason`` says
+why a plan cannot use it), triton (kernels/chunk_attention.py, any supported shape), reference.
 """
 
 from __future__ import annotations
