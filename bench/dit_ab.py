@@ -24,6 +24,10 @@ Variants (``--variants``, the first is the baseline of the ratios):
   one_q_buffer   the cross-attention's row blocks in the kernel's usual variant (one Q buffer, a
                  two-stage K/V ring) instead of the short-item one (two Q buffers: the next item's
                  Q loads while this one's S reads its own; session 16's change; own text plans).
+  kv_written     the denoising forwards write their chunk's K/V into the cache and the attention
+                 reads them there, instead of from the QKV projection's output (session 19's change);
+  time_mlp       the time MLP and the blocks' modulation tables computed in every forward, instead of
+                 kept per timestep value (session 19's change).
 A change under study adds its "undone" variant here. Session 13 measured a cross-attention that read
 a prompt's repeated padding rows once (a Triton kernel, commit dca156a, since removed) against SDPA
 over every row this way: results/text_attention_ab.json.
@@ -48,6 +52,7 @@ from bench_stream import CHUNK_FRAMES, Clock, free, make_engine, run_video  # no
 from common import PROMPT_TOKENS, print_table, prompt_embedding, write_result  # noqa: E402
 
 from spiral_rt.cache import GlobalPolicy  # noqa: E402
+from spiral_rt.engine import paged_context  # noqa: E402
 from spiral_rt.models import dit as dit_module  # noqa: E402
 from spiral_rt.models.config import tiny_test, wan21_t2v_1_3b  # noqa: E402
 from spiral_rt.models.dit import build_dit  # noqa: E402
@@ -74,6 +79,13 @@ def _stacked(*contexts):
         yield
 
 
+def _time_tables_every_forward(self, timesteps, B, frames, device):
+    """``CausalWanDiT._time_conditioning`` without its per-t cache (the DiT before session 19)."""
+    if not isinstance(timesteps, torch.Tensor):
+        timesteps = torch.full((B, frames), float(timesteps), device=device)
+    return self._time_mlp(timesteps if timesteps.dim() == 2 else timesteps[:, None].expand(B, frames))
+
+
 def _torch_linear(x, weight, bias=None, *, gelu=False):
     """PyTorch's own calls for what ``spiral_rt.ops.linear`` does (the DiT before session 14)."""
     if not gelu:
@@ -98,6 +110,8 @@ VARIANTS = {
                                            _patched(dit_module, "_TEXT_PLANS", _STRIDED_TEXT_PLANS)),
     "one_q_buffer": lambda: _stacked(_patched(attention_ops, "_short_item_kernel", lambda cuda_work: False),
                                      _patched(dit_module, "_TEXT_PLANS", _ONE_Q_BUFFER_TEXT_PLANS)),
+    "kv_written": lambda: _patched(paged_context, "own_pages_of", lambda plan: None),
+    "time_mlp": lambda: _patched(dit_module.CausalWanDiT, "_time_conditioning", _time_tables_every_forward),
 }
 
 
