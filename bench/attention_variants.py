@@ -2,9 +2,8 @@
 
 Each variant is csrc/chunk_attention_sm90.cu with text patches applied (PATCHES below; a name
 like "hint+warp_arrive" applies several in order), compiled by nvcc into its own shared
-library with a flat C entry point, then run as the op's CUDA path (one launch; the kernel merges
-the plan's pieces itself, except in ``separate_merge``, which times the two-launch path of
-sessions 7-18: the kernel, then a Triton merge) on the bench_attention shapes (Lq 4680, Lk 4680..32760, 12 x 128 heads, bf16,
+library with a flat C entry point, then run as the op's CUDA path (kernel, then the merge of the
+plan's pieces) on the bench_attention shapes (Lq 4680, Lk 4680..32760, 12 x 128 heads, bf16,
 1560-token shuffled pages) at each block_n. Every variant's output is checked against
 PyTorch's SDPA on the same keys before it is timed; FA3 (when importable) is timed on the same
 data for the ratio. A patch that no longer applies (the source moved on) is reported and skipped.
@@ -28,15 +27,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import common  # noqa: E402
 from bench_attention import HEAD_DIM, HEADS, LKS, LQ, PAGE, _import_fa3, make_plan, paged_layout  # noqa: E402
 
-from spiral_rt.kernels.chunk_attention import _combine_states  # noqa: E402
+from spiral_rt.kernels.chunk_attention import merge_pieces  # noqa: E402
 from spiral_rt.ops.chunk_attention import AttentionConfig  # noqa: E402
 
 SOURCE = ROOT / "csrc" / "chunk_attention_sm90.cu"
@@ -44,12 +41,11 @@ BUILD = Path("/tmp/attention_variants")
 
 ENTRY = r"""
 extern "C" int av_launch(const void* q, const void* k, const void* v, void* o, float* lse, float* part_o,
-                         float* part_lse, int32_t* piece_units, const int32_t* work, const int32_t* tiles, long long q_row_stride,
+                         float* part_lse, const int32_t* work, const int32_t* tiles, long long q_row_stride,
                          long long total_q, long long num_work, long long num_pieces, long long num_pages,
                          int page_size, int heads, int kv_heads, int block_n, float scale, void* stream) {
   spiral_rt::ChunkAttentionArgs a;
   a.q = q; a.k = k; a.v = v; a.o = o; a.lse = lse; a.partial_o = part_o; a.partial_lse = part_lse;
-  a.piece_units = piece_units;
   a.work = work; a.tiles = tiles; a.q_row_stride = q_row_stride; a.total_q = total_q; a.num_work = num_work;
   a.num_pieces = num_pieces; a.num_pages = num_pages; a.page_size = page_size; a.num_heads = heads;
   a.num_kv_heads = kv_heads; a.head_dim = 128; a.block_n = block_n; a.sm_scale = scale;
@@ -122,9 +118,6 @@ PATCHES = {  # each a list of source -> source functions; they apply to csrc as 
                               "return static_cast<uint32_t>(((t + shift) / STAGES) & 1);"),
                      _replace("v_stage + ((kk * 16 * kHalfBytes) >> 4)", "v_desc + ((v_offset + kk * 16 * kHalfBytes) >> 4)")],
     # the register split before FA3's (producer 40, consumers 232)
-    # the pieces of split units only write their partial states; a second launch merges them
-    # (the path before session 18; see separate_merge below)
-    "separate_merge": [_replace("if (!persistent && first < end) {", "if (false) {")],
     "reg232": [_replace("setmaxnreg.dec.sync.aligned.u32 24;", "setmaxnreg.dec.sync.aligned.u32 40;"),
                _replace("setmaxnreg.inc.sync.aligned.u32 240;", "setmaxnreg.inc.sync.aligned.u32 232;")],
 }
@@ -158,57 +151,21 @@ def build(name: str) -> tuple[str, Path | None, str]:
     return name, d / "lib.so", f"C7519 x{injected}, spill stores {','.join(spills)}"
 
 
-@triton.jit
-def _separate_merge_kernel(po_ptr, plse_ptr, units_ptr, o_ptr, lse_ptr, NUM_HEADS: tl.constexpr,
-                           HEAD_DIM: tl.constexpr, PIECE_ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
-    """The second launch of ``separate_merge``: program (u, b) merges rows b * BLOCK_R .. of split
-    unit u = (q_start, q_end, head, first slot, pieces)."""
-    unit = units_ptr + tl.program_id(0) * 5
-    q_start, q_end, head = tl.load(unit), tl.load(unit + 1), tl.load(unit + 2)
-    first, pieces = tl.load(unit + 3), tl.load(unit + 4)
-    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = q_start + r < q_end
-    o, lse = _combine_states(po_ptr, plse_ptr, first.to(tl.int64) * PIECE_ROWS + r, rmask, pieces, PIECE_ROWS,
-                             HEAD_DIM, BLOCK_R)
-    out = (q_start + r).to(tl.int64) * NUM_HEADS + head
-    cols = tl.arange(0, HEAD_DIM)
-    tl.store(o_ptr + out[:, None] * HEAD_DIM + cols[None, :], o.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
-    tl.store(lse_ptr + out, lse, mask=rmask)
-
-
-_UNITS: dict[int, tuple] = {}
-
-
-def _split_units(plan) -> torch.Tensor:
-    """(U, 5) int32 q_start, q_end, head, first slot, pieces of the plan's split units (from its
-    work rows and piece rows), for ``_separate_merge_kernel``; built once per plan (a host sync)."""
-    key = id(plan.cuda_merge)
-    if key not in _UNITS:
-        work, pieces = plan.cuda_work.tolist(), plan.cuda_merge.tolist()
-        units = [(w[0], w[1], w[4], w[5], pieces[w[5]][1]) for w in work if w[5] >= 0 and pieces[w[5]][0] == w[5]]
-        _UNITS[key] = (plan.cuda_merge, torch.tensor(units, dtype=torch.int32, device=plan.cuda_work.device))
-    return _UNITS[key][1]
-
-
-def launcher(lib: Path, separate_merge: bool = False):
+def launcher(lib: Path):
     fn = ctypes.CDLL(str(lib)).av_launch
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_longlong] * 5 + [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_void_p]
+    fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_longlong] * 5 + [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_void_p]
 
     def run(q, k_pages, v_pages, plan, o, lse, part_o, part_lse, block_n):
-        """The op's CUDA path with this variant's kernel (and, for separate_merge, the merge launch)."""
+        """The op's CUDA path with this variant's kernel: launch, then merge the plan's pieces."""
         err = fn(q.data_ptr(), k_pages.data_ptr(), v_pages.data_ptr(), o.data_ptr(), lse.data_ptr(), part_o.data_ptr(),
-                 part_lse.data_ptr(), plan.cuda_merge.data_ptr() if plan.cuda_pieces else 0,
-                 plan.cuda_work.data_ptr(), plan.cuda_tiles.data_ptr(), q.stride(0), q.shape[0],
+                 part_lse.data_ptr(), plan.cuda_work.data_ptr(), plan.cuda_tiles.data_ptr(), q.stride(0), q.shape[0],
                  plan.cuda_work.shape[0], plan.cuda_pieces, k_pages.shape[0], k_pages.shape[1], HEADS,
                  k_pages.shape[2], block_n, HEAD_DIM ** -0.5, torch.cuda.current_stream().cuda_stream)
         if err:
             raise RuntimeError(f"launch failed: cudaError {err}")
-        if separate_merge and plan.cuda_pieces:
-            units = _split_units(plan)
-            _separate_merge_kernel[(units.shape[0], triton.cdiv(part_o.shape[1], 16))](
-                part_o, part_lse, units, o, lse, NUM_HEADS=o.shape[1], HEAD_DIM=HEAD_DIM, PIECE_ROWS=part_o.shape[1],
-                BLOCK_R=16, num_warps=4)
+        if plan.cuda_pieces:
+            merge_pieces(part_o, part_lse, plan.cuda_merge, o, lse)
     return run
 
 
@@ -223,7 +180,7 @@ def inputs(lk: int):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default="cur,separate_merge")
+    ap.add_argument("--variants", default="cur,thread_wg,signed_stage,thread_wg+signed_stage")
     ap.add_argument("--block-n", default="112,176")
     ap.add_argument("--lk", default=",".join(map(str, LKS)))
     ap.add_argument("--rep-ms", type=float, default=300)
@@ -240,7 +197,7 @@ def main():
     for name, lib, report in built:
         print(f"{name:28s} {report}", file=sys.stderr)
         if lib is not None:
-            runners[name] = launcher(lib, separate_merge="separate_merge" in name.split("+"))
+            runners[name] = launcher(lib)
     fa3 = _import_fa3()
     rows = []
     for lk in lks:

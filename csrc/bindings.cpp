@@ -90,8 +90,7 @@ void chunk_attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr
                      uintptr_t partial_lse, uintptr_t work, uintptr_t tiles, int64_t q_row_stride, int64_t total_q,
                      int64_t num_work, int64_t num_pieces, int64_t num_pages, int page_size, int num_heads, int num_kv_heads,
                      int head_dim, int block_n, float sm_scale, int dtype, int device, uintptr_t stream,
-                     uintptr_t tile_log2_count, uintptr_t q_row_scale, bool short_items, uintptr_t piece_units,
-                     uintptr_t own_k, uintptr_t own_v, int64_t own_row_stride, int64_t num_own_pages) {
+                     uintptr_t tile_log2_count, uintptr_t q_row_scale, bool short_items, uintptr_t own_k, uintptr_t own_v, int64_t own_row_stride, int64_t num_own_pages) {
   spiral_rt::ChunkAttentionArgs args;
   args.q = ptr<const void>(q);
   args.k = ptr<const void>(k);
@@ -100,7 +99,6 @@ void chunk_attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr
   args.lse = ptr<float>(lse);
   args.partial_o = ptr<float>(partial_o);
   args.partial_lse = ptr<float>(partial_lse);
-  args.piece_units = ptr<int32_t>(piece_units);
   args.work = ptr<const int32_t>(work);
   args.tiles = ptr<const int32_t>(tiles);
   args.tile_log2_count = ptr<const float>(tile_log2_count);
@@ -180,7 +178,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_work"), py::arg("num_pieces"), py::arg("num_pages"), py::arg("page_size"), py::arg("num_heads"),
         py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("block_n"), py::arg("sm_scale"), py::arg("dtype"),
         py::arg("device"), py::arg("stream"), py::arg("tile_log2_count") = 0, py::arg("q_row_scale") = 0,
-        py::arg("short_items") = false, py::arg("piece_units") = 0, py::arg("own_k") = 0, py::arg("own_v") = 0,
+        py::arg("short_items") = false, py::arg("own_k") = 0, py::arg("own_v") = 0,
         py::arg("own_row_stride") = 0, py::arg("num_own_pages") = 0);
   m.def("chunk_attention_available", &spiral_rt::chunk_attention_sm90_available,
         "Whether the Hopper chunk attention kernel runs on this device (sm_90a build, compute 9.0)",

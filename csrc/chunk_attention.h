@@ -8,12 +8,8 @@
 //            first, then the num_pieces pieces: query rows [q_start, q_end) (at most 128) of query
 //            head `head` against key tiles [t0, t1) of `tiles`. slot < 0: the tiles are all of the rows' keys and the CTA writes o and lse;
 //            slot >= 0: a piece of a split key range, written as the fp32 partial state
-//            partial_o[slot] (128, D) and partial_lse[slot] (128,) (row i = query row q_start + i);
-//            the last of a unit's pieces to finish merges the unit's states into o and lse;
-//   piece_units (num_pieces, 3) int32, needed with pieces: row `slot` = the first slot of the
-//            piece's unit, the unit's number of pieces, and a counter (column 2 of the unit's first
-//            row) that must be 0 before a launch; the kernel counts finished pieces there and the
-//            merging CTA sets it back to 0, so launches sharing a table must not overlap in time;
+//            partial_o[slot] (128, D) and partial_lse[slot] (128,) (row i = query row q_start + i)
+//            for the merge kernel (spiral_rt/kernels/chunk_attention.py, merge_pieces);
 //   tiles    (num_tiles, 2) int32: page, row0 | valid << 16 | counted << 30. A tile is `block_n`
 //            consecutive rows of one page starting at row0, of which the first `valid` are keys
 //            (the rest are masked; rows past the page end read as zeros); `counted` (with
@@ -32,7 +28,7 @@
 //            0), as if the row were scaled by it: how an RMS norm over all of a row's heads, whose
 //            weight the caller folded into the keys, is applied without rewriting q.
 // Outputs: o (total_q, H, D) in q's dtype and lse (total_q, H) fp32 (natural log; a row without
-// keys gets O = 0, LSE = -inf), for the rows of every work item (pieces through their merge).
+// keys gets O = 0, LSE = -inf), for the rows of whole work items; the partial states of pieces.
 #pragma once
 
 #include <cstdint>
@@ -49,7 +45,6 @@ struct ChunkAttentionArgs {
   float* lse = nullptr;
   float* partial_o = nullptr;    // (pieces, 128, D), only read when a work item has slot >= 0
   float* partial_lse = nullptr;  // (pieces, 128)
-  int32_t* piece_units = nullptr;  // (pieces, 3): first slot, pieces, finished count (see above)
   const int32_t* work = nullptr;
   const int32_t* tiles = nullptr;
   const float* tile_log2_count = nullptr;  // (num_tiles,) or null

@@ -7,9 +7,7 @@
 // CTAs, one per SM, CTA b taking items b, b + P, ... (P CTAs): the producer loads the next item's
 // Q as soon as both consumers issued their last S of the current one, so the next item's loads
 // overlap this one's last P V and epilogue. Each piece then gets a CTA of its own, started by the
-// hardware on whichever SM frees first (static striding measured worse for them); it writes an
-// fp32 partial state, and the last of a unit's pieces to finish merges them into O and LSE (a
-// counter per unit, no second launch). An item whose
+// hardware on whichever SM frees first (static striding measured worse for them). An item whose
 // keys are the one tile its CTA's previous item read (a cross-attention over a prompt's distinct
 // rows, whose row blocks the plan lays out CTA by CTA) reuses that tile from shared memory. Plans
 // of such short items (ChunkAttentionArgs::short_items) run a one-stage K/V ring and two Q buffers:
@@ -65,7 +63,6 @@ struct Params {
   float* lse;
   float* partial_o;
   float* partial_lse;
-  int32_t* piece_units;  // (pieces, 3): first slot of the piece's unit, its pieces, finished count
   const int32_t* work;
   const int32_t* tiles;
   const float* tile_log2_count;  // null, or per tile: log2 of the copies its last valid key stands for
@@ -210,76 +207,6 @@ __device__ __forceinline__ ItemKeys item_keys(const Params& p, int w) {
 // until the last item that reads them. Producer and consumers decide it alike.
 __device__ __forceinline__ bool same_single_tile(const ItemKeys& a, const ItemKeys& b) {
   return a.t1 == a.t0 + 1 && b.t1 == b.t0 + 1 && a.t0 == b.t0 && a.kv_head == b.kv_head;
-}
-
-// The 256 consumer threads (both consumer warpgroups; the producer warpgroup has returned) meet at
-// named barrier 5 (0 is __syncthreads, 1-2 each consumer's own, 3-4 their turns on the tensor cores).
-__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 5, 256;" ::: "memory"); }
-// ... and learn whether any of them passed true.
-__device__ __forceinline__ bool consumers_any(bool v) {
-  uint32_t any;
-  asm volatile(
-      "{\n.reg .pred p, q;\n"
-      "setp.ne.u32 q, %1, 0;\n"
-      "bar.red.or.pred p, 5, 256, q;\n"
-      "selp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(any)
-      : "r"(static_cast<uint32_t>(v))
-      : "memory");
-  return any != 0;
-}
-
-// The exact log-sum-exp merge of a split unit's `pieces` fp32 partial states (slots first_slot, ...;
-// a state's row r is query row q_start + r) into o and lse of rows [q_start, q_end) of one head,
-// by the 256 consumer threads (ct): each warp 16 rows at once, each lane 4 columns of them, the
-// pieces folded in one after another with the running maximum (every load of a piece is issued
-// before any is used: one L2 round trip a piece). A row that no piece saw a key for gets O = 0,
-// LSE = -inf (as the reference, spiral_rt/reference/merge_states.py). The states were written by
-// other CTAs: read through L2 (ld.global.cg), never from this SM's L1.
-template <typename T>
-__device__ __forceinline__ void merge_unit(const Params& p, int q_start, int q_end, int head, int first_slot,
-                                           int pieces, int ct) {
-  constexpr int kStateRows = 2 * kRowsPerConsumer;
-  constexpr int kRows = kStateRows / 8;  // a warp's rows
-  constexpr float kLog2e = 1.4426950408889634f;
-  const int warp = ct / 32, lane = ct % 32, r0 = warp * kRows;
-  float m[kRows], total[kRows];
-  float4 acc[kRows];
-#pragma unroll
-  for (int j = 0; j < kRows; ++j) {
-    m[j] = -INFINITY;
-    total[j] = 0.f;
-    acc[j] = make_float4(0.f, 0.f, 0.f, 0.f);
-  }
-  for (int i = 0; i < pieces; ++i) {
-    const int64_t state = static_cast<int64_t>(first_slot + i) * kStateRows + r0;
-    float lse[kRows];
-    float4 v[kRows];
-#pragma unroll
-    for (int j = 0; j < kRows; ++j) {  // rows past q_end were never written: loaded, never stored
-      lse[j] = __ldcg(p.partial_lse + state + j);
-      v[j] = __ldcg(reinterpret_cast<const float4*>(p.partial_o + (state + j) * kHeadDim) + lane);
-    }
-#pragma unroll
-    for (int j = 0; j < kRows; ++j) {
-      const float m_new = fmaxf(m[j], lse[j]);
-      if (m_new == -INFINITY) continue;  // no keys in this row so far
-      const float a = exp2f((m[j] - m_new) * kLog2e), w = exp2f((lse[j] - m_new) * kLog2e);
-      total[j] = total[j] * a + w;
-      acc[j] = make_float4(acc[j].x * a + v[j].x * w, acc[j].y * a + v[j].y * w, acc[j].z * a + v[j].z * w,
-                           acc[j].w * a + v[j].w * w);
-      m[j] = m_new;
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < kRows; ++j) {
-    if (q_start + r0 + j >= q_end) break;
-    const float inv = total[j] > 0.f ? 1.f / total[j] : 0.f;
-    const int64_t out = static_cast<int64_t>(q_start + r0 + j) * p.num_heads + head;
-    *reinterpret_cast<uint2*>(static_cast<T*>(p.o) + out * kHeadDim + 4 * lane) =
-        make_uint2(pack2<T>(acc[j].x * inv, acc[j].y * inv), pack2<T>(acc[j].z * inv, acc[j].w * inv));
-    if (lane == 0) p.lse[out] = total[j] > 0.f ? m[j] + log2f(total[j]) / kLog2e : -INFINITY;
-  }
 }
 
 #endif  // SPIRAL_RT_SM90A
@@ -635,25 +562,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
-
-  // A piece's CTA (one item): the last of its unit's pieces to finish merges the unit. Every
-  // consumer thread's fence makes its partial stores visible device-wide before one thread counts
-  // the piece; the counting CTA fences again after seeing the count complete, so its loads of the
-  // other pieces' states come after their stores. It then re-arms the counter for the next launch.
-  if (!persistent && first < end) {
-    const int32_t* work = p.work + 6 * first;
-    const int slot = work[5];
-    const int first_slot = p.piece_units[3 * slot], pieces = p.piece_units[3 * slot + 1];
-    int32_t* finished = p.piece_units + 3 * first_slot + 2;
-    __threadfence();
-    consumers_sync();
-    const bool counted_last = threadIdx.x == 128 && atomicAdd(finished, 1) == pieces - 1;
-    if (consumers_any(counted_last)) {
-      __threadfence();
-      merge_unit<T>(p, work[0], work[1], work[4], first_slot, pieces, static_cast<int>(threadIdx.x) - 128);
-      if (threadIdx.x == 128) *finished = 0;
-    }
-  }
 #endif  // SPIRAL_RT_SM90A
 }
 
@@ -727,7 +635,6 @@ cudaError_t launch(const ChunkAttentionArgs& a, int num_sms, cudaStream_t stream
   p.lse = a.lse;
   p.partial_o = a.partial_o;
   p.partial_lse = a.partial_lse;
-  p.piece_units = a.piece_units;
   p.work = a.work;
   p.tiles = a.tiles;
   p.tile_log2_count = a.tile_log2_count;
@@ -771,7 +678,6 @@ int chunk_attention_sm90_launch(const ChunkAttentionArgs& a, int device, void* s
   if (a.num_work == 0) return cudaSuccess;
   if (a.head_dim != kHeadDim || a.num_kv_heads <= 0 || a.num_heads % a.num_kv_heads != 0 ||
       a.page_size <= 0 || a.page_size > 0xFFFF || a.num_pieces < 0 || a.num_pieces > a.num_work ||
-      (a.num_pieces > 0 && (a.piece_units == nullptr || a.partial_o == nullptr || a.partial_lse == nullptr)) ||
       (a.dtype != DType::kBFloat16 && a.dtype != DType::kFloat16))
     return cudaErrorInvalidValue;
   int current = -1;

@@ -15,8 +15,9 @@ softmax runs in fp32 with exp2; the last, partial tile is the only one with mask
 give O = 0, LSE = -inf.
 
 With num_splits > 1 the key range of a sequence is split across work items that write fp32
-partial states (O_split, LSE_split); ``_merge_splits_kernel`` combines them exactly
-(``_combine_states``). The CUDA kernel (csrc/chunk_attention_sm90.cu) merges its split units itself.
+partial states (O_split, LSE_split); ``_merge_splits_kernel`` combines them exactly. The CUDA
+kernel's split units (csrc/chunk_attention_sm90.cu) are merged by ``_merge_pieces_kernel``; both
+share ``_combine_states``.
 
 ``_chunk_attention_tma_kernel`` is a variant for Hopper's TMA: the plan cuts each sequence's keys
 into tiles that lie whole inside one page (loaded by TMA from a 2-D descriptor over the page pool,
@@ -271,6 +272,26 @@ def _merge_splits_kernel(
     tl.store(lse_ptr + rows, lse, mask=rmask)
 
 
+@triton.jit
+def _merge_pieces_kernel(
+    po_ptr, plse_ptr, merge_ptr, o_ptr, lse_ptr,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PIECE_ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Program (u, b): rows b * BLOCK_R .. of split unit u = merge row (q_start, q_end, head,
+    first slot, pieces); piece i's state lives in slot first + i of (slots, PIECE_ROWS, D)."""
+    unit = merge_ptr + tl.program_id(0) * 5
+    q_start, q_end, head = tl.load(unit), tl.load(unit + 1), tl.load(unit + 2)
+    first, pieces = tl.load(unit + 3), tl.load(unit + 4)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = q_start + r < q_end
+    rows = first.to(tl.int64) * PIECE_ROWS + r
+    o, lse = _combine_states(po_ptr, plse_ptr, rows, rmask, pieces, PIECE_ROWS, HEAD_DIM, BLOCK_R)
+    out = (q_start + r).to(tl.int64) * NUM_HEADS + head
+    cols = tl.arange(0, HEAD_DIM)
+    tl.store(o_ptr + out[:, None] * HEAD_DIM + cols[None, :], o.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
+    tl.store(lse_ptr + out, lse, mask=rmask)
+
+
 def _ensure_allocator():
     """Device-side TMA descriptors need Triton's scratch allocator; install a torch-backed one
     unless the application set its own."""
@@ -328,6 +349,17 @@ def merge_splits(partial_o, partial_lse, o, lse):
     block_r = 32 if head_dim <= 64 else 16
     _merge_splits_kernel[(triton.cdiv(rows, block_r),)](
         partial_o, partial_lse, o, lse, rows, num_splits, HEAD_DIM=head_dim, BLOCK_R=block_r, num_warps=4)
+
+
+def merge_pieces(partial_o, partial_lse, merge, o, lse):
+    """Merge the CUDA kernel's pieces: partial_o (slots, R, D), partial_lse (slots, R) fp32, merge
+    (U, 5) int32 rows q_start, q_end, head, first slot, pieces (spiral_rt/ops/chunk_attention.py,
+    cuda_work_tables) into the units' rows of o (T, H, D) and lse (T, H)."""
+    piece_rows, head_dim = partial_o.shape[1], partial_o.shape[2]
+    block_r = 16
+    _merge_pieces_kernel[(merge.shape[0], triton.cdiv(piece_rows, block_r))](
+        partial_o, partial_lse, merge, o, lse, NUM_HEADS=o.shape[1], HEAD_DIM=head_dim, PIECE_ROWS=piece_rows,
+        BLOCK_R=block_r, num_warps=4)
 
 
 @triton.jit

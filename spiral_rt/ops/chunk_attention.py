@@ -29,9 +29,9 @@ picks one by shape and bench/bench_attention.py compares them. Math:
 
 Backends: cuda (csrc/chunk_attention_sm90.cu: Hopper, TMA + warpgroup MMAs, D = 128, bf16/fp16;
 the plan lists its key tiles and work items, one per 128 query rows x head, and splits the units
-of the last wave(s) into pieces when a makespan model says it pays (``_tail_split``); the last piece
-of a unit to finish merges the pieces' partial states, in the same launch; ``plan.cuda_reason`` says
-why a plan cannot use it), triton (kernels/chunk_attention.py, any supported shape), reference.
+of the last wave(s) into pieces when a makespan model says it pays (``_tail_split``); the pieces'
+partial states are merged by a second, small kernel; ``plan.cuda_reason`` says why a plan cannot
+use it), triton (kernels/chunk_attention.py, any supported shape), reference.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ WORK_FIELDS = 6  # seq, q_start, q_end, kv_start, kv_end, split (kernels/chunk_a
 WORK_FIELDS_TMA = 8  # seq, q_start, q_end, t0, t1, l0, l1, split
 CUDA_BLOCK_M = 128  # query rows per CTA of the CUDA kernel (two consumer warpgroups x 64)
 CUDA_WORK_FIELDS = 6  # q_start, q_end, t0, t1, head, slot (csrc/chunk_attention.h)
-CUDA_PIECE_FIELDS = 3  # first slot of the piece's unit, its pieces, finished count (csrc/chunk_attention.h)
+CUDA_MERGE_FIELDS = 5  # q_start, q_end, head, first slot, pieces (kernels/chunk_attention.py merge_pieces)
 # Work-partition model of the CUDA kernel: a CTA costs its key tiles plus this many tiles of fixed
 # work (Q load, pipeline fill, epilogue); a split unit's pieces add the merge's traffic.
 _CUDA_CTA_OVERHEAD_TILES = 2.0
@@ -90,8 +90,7 @@ class AttentionConfig:
     num_stages: int = 3
     """Software-pipelining depth of the K/V loads."""
     num_splits: int = 0
-    """KV splits per sequence (> 1: partial states merged by a second kernel in Triton, in the same
-    launch in CUDA); 0 = choose by shape
+    """KV splits per sequence (> 1: partial states merged by a second kernel); 0 = choose by shape
     (Triton: one split count for all; CUDA: only the units of the last waves are split)."""
     hoist_pages: bool = True
     """Look pages up with two scalar loads per key tile (when block_n <= page_size) instead of a
@@ -185,11 +184,8 @@ class ChunkAttentionPlan:
     cuda_tiles: torch.Tensor | None
     """CUDA kernel: (num_tiles, 2) int32 page, row0 | valid << 16 (csrc/chunk_attention.h)."""
     cuda_merge: torch.Tensor | None
-    """CUDA kernel: (cuda_pieces, 3) int32, row ``slot`` = first slot of the piece's unit, the
-    unit's pieces, and (in the unit's first row) the count of its finished pieces, 0 between
-    launches: the last piece to finish merges the unit (csrc/chunk_attention.h). The kernel counts
-    there, so launches of one plan must not overlap in time (one stream, as the engine runs them).
-    None without pieces."""
+    """CUDA kernel: (num_split_units, 5) int32 q_start, q_end, head, first slot, pieces: the
+    units whose keys were split into pieces, merged after the kernel; None without pieces."""
     cuda_pieces: int
     """Partial-state slots the CUDA work partition writes (0: no merge)."""
     cuda_short_items: bool
@@ -344,15 +340,15 @@ def cuda_work_tables(q_ptr: list[int], kv_ptr: list[int], pages: list[int], last
     """The CUDA kernel's work partition (csrc/chunk_attention.h): each sequence's keys cut into
     tiles of ``block_n`` rows that never cross a page (the last tile of a page is short); units of
     CUDA_BLOCK_M query rows x one head, listed longest sequence first; a unit runs whole, or its
-    tiles split into contiguous pieces whose partial states the last of them to finish merges.
+    tiles split into contiguous pieces whose partial states ``merge_pieces`` combines.
 
     ``splits`` >= 1 splits every unit that many ways; 0 chooses by shape (``_tail_split``). Whole
     units are listed (launched) first, in order (uniform units of at most ``_CUDA_RUN_MAX_TILES``
     tiles: in runs per persistent CTA, ``_runs_per_cta``), then the pieces.
-    Returns (work rows, tiles, piece rows, number of pieces, tile keys, own tiles): piece rows are
-    (first slot of the unit, its pieces, 0) per slot; tile keys lists, per tile, its sequence, the
-    logical index of its first key and the sequence's key count; own tiles (with ``own_pages``, else
-    None) are the tiles with sequence s's last own_pages[s] pages named as own pages (bit 31)."""
+    Returns (work rows, tiles, merge rows, number of pieces, tile keys, own tiles): tile keys lists,
+    per tile, its sequence, the logical index of its first key and the sequence's key count; own
+    tiles (with ``own_pages``, else None) are the tiles with sequence s's last own_pages[s] pages
+    named as own pages (bit 31)."""
     own_base = None if own_pages is None else [sum(own_pages[:s]) for s in range(len(own_pages))]
     units, tiles, tile_keys, own_tiles = [], [], [], []
     for s in order:
@@ -385,7 +381,7 @@ def cuda_work_tables(q_ptr: list[int], kv_ptr: list[int], pages: list[int], last
             continue
         n = t1 - t0
         work += [(q0, q1, t0 + n * i // pieces, t0 + n * (i + 1) // pieces, head, slots + i) for i in range(pieces)]
-        merge += [(slots, pieces, 0)] * pieces
+        merge.append((q0, q1, head, slots, pieces))
         slots += pieces
     return work, tiles, merge, slots, tile_keys, (own_tiles if own_pages is not None else None)
 
@@ -602,7 +598,7 @@ def plan_chunk_attention(
         "tile_rows": table(tile_rows or [0]) if tma else None, "left_rows": table(left_rows or [0]) if tma else None,
         "cuda_work": None if cuda_work is None else table(cuda_work).reshape(-1, CUDA_WORK_FIELDS),
         "cuda_tiles": None if cuda_tiles is None else table(cuda_tiles or [(0, 0)]).reshape(-1, 2),
-        "cuda_merge": table(cuda_merge).reshape(-1, CUDA_PIECE_FIELDS) if cuda_merge else None,
+        "cuda_merge": table(cuda_merge).reshape(-1, CUDA_MERGE_FIELDS) if cuda_merge else None,
         "cuda_tile_keys": None if cuda_tile_keys is None else table(cuda_tile_keys or [(0, 0, 0)]).reshape(-1, 3),
         "cuda_own_tiles": None if cuda_own_tiles is None else table(cuda_own_tiles or [(0, 0)]).reshape(-1, 2),
     }, device)
@@ -818,9 +814,10 @@ def _chunk_attention_impl(
             C.DTYPES[str(q.dtype).replace("torch.", "")], q.device.index, torch.cuda.current_stream(q.device).cuda_stream,
             0 if cuda_tile_log2_count is None else cuda_tile_log2_count.data_ptr(),
             0 if q_row_scale is None else q_row_scale.data_ptr(), cuda_short_items,
-            cuda_merge.data_ptr() if cuda_pieces else 0,  # counts in place and restores 0: no mutation seen
             0 if own_k is None else own_k.data_ptr(), 0 if own_v is None else own_v.data_ptr(),
             0 if own_k is None else own_k.stride(0), 0 if own_k is None else own_k.shape[0] // k_pages.shape[1])
+        if cuda_pieces:
+            kernel.merge_pieces(part_o, part_lse, cuda_merge, o, lse)
         return o, lse
     partial_o = partial_lse = None
     if num_splits > 1:
