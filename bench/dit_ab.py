@@ -27,7 +27,10 @@ Variants (``--variants``, the first is the baseline of the ratios):
   kv_written     the denoising forwards write their chunk's K/V into the cache and the attention
                  reads them there, instead of from the QKV projection's output (session 19's change);
   time_mlp       the time MLP and the blocks' modulation tables computed in every forward, instead of
-                 kept per timestep value (session 19's change).
+                 kept per timestep value (session 19's change);
+  torch_qkv      the packed q, k, v GEMM through F.linear (cuBLASLt's first heuristic candidate, and
+                 the memset some of them ask for) instead of ``spiral_rt.ops.linear``'s timed choice
+                 (session 19's change).
 A change under study adds its "undone" variant here. Session 13 measured a cross-attention that read
 a prompt's repeated padding rows once (a Triton kernel, commit dca156a, since removed) against SDPA
 over every row this way: results/text_attention_ab.json.
@@ -86,6 +89,14 @@ def _time_tables_every_forward(self, timesteps, B, frames, device):
     return self._time_mlp(timesteps if timesteps.dim() == 2 else timesteps[:, None].expand(B, frames))
 
 
+def _torch_qkv_heads(attn, y):
+    """``dit._qkv_heads`` with the packed GEMM through F.linear (the DiT before session 19)."""
+    packed = dit_module._packed_qkv(attn)
+    if packed is None:
+        return attn.heads(attn.q(y)), attn.heads(attn.k(y)), attn.heads(attn.v(y))
+    return torch.nn.functional.linear(y, *packed).unflatten(-1, (3, attn.num_heads, -1)).unbind(-3)
+
+
 def _torch_linear(x, weight, bias=None, *, gelu=False):
     """PyTorch's own calls for what ``spiral_rt.ops.linear`` does (the DiT before session 14)."""
     if not gelu:
@@ -112,6 +123,7 @@ VARIANTS = {
                                      _patched(dit_module, "_TEXT_PLANS", _ONE_Q_BUFFER_TEXT_PLANS)),
     "kv_written": lambda: _patched(paged_context, "own_pages_of", lambda plan: None),
     "time_mlp": lambda: _patched(dit_module.CausalWanDiT, "_time_conditioning", _time_tables_every_forward),
+    "torch_qkv": lambda: _patched(dit_module, "_qkv_heads", _torch_qkv_heads),
 }
 
 

@@ -164,7 +164,8 @@ def _qkv_heads(attn: Attention, y: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     packed = _packed_qkv(attn)
     if packed is None:
         return attn.heads(attn.q(y)), attn.heads(attn.k(y)), attn.heads(attn.v(y))
-    qkv = F.linear(y, *packed)
+    weight, bias = packed
+    qkv = _tuned_linear(y, weight, bias) if _tunable(weight, y) else F.linear(y, weight, bias)
     return qkv.unflatten(-1, (3, attn.num_heads, -1)).unbind(-3)
 
 
@@ -194,11 +195,15 @@ def _linear(lin: nn.Module, x: torch.Tensor, gelu: bool = False) -> torch.Tensor
     gradient asked for, runs through ``spiral_rt.ops.linear`` (cuBLASLt with the GEMM algorithm timed
     per shape, the bias and GELU in its epilogue); anything else (LoRA wrappers, FP8 linears, training,
     the CPU) runs as the module."""
-    if (type(lin) is nn.Linear and x.is_cuda and lin.weight.dtype == x.dtype
-            and not (torch.is_grad_enabled() and lin.weight.requires_grad)):
+    if type(lin) is nn.Linear and _tunable(lin.weight, x):
         return _tuned_linear(x, lin.weight, lin.bias, gelu=gelu)
     y = lin(x)
     return F.gelu(y, approximate="tanh") if gelu else y
+
+
+def _tunable(weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether ``spiral_rt.ops.linear`` can take x @ weight^T: on a GPU, one dtype, no gradient asked for."""
+    return x.is_cuda and weight.dtype == x.dtype and not (torch.is_grad_enabled() and weight.requires_grad)
 
 
 _TEXT_PLANS: dict[tuple, ChunkAttentionPlan] = {}
@@ -499,9 +504,13 @@ class CausalWanDiT(nn.Module):
             params += block.norm3.parameters()
         return params
 
-    def _time_versions(self) -> tuple:
-        # inference tensors (weights made under torch.inference_mode) keep no version counter
-        return tuple((p.data_ptr(), -1 if p.is_inference() else p._version) for p in self._time_params())
+    def _time_versions(self) -> tuple | None:
+        """(data pointer, version) of every parameter the time tables read; None when one is an
+        inference tensor (made under torch.inference_mode), which keeps no version counter."""
+        params = self._time_params()
+        if any(p.is_inference() for p in params):
+            return None
+        return tuple((p.data_ptr(), p._version) for p in params)
 
     def _time_mlp(self, t: torch.Tensor) -> _TimeTables:
         """The time MLP at (B, F) timesteps: e (B, F, dim) and e0 (B, F, 6, dim), fp32."""
@@ -514,17 +523,17 @@ class CausalWanDiT(nn.Module):
         """The time tables of one forward. A tensor of timesteps runs the time MLP. A number (one t for
         every frame and sequence: the engine's fixed few-step schedule) is looked up in a per-model
         cache keyed by (t, B, F, device), filled on first use and recomputed in place when a parameter
-        it reads has changed (data pointer or version counter: weights made under inference mode have
-        none, so write those only through new tensors); with autograd on it is not cached."""
+        it reads has changed (data pointer or version counter). Not cached with autograd on, nor for
+        weights made under inference mode (no version counter tells when they change)."""
         if isinstance(timesteps, torch.Tensor):
             return self._time_mlp(timesteps if timesteps.dim() == 2 else timesteps[:, None].expand(B, frames))
         t = float(timesteps)
-        if torch.is_grad_enabled():
+        versions = None if torch.is_grad_enabled() else self._time_versions()
+        if versions is None:
             return self._time_mlp(torch.full((B, frames), t, device=device))
         tables = self._time_tables
         key = (t, B, frames, torch.device(device))
         entry = tables.get(key)
-        versions = self._time_versions()
         if entry is None:
             entry = self._time_mlp(torch.full((B, frames), t, device=device))
             entry.versions = versions
@@ -552,7 +561,7 @@ class CausalWanDiT(nn.Module):
         if tables:
             versions = self._time_versions()
             for key, entry in tables.items():
-                if entry.versions != versions:
+                if versions is None or entry.versions != versions:  # None: weights swapped for inference tensors
                     self._refresh_time_entry(key, entry, versions)
 
     # ------------------------------------------------------------------ forward

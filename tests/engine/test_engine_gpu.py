@@ -67,12 +67,14 @@ def test_graph_replays_follow_in_place_weight_updates():
     """The captured chunk graphs read the DiT's per-t time tables; an optimizer-style in-place update of
     the modulation tables and time MLP must reach the replays (refreshed before each replay)."""
     torch.manual_seed(3)
-    model = _model()
+    with torch.inference_mode(False):  # weights with version counters, as a trainer's are
+        model = _model()
     prompt = torch.randn(12, model.config.text_dim, device="cuda")
     fast = _engine(model, optimised=True)
     for _ in range(3):  # eager buckets, capturing run, replays
         before = _video(fast, prompt)
-    with torch.no_grad():
+    assert model._time_tables  # the graphs read kept tables
+    with torch.inference_mode(False), torch.no_grad():
         for block in model.blocks:
             block.modulation.add_(0.2)
         model.time_projection[1].bias.mul_(-1.0)

@@ -189,6 +189,16 @@ def test_numeric_timesteps_reuse_time_tables_until_the_weights_change(tiny_cfg):
     model(x, 500.0, 0, None, text).square().mean().backward()
     assert len(model._time_tables) == 1 and model.time_projection[1].weight.grad is not None
 
+    # weights made under inference mode keep no version counter: never cached, always current
+    with torch.inference_mode():
+        frozen = _model(tiny_cfg)
+        text = _text(frozen, 2)
+        a = frozen(x, 750.0, 0, None, text)
+        frozen.blocks[0].modulation.add_(0.25)
+        b = frozen(x, 750.0, 0, None, text)
+        assert not frozen._time_tables and not torch.equal(a, b)
+        assert torch.equal(b, frozen(x, torch.full((2, 3), 750.0), 0, None, text))
+
 
 @torch.no_grad()
 def test_text_conditioning_rows_and_cat(tiny_cfg):
