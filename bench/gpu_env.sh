@@ -19,5 +19,6 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 build_start=$(date +%s)
 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+rm -f "$OUT/build.log"  # kept only when the build fails: the call returns at most 8 files
 echo "build: $(( $(date +%s) - build_start )) s"
 python3 -c "import spiral_rt._C as C; print('native:', C.build_info())"

@@ -4,7 +4,8 @@
 # A benchmark is a script path, with its arguments in the same quoted word (shell-quoted inside it
 # where an argument has spaces: the word is run through eval):
 #   bash bench/run_gpu.sh tests/ops -- bench/bench_sampler_step.py "bench/bench_attention.py --no-ws"
-# Logs and result JSON go to $OUT (when set) so they come back from the device machine.
+# One log ($OUT/run.log: the tests, then each benchmark under a "== name" header) and the result JSON
+# go to $OUT (when set), so they come back from the device machine, which returns at most 8 files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_env.sh
@@ -14,15 +15,15 @@ for a in "$@"; do
   if [ "$a" = "--" ]; then seen_sep=1; elif [ $seen_sep = 0 ]; then tests+=("$a"); else benches+=("$a"); fi
 done
 status=0
+log="$OUT/run.log"
 if [ ${#tests[@]} -gt 0 ]; then
-  python3 -m pytest -m gpu -q -p no:cacheprovider "${tests[@]}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  echo "== pytest -m gpu ${tests[*]}" >> "$log"
+  python3 -m pytest -m gpu -q -p no:cacheprovider "${tests[@]}" 2>&1 | tee -a "$log" | tail -25
   status=${PIPESTATUS[0]}
 fi
 for b in "${benches[@]}"; do
-  echo "== $b"
-  script=${b%% *}
-  if [ "$script" = "-m" ]; then rest=${b#-m }; script=${rest%% *}; fi  # "-m package.module args": log named after the module
-  eval "python3 $b" 2>&1 | tee "$OUT/$(basename -- "$script" .py).log" | grep -v '^{' | tail -30
+  echo "== $b" | tee -a "$log"
+  eval "python3 $b" 2>&1 | tee -a "$log" | grep -v '^{' | tail -30
 done
 echo "gpu tests exit status: $status; total $(( $(date +%s) - start )) s"
 exit $status
