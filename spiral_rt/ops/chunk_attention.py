@@ -659,17 +659,14 @@ def chunk_attention(
         sm_scale = 1.0 / math.sqrt(plan.head_dim)
     elif not (isinstance(sm_scale, (int, float)) and sm_scale > 0):
         raise ValueError(f"{OP}: argument 'sm_scale' must be a positive float, got {sm_scale!r}")
-    cuda_reason = plan.cuda_reason or _cuda_input_reason(q, k_pages, v_pages)
+    own = _check_own_rows(plan, own_k, own_v)
+    cuda_reason = (plan.cuda_reason or _cuda_input_reason(q, k_pages, v_pages)
+                   or (_cuda_own_reason(own_k, own_v) if own else None))
     if cuda_reason is not None and dispatch.requested_backend(OP, backend) == "cuda":
         raise ValueError(f"{OP}: backend 'cuda' cannot run these inputs: {cuda_reason}")
     if q_row_scale is not None:
         dispatch.check_tensor(OP, "q_row_scale", q_row_scale, shape=(plan.total_q,), dtypes=(torch.float32,),
                               device=plan.device)
-    own = _check_own_rows(plan, own_k, own_v)
-    if own and cuda_reason is None:
-        cuda_reason = _cuda_own_reason(own_k, own_v)
-        if cuda_reason is not None and dispatch.requested_backend(OP, backend) == "cuda":
-            raise ValueError(f"{OP}: backend 'cuda' cannot run these inputs: {cuda_reason}")
     implemented = IMPLEMENTED if cuda_reason is None else IMPLEMENTED[1:]
     if plan.distinct_keys is not None or q_row_scale is not None or own:  # the Triton kernel has none of them
         implemented = tuple(b for b in implemented if b != "triton")

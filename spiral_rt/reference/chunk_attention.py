@@ -79,8 +79,8 @@ def chunk_attention(
         v = gather_kv(v_pages, pages, lens[s])
         if own is not None and own[2][s]:
             own_k, own_v, own_pages = own
-            n, first = own[2][s], sum(own_pages[:s])
-            context = (len(pages) - n) * page_size  # keys before the own pages
+            first = sum(own_pages[:s])
+            context = (len(pages) - own_pages[s]) * page_size  # keys before the own pages
             rows = slice(first * page_size, first * page_size + lens[s] - context)
             k = torch.cat([k[:context], own_k[rows].to(k.dtype)])
             v = torch.cat([v[:context], own_v[rows].to(v.dtype)])
