@@ -97,6 +97,71 @@ def test_cuda_takes_a_row_stride_and_leading_dims():
     torch.testing.assert_close(out.view(-1, 72), linear_ref(x, w, b), rtol=2e-2, atol=2e-2)
 
 
+def _entry(tag: int, workspace: int) -> cublaslt._Heuristic:
+    h = cublaslt._Heuristic()
+    h.algo.data[0] = tag
+    h.workspace = workspace
+    return h
+
+
+class _FakeQueries:
+    """LtLinear's cuBLASLt queries replaced by lists (so the candidate set's rule runs without a GPU);
+    records which queries ran."""
+
+    def __init__(self, offered, offered_free, variants):
+        self.offered, self.offered_free, self.variant_entries, self.calls = offered, offered_free, variants, []
+
+    def heuristic(self, max_workspace):
+        self.calls.append(("heuristic", max_workspace))
+        return list(self.offered if max_workspace else self.offered_free)
+
+    def variants(self, bases, max_workspace=cublaslt.WORKSPACE_BYTES):
+        self.calls.append(("variants", max_workspace))
+        return [(h, {}) for h in self.variant_entries if h.workspace <= max_workspace]
+
+
+def _candidate_tags(monkeypatch, fake):
+    lin = object.__new__(cublaslt.LtLinear)
+    monkeypatch.setattr(lin, "_heuristic", fake.heuristic, raising=False)
+    monkeypatch.setattr(lin, "variants", fake.variants, raising=False)
+    return [int(h.algo.data[0]) for h in lin._candidate_set()]
+
+
+def test_no_workspace_candidates_join_only_when_every_candidate_wants_workspace(monkeypatch):
+    # one candidate already needs no workspace: the heuristic's list as it is, no further query
+    fake = _FakeQueries([_entry(1, 4), _entry(2, 0)], [_entry(9, 0)], [_entry(10, 0)])
+    assert _candidate_tags(monkeypatch, fake) == [1, 2]
+    assert fake.calls == [("heuristic", cublaslt.WORKSPACE_BYTES)]
+    # all want workspace: the heuristic's zero-workspace answers join (not those already listed)
+    fake = _FakeQueries([_entry(1, 4), _entry(2, 4)], [_entry(2, 0), _entry(3, 0)], [_entry(10, 0)])
+    assert _candidate_tags(monkeypatch, fake) == [1, 2, 3]
+    assert ("variants", 0) not in fake.calls
+    # the heuristic offers none without workspace: checked variants join, capped, workspace-free only
+    many = [_entry(10 + i, 4 if i % 2 else 0) for i in range(2 * cublaslt.NO_WORKSPACE_VARIANTS + 4)]
+    fake = _FakeQueries([_entry(1, 4)], [], many)
+    tags = _candidate_tags(monkeypatch, fake)
+    assert tags[0] == 1 and len(tags) == 1 + cublaslt.NO_WORKSPACE_VARIANTS
+    assert all(t % 2 == 0 for t in tags[1:]) and ("variants", 0) in fake.calls
+    # nothing offered at all stays empty (LtLinear then raises)
+    assert _candidate_tags(monkeypatch, _FakeQueries([], [], many)) == []
+
+
+@gpu
+def test_no_workspace_variants_pass_the_check_and_compute_the_product():
+    x, w, b = _inputs(4680, 1536, 4608, torch.bfloat16, "cuda")
+    plan = cublaslt.LtLinear(cublaslt.Problem(x.device.index, x.dtype, 4680, 1536, 4608, 1536, True, False))
+    free = plan.variants(plan.candidates, max_workspace=0)
+    if not free:
+        pytest.skip("cuBLASLt accepts no workspace-free configuration of this problem here")
+    assert all(h.workspace == 0 for h, _ in free)
+    plan.candidates = [h for h, _ in free[:3]]
+    want = linear_ref(x, w, b)
+    for i in range(len(plan.candidates)):
+        out = torch.empty(4680, 4608, device="cuda", dtype=torch.bfloat16)
+        plan.run(x, w, b, out, candidate=i)
+        torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
+
+
 @gpu
 def test_misaligned_rows_fall_back_unless_forced():
     buf = torch.randn(33 * 65 + 1, device="cuda", dtype=torch.bfloat16)
