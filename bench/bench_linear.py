@@ -13,9 +13,9 @@ candidate ``0 .. 7`` by itself, with its relative difference from torch's output
 
 ``--search`` also tries configurations the heuristic does not offer: each candidate's tile with every
 custom option and the cluster shapes 1x1, 2x1 and 1x2 (those cuBLASLt's check accepts), timed by the
-op's tuner, and reports the best few per shape in the graph timing, with the fastest that needs no
-workspace (results/linear_search.json). Every row gives its configuration's workspace bytes: a
-nonzero one costs a memset node before each call in a graph.
+op's tuner (CUDA graphs), and reports the best few per shape in the
+graph timing (results/linear_search.json). Every row gives its configuration's workspace bytes
+(nonzero: cuBLASLt zeroes a counter with a memset before each call; see ``cublaslt_counters``).
 
     python bench/bench_linear.py [--m 4680,37440] [--search]   (GPU; writes results/linear.json)
 """
@@ -23,6 +23,7 @@ nonzero one costs a memset node before each call in a graph.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import sys
 from pathlib import Path
 
@@ -45,20 +46,51 @@ def torch_linear(x, w, b, gelu):
     return torch.nn.functional.linear(x, w, b)
 
 
+CLUSTERS = (2, 3, 5)
+"""cublasLtClusterShape_t: 1x1x1, 2x1x1, 1x2x1."""
+_CFG_TILE, _CFG_CUSTOM, _CFG_CLUSTER = 1, 5, 8
+_CAP_CUSTOM_OPTION_MAX = 7
+
+
+def _cfg(lt, algo, attr):
+    v, n = ctypes.c_uint32(0), ctypes.c_size_t(0)
+    lt.cublasLtMatmulAlgoConfigGetAttribute(ctypes.byref(algo), attr, ctypes.byref(v), ctypes.c_size_t(4), ctypes.byref(n))
+    return int(v.value)
+
+
 def search(plan, x, w, b, keep: int = 4):
-    """Variants of the heuristic's candidates (``LtLinear.variants``: tile, custom option and cluster
-    shape accepted by cuBLASLt's check), timed by the op's tuner; returns [(us, entry, config)] of the
-    ``keep`` fastest, and of the fastest that needs no workspace when none of those ``keep`` does."""
-    variants = plan.variants(plan.candidates)
+    """Variants of the heuristic's candidates: (candidate, custom, cluster) accepted by AlgoCheck, timed
+    by the op's tuner method; returns [(us, heuristic entry, config)] of the ``keep`` fastest."""
+    lt = plan.lt
+    variants, seen = [], set()
+    for h in plan.candidates:
+        cmax = ctypes.c_int32(0)
+        lt.cublasLtMatmulAlgoCapGetAttribute(ctypes.byref(h.algo), _CAP_CUSTOM_OPTION_MAX, ctypes.byref(cmax),
+                                             ctypes.c_size_t(4), ctypes.byref(ctypes.c_size_t(0)))
+        for custom in range(cmax.value + 1):
+            for cluster in CLUSTERS:
+                v = cublaslt._Heuristic()
+                ctypes.memmove(ctypes.byref(v.algo), ctypes.byref(h.algo), ctypes.sizeof(cublaslt._Algo))
+                for attr, val in ((_CFG_CUSTOM, custom), (_CFG_CLUSTER, cluster)):
+                    c = ctypes.c_uint32(val)
+                    lt.cublasLtMatmulAlgoConfigSetAttribute(ctypes.byref(v.algo), attr, ctypes.byref(c), ctypes.c_size_t(4))
+                key = (_cfg(lt, v.algo, _CFG_TILE), custom, cluster, bytes(v.algo.data))
+                if key[:3] in seen:
+                    continue
+                res = cublaslt._Heuristic()
+                if lt.cublasLtMatmulAlgoCheck(plan.handle, plan.desc, plan.a, plan.b, plan.d, plan.d,
+                                              ctypes.byref(v.algo), ctypes.byref(res)) != 0 or res.workspace > cublaslt.WORKSPACE_BYTES:
+                    continue
+                seen.add(key[:3])
+                v.workspace = res.workspace
+                variants.append((v, {"tile": key[0], "custom": custom, "cluster": cluster}))
     saved = plan.candidates, plan.chosen, plan.timed_us
     plan.candidates = [v for v, _ in variants]
     plan.tune(x, w, b, rounds=3, calls=6)
-    ranked = sorted(zip(plan.timed_us, variants), key=lambda r: r[0])
+    ranked = sorted(zip(plan.timed_us, variants), key=lambda r: r[0])[:keep]
     plan.candidates, plan.chosen, plan.timed_us = saved
-    free = [r for r in ranked if r[1][0].workspace == 0]
-    print(f"  searched {len(variants)} variants, {len(free)} of them without workspace", flush=True)
-    kept = ranked[:keep] + ([free[0]] if free and all(v.workspace for _, (v, _) in ranked[:keep]) else [])
-    return [(us, v, cfg) for us, (v, cfg) in kept]
+    print(f"  searched {len(variants)} variants", flush=True)
+    return [(us, v, cfg) for us, (v, cfg) in ranked]
 
 
 def main(argv=None):

@@ -31,9 +31,9 @@ Variants (``--variants``, the first is the baseline of the ratios):
   torch_qkv      the packed q, k, v GEMM through F.linear (cuBLASLt's first heuristic candidate, and
                  the memset some of them ask for) instead of ``spiral_rt.ops.linear``'s timed choice
                  (session 19's change);
-  lt_memset      ``spiral_rt.ops.linear`` timing only the heuristic's candidates, without the
-                 workspace-free configurations that join when every candidate wants a workspace
-                 (session 21's change; its own plans).
+  counter_memsets  the chunk graphs keep cuBLASLt's memset before every GEMM that wants a counter,
+                 instead of one memset at the graph's root (``spiral_rt.ops.cublaslt_counters``,
+                 session 21's change).
 A change under study adds its "undone" variant here. Session 13 measured a cross-attention that read
 a prompt's repeated padding rows once (a Triton kernel, commit dca156a, since removed) against SDPA
 over every row this way: results/text_attention_ab.json.
@@ -62,7 +62,7 @@ from spiral_rt.engine import paged_context  # noqa: E402
 from spiral_rt.models import dit as dit_module  # noqa: E402
 from spiral_rt.models.config import tiny_test, wan21_t2v_1_3b  # noqa: E402
 from spiral_rt.models.dit import build_dit  # noqa: E402
-from spiral_rt.ops import cublaslt  # noqa: E402
+from spiral_rt.ops import cublaslt_counters  # noqa: E402
 attention_ops = importlib.import_module("spiral_rt.ops.chunk_attention")  # the module (the package exports the function)
 
 NUM_CHUNKS = 7  # 21 latent frames = 81 video frames
@@ -114,12 +114,6 @@ def _torch_linear(x, weight, bias=None, *, gelu=False):
 # exits would leave the next replay reading freed memory.
 _STRIDED_TEXT_PLANS: dict = {}
 _ONE_Q_BUFFER_TEXT_PLANS: dict = {}
-_LT_MEMSET_PLANS: dict = {}  # the cuBLASLt plans of lt_memset (kept for the same reason)
-
-
-def _heuristic_only(self):
-    """``LtLinear._candidate_set`` without the workspace-free configurations (the op before session 21)."""
-    return self._heuristic(cublaslt.WORKSPACE_BYTES)
 
 VARIANTS = {
     "current": contextlib.nullcontext,
@@ -134,8 +128,7 @@ VARIANTS = {
     "kv_written": lambda: _patched(paged_context, "own_pages_of", lambda plan: None),
     "time_mlp": lambda: _patched(dit_module.CausalWanDiT, "_time_conditioning", _time_tables_every_forward),
     "torch_qkv": lambda: _patched(dit_module, "_qkv_heads", _torch_qkv_heads),
-    "lt_memset": lambda: _stacked(_patched(cublaslt.LtLinear, "_candidate_set", _heuristic_only),
-                                  _patched(cublaslt, "_plans", _LT_MEMSET_PLANS)),
+    "counter_memsets": lambda: _patched(cublaslt_counters, "hoist_memsets", lambda graph, slots: 0),
 }
 
 

@@ -7,14 +7,12 @@ tokens: FFN down 666 -> 722 TFLOP/s, FFN up with the GELU epilogue 579 -> 615, 1
 637 -> 659; bench/bench_linear.py times them against torch's call). A
 ``LtLinear`` is one problem (device, dtype, M, K, N, x's row stride, bias or not, GELU or not):
 descriptors built once, the heuristic's candidates (up to ``CANDIDATES``) timed once in CUDA graphs
-on scratch copies of the operands, the fastest kept for every later call. When every candidate wants
-a workspace (at M = 4680 the packed QKV and FFN-up candidates all want 4 bytes: a counter cuBLASLt
-zeroes with a memset before each call, a graph node and its idle gaps, ~12 ms a video in
-results/profile_dit_s20.json), configurations that need none join the timing: the heuristic's own
-when asked for zero workspace, else the candidates' tiles under other custom options and cluster
-shapes that cuBLASLt's check accepts (``LtLinear.variants``). Calls record into CUDA graphs; a
+on scratch copies of the operands, the fastest kept for every later call. Calls record into CUDA graphs; a
 problem first met while a graph is being captured takes the heuristic's first candidate (torch's
-choice: timing needs a synchronisation, which capture forbids) and is never re-timed.
+choice: timing needs a synchronisation, which capture forbids) and is never re-timed. Inside
+``cublaslt_counters.capture_slots`` a call whose algorithm wants a few bytes of workspace (a counter
+cuBLASLt zeroes with a memset before the call) takes its own slot, so that the graph's memsets can
+be replaced by one (``cublaslt_counters.hoist_memsets``).
 
 The library is the libcublasLt torch already loaded (found in /proc/self/maps, else by soname), so
 no header or link step is needed; the few enums used are cuBLASLt's stable ABI values.
@@ -33,14 +31,14 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cublaslt_counters
+
 logger = logging.getLogger(__name__)
 
 CANDIDATES = 8
 """Heuristic candidates timed per problem (cuBLASLt returns at most 8 for these problems on Hopper)."""
 WORKSPACE_BYTES = 4 << 20
 """Workspace offered to the algorithms (the DiT's winners use 0-4 bytes)."""
-NO_WORKSPACE_VARIANTS = 8
-"""At most this many workspace-free configurations join the candidates (see the module docstring)."""
 MIN_TUNED_FLOP = 2e9
 """Below this a call takes a few microseconds and launch cost dominates: no timing, first candidate."""
 
@@ -50,10 +48,6 @@ _DESC_TRANSA, _DESC_TRANSB, _DESC_EPILOGUE, _DESC_BIAS_POINTER = 3, 4, 7, 8
 _OP_N, _OP_T = 0, 1
 _EPILOGUE = {(False, False): 1, (True, False): 4, (False, True): 32, (True, True): 36}  # (bias, gelu)
 _PREF_MAX_WORKSPACE = 1
-_CFG_TILE, _CFG_CUSTOM, _CFG_CLUSTER = 1, 5, 8  # cublasLtMatmulAlgoConfigAttributes_t
-_CAP_CUSTOM_OPTION_MAX = 7  # cublasLtMatmulAlgoCapAttributes_t
-CLUSTERS = (2, 3, 5)
-"""cublasLtClusterShape_t values tried by ``LtLinear.variants``: 1x1x1, 2x1x1, 1x2x1."""
 
 
 class _Algo(ctypes.Structure):
@@ -161,30 +155,18 @@ class LtLinear:
             _check(lt.cublasLtMatrixLayoutCreate(ctypes.byref(layout), dtype, ctypes.c_uint64(rows),
                                                  ctypes.c_uint64(cols), ctypes.c_int64(ld)), "MatrixLayoutCreate")
         self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
-        self.candidates = self._candidate_set()
+        self.candidates = self._heuristic()
         if not self.candidates:
             raise RuntimeError(f"cuBLASLt has no algorithm for {p}")
         self.chosen = 0
         self.timed_us: list[float] | None = None
         self._lock = threading.Lock()  # the bias pointer lives in the shared descriptor until the call
 
-    def _candidate_set(self) -> list[_Heuristic]:
-        """The heuristic's candidates, plus up to ``NO_WORKSPACE_VARIANTS`` configurations that need no
-        workspace when every candidate wants some (so the timing can weigh the memset they cost)."""
-        candidates = self._heuristic(WORKSPACE_BYTES)
-        if not candidates or any(c.workspace == 0 for c in candidates):
-            return candidates
-        known = {bytes(c.algo.data) for c in candidates}
-        free = [h for h in self._heuristic(0) if h.workspace == 0 and bytes(h.algo.data) not in known]
-        if not free:
-            free = [h for h, _ in self.variants(candidates, max_workspace=0)]
-        return candidates + free[:NO_WORKSPACE_VARIANTS]
-
-    def _heuristic(self, max_workspace: int) -> list[_Heuristic]:
+    def _heuristic(self) -> list[_Heuristic]:
         pref = ctypes.c_void_p()
         _check(self.lt.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "MatmulPreferenceCreate")
         try:
-            ws = ctypes.c_uint64(max_workspace)
+            ws = ctypes.c_uint64(WORKSPACE_BYTES)
             _check(self.lt.cublasLtMatmulPreferenceSetAttribute(pref, _PREF_MAX_WORKSPACE, ctypes.byref(ws),
                                                                 ctypes.c_size_t(8)), "MatmulPreferenceSetAttribute")
             results = (_Heuristic * CANDIDATES)()
@@ -195,50 +177,16 @@ class LtLinear:
             self.lt.cublasLtMatmulPreferenceDestroy(pref)
         return [results[i] for i in range(found.value) if results[i].state == 0]
 
-    def _config(self, algo: _Algo, attr: int) -> int:
-        v = ctypes.c_uint32(0)
-        self.lt.cublasLtMatmulAlgoConfigGetAttribute(ctypes.byref(algo), attr, ctypes.byref(v), ctypes.c_size_t(4),
-                                                    ctypes.byref(ctypes.c_size_t(0)))
-        return int(v.value)
-
-    def variants(self, bases: list[_Heuristic], max_workspace: int = WORKSPACE_BYTES) -> list[tuple[_Heuristic, dict]]:
-        """Configurations the heuristic did not offer: each base's algorithm and tile under every custom
-        option and the cluster shapes ``CLUSTERS``, kept when cuBLASLt's check accepts them with at most
-        ``max_workspace`` bytes. Returns [(entry with its checked workspace, {"tile", "custom",
-        "cluster"})], one per distinct (tile, custom, cluster), in the bases' order."""
-        lt = self.lt
-        found, seen = [], set()
-        for base in bases:
-            cmax = ctypes.c_int32(0)
-            lt.cublasLtMatmulAlgoCapGetAttribute(ctypes.byref(base.algo), _CAP_CUSTOM_OPTION_MAX, ctypes.byref(cmax),
-                                                 ctypes.c_size_t(4), ctypes.byref(ctypes.c_size_t(0)))
-            for custom in range(cmax.value + 1):
-                for cluster in CLUSTERS:
-                    algo = _Algo()
-                    ctypes.memmove(ctypes.byref(algo), ctypes.byref(base.algo), ctypes.sizeof(_Algo))
-                    for attr, value in ((_CFG_CUSTOM, custom), (_CFG_CLUSTER, cluster)):
-                        v = ctypes.c_uint32(value)
-                        lt.cublasLtMatmulAlgoConfigSetAttribute(ctypes.byref(algo), attr, ctypes.byref(v), ctypes.c_size_t(4))
-                    config = {"tile": self._config(algo, _CFG_TILE), "custom": custom, "cluster": cluster}
-                    key = tuple(config.values())
-                    if key in seen:
-                        continue
-                    checked = _Heuristic()
-                    if lt.cublasLtMatmulAlgoCheck(self.handle, self.desc, self.a, self.b, self.d, self.d,
-                                                  ctypes.byref(algo), ctypes.byref(checked)) != 0 \
-                            or checked.workspace > max_workspace:
-                        continue
-                    seen.add(key)
-                    checked.algo = algo  # the check reports the workspace; the configuration is ours
-                    found.append((checked, config))
-        return found
-
     def run(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
             candidate: int | None = None) -> None:
         """out = epilogue(x weight^T + bias) on the current stream with the chosen (or given) candidate."""
         algo = self.candidates[self.chosen if candidate is None else candidate]
         stream = torch.cuda.current_stream(x.device).cuda_stream
-        ws = _workspace(self.problem.device, stream)
+        ws_ptr, ws_bytes = _workspace(self.problem.device, stream).data_ptr(), WORKSPACE_BYTES
+        if algo.workspace:  # inside a capture with counter slots: this call's own (cublaslt_counters)
+            slot = cublaslt_counters.slot_for(self.problem.device, algo.workspace)
+            if slot is not None:
+                ws_ptr, ws_bytes = slot, cublaslt_counters.SLOT_BYTES
         with self._lock:  # ctypes releases the GIL: another thread must not swap the bias in between
             if bias is not None:
                 ptr = ctypes.c_void_p(bias.data_ptr())
@@ -247,8 +195,8 @@ class LtLinear:
             _check(self.lt.cublasLtMatmul(
                 self.handle, self.desc, ctypes.byref(self.alpha), ctypes.c_void_p(weight.data_ptr()), self.a,
                 ctypes.c_void_p(x.data_ptr()), self.b, ctypes.byref(self.beta), ctypes.c_void_p(out.data_ptr()),
-                self.d, ctypes.c_void_p(out.data_ptr()), self.d, ctypes.byref(algo.algo), ctypes.c_void_p(ws.data_ptr()),
-                ctypes.c_size_t(WORKSPACE_BYTES), ctypes.c_void_p(stream)), "Matmul")
+                self.d, ctypes.c_void_p(out.data_ptr()), self.d, ctypes.byref(algo.algo), ctypes.c_void_p(ws_ptr),
+                ctypes.c_size_t(ws_bytes), ctypes.c_void_p(stream)), "Matmul")
 
     def tune(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rounds: int = 5,
              calls: int = 8) -> None:
