@@ -30,10 +30,7 @@ Variants (``--variants``, the first is the baseline of the ratios):
                  kept per timestep value (session 19's change);
   torch_qkv      the packed q, k, v GEMM through F.linear (cuBLASLt's first heuristic candidate, and
                  the memset some of them ask for) instead of ``spiral_rt.ops.linear``'s timed choice
-                 (session 19's change);
-  counter_memsets  the chunk graphs keep cuBLASLt's memset before every GEMM that wants a counter,
-                 instead of one memset at the graph's root (``spiral_rt.ops.cublaslt_counters``,
-                 session 21's change).
+                 (session 19's change).
 A change under study adds its "undone" variant here. Session 13 measured a cross-attention that read
 a prompt's repeated padding rows once (a Triton kernel, commit dca156a, since removed) against SDPA
 over every row this way: results/text_attention_ab.json.
@@ -62,7 +59,6 @@ from spiral_rt.engine import paged_context  # noqa: E402
 from spiral_rt.models import dit as dit_module  # noqa: E402
 from spiral_rt.models.config import tiny_test, wan21_t2v_1_3b  # noqa: E402
 from spiral_rt.models.dit import build_dit  # noqa: E402
-from spiral_rt.ops import cublaslt_counters  # noqa: E402
 attention_ops = importlib.import_module("spiral_rt.ops.chunk_attention")  # the module (the package exports the function)
 
 NUM_CHUNKS = 7  # 21 latent frames = 81 video frames
@@ -128,7 +124,6 @@ VARIANTS = {
     "kv_written": lambda: _patched(paged_context, "own_pages_of", lambda plan: None),
     "time_mlp": lambda: _patched(dit_module.CausalWanDiT, "_time_conditioning", _time_tables_every_forward),
     "torch_qkv": lambda: _patched(dit_module, "_qkv_heads", _torch_qkv_heads),
-    "counter_memsets": lambda: _patched(cublaslt_counters, "hoist_memsets", lambda graph, slots: 0),
 }
 
 

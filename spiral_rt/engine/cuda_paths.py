@@ -20,9 +20,7 @@ clean pass, so a chunk is one replay. Inputs are copied into static buffers befo
 plan's device tables (page lists, work partition, write slots, RoPE frame indices), the noise keys,
 and the batch's text conditioning (copied only when the batch's prompts changed). The page pool is
 a fixed tensor, so the captured K/V writes and page reads address it directly. All graphs share
-one memory pool and are replayed one at a time. Each capture gives the cuBLASLt GEMMs that want a
-counter their own workspace slots, then replaces their per-call memset nodes by one at the graph's
-root (``spiral_rt.ops.cublaslt_counters``).
+one memory pool and are replayed one at a time.
 
 Boundaries: no scheduling decisions; the engine calls ``decode`` and ``run``.
 """
@@ -36,7 +34,6 @@ import torch
 
 from spiral_rt.models.dit import TextConditioning
 from spiral_rt.models.vae import DecoderState
-from spiral_rt.ops import cublaslt_counters
 
 
 logger = logging.getLogger(__name__)
@@ -92,7 +89,6 @@ class _Bucket:
     keys: torch.Tensor | None = None
     out: torch.Tensor | None = None
     text: "_StaticText | None" = None
-    counters: "cublaslt_counters.CounterSlots | None" = None  # the graph's GEMM counters: live as long as it
 
 
 class _StaticText:
@@ -173,17 +169,13 @@ class ChunkGraphRunner:
             with torch.cuda.stream(side):
                 result = engine.chunk_sequence(ctx, b.text.cond, b.keys, None, b.frame_idx, B, clean_pass=clean_pass)
             torch.cuda.current_stream(engine.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph(keep_graph=True)
-            device = engine.device.index if engine.device.index is not None else torch.cuda.current_device()
-            with cublaslt_counters.capture_slots(device) as b.counters, engine.stages.suspended(), \
-                    torch.cuda.graph(graph, pool=self.pool):
+            graph = torch.cuda.CUDAGraph()
+            with engine.stages.suspended(), torch.cuda.graph(graph, pool=self.pool):
                 b.out = engine.chunk_sequence(ctx, b.text.cond, b.keys, None, b.frame_idx, B, clean_pass=clean_pass)
-            hoisted = cublaslt_counters.hoist_memsets(graph, b.counters)
-            graph.instantiate()
             b.graph = graph
             self.num_captures += 1
-            logger.info("ChunkGraphRunner: captured bucket %d (batch %d, kv lens %s; %d cuBLASLt counter memsets "
-                        "made one)", len(self.buckets), B, attn_plan.kv_lens, hoisted)
+            logger.info("ChunkGraphRunner: captured bucket %d (batch %d, kv lens %s)", len(self.buckets), B,
+                        attn_plan.kv_lens)
             return result
         for n in _PLAN_TENSORS:
             if b.plan_tensors[n] is not None:

@@ -9,10 +9,7 @@ tokens: FFN down 666 -> 722 TFLOP/s, FFN up with the GELU epilogue 579 -> 615, 1
 descriptors built once, the heuristic's candidates (up to ``CANDIDATES``) timed once in CUDA graphs
 on scratch copies of the operands, the fastest kept for every later call. Calls record into CUDA graphs; a
 problem first met while a graph is being captured takes the heuristic's first candidate (torch's
-choice: timing needs a synchronisation, which capture forbids) and is never re-timed. Inside
-``cublaslt_counters.capture_slots`` a call whose algorithm wants a few bytes of workspace (a counter
-cuBLASLt zeroes with a memset before the call) takes its own slot, so that the graph's memsets can
-be replaced by one (``cublaslt_counters.hoist_memsets``).
+choice: timing needs a synchronisation, which capture forbids) and is never re-timed.
 
 The library is the libcublasLt torch already loaded (found in /proc/self/maps, else by soname), so
 no header or link step is needed; the few enums used are cuBLASLt's stable ABI values.
@@ -30,8 +27,6 @@ import threading
 from dataclasses import dataclass
 
 import torch
-
-from . import cublaslt_counters
 
 logger = logging.getLogger(__name__)
 
@@ -182,11 +177,7 @@ class LtLinear:
         """out = epilogue(x weight^T + bias) on the current stream with the chosen (or given) candidate."""
         algo = self.candidates[self.chosen if candidate is None else candidate]
         stream = torch.cuda.current_stream(x.device).cuda_stream
-        ws_ptr, ws_bytes = _workspace(self.problem.device, stream).data_ptr(), WORKSPACE_BYTES
-        if algo.workspace:  # inside a capture with counter slots: this call's own (cublaslt_counters)
-            slot = cublaslt_counters.slot_for(self.problem.device, algo.workspace)
-            if slot is not None:
-                ws_ptr, ws_bytes = slot, cublaslt_counters.SLOT_BYTES
+        ws = _workspace(self.problem.device, stream)
         with self._lock:  # ctypes releases the GIL: another thread must not swap the bias in between
             if bias is not None:
                 ptr = ctypes.c_void_p(bias.data_ptr())
@@ -195,8 +186,8 @@ class LtLinear:
             _check(self.lt.cublasLtMatmul(
                 self.handle, self.desc, ctypes.byref(self.alpha), ctypes.c_void_p(weight.data_ptr()), self.a,
                 ctypes.c_void_p(x.data_ptr()), self.b, ctypes.byref(self.beta), ctypes.c_void_p(out.data_ptr()),
-                self.d, ctypes.c_void_p(out.data_ptr()), self.d, ctypes.byref(algo.algo), ctypes.c_void_p(ws_ptr),
-                ctypes.c_size_t(ws_bytes), ctypes.c_void_p(stream)), "Matmul")
+                self.d, ctypes.c_void_p(out.data_ptr()), self.d, ctypes.byref(algo.algo), ctypes.c_void_p(ws.data_ptr()),
+                ctypes.c_size_t(WORKSPACE_BYTES), ctypes.c_void_p(stream)), "Matmul")
 
     def tune(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rounds: int = 5,
              calls: int = 8) -> None:
