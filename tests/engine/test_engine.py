@@ -348,7 +348,9 @@ def test_stream_prompt_switch_recache_rollback_fork_no_leaks():
     twin, = child.fork(share_noise=True)
     out = engine.step()
     assert session.status == "finished" and child.status == "finished" and twin.status == "finished"
-    assert torch.equal(out[child.session_id].latents, out[twin.session_id].latents)  # shared noise + pages
+    # shared noise + pages: the same latents up to fp32 rounding (two rows of one batched call; with
+    # several CPU threads rows may accumulate in different orders: 1e-6 seen at unit scale)
+    torch.testing.assert_close(out[child.session_id].latents, out[twin.session_id].latents, rtol=1e-5, atol=1e-5)
     for s in (session, child, twin):
         s.close()
     assert_no_leaks(engine)
