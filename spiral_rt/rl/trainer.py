@@ -21,6 +21,14 @@ With ``objective="denoising"`` the per-transition term is instead the advantage-
 loss of the member's clean chunk j, noised afresh at the transition's sigma (same contexts, same
 reference): adv * mean (x0_hat - x0)^2 + kl_coef * mean (x0_hat - x0_ref)^2, x0_hat = x_t - sigma v.
 
+With ``objective="dpo"`` (Diffusion-DPO, Wallace et al. 2023) each execution group whose rewards are
+not all equal gives one pair, its best-rewarded member w and its worst l; at each trained transition
+both are noised afresh as above and, with d = mse_theta - mse_ref (mean (x0_hat - x0)^2 of the policy
+minus that of the reference, on the same x_t), the pair's loss is -log sigmoid(-beta (d_w - d_l)).
+Only the paired members are forwarded: a no-grad reference pass, then one policy pass per micro-batch
+of whole pairs whose backward is of sum(weight * mse_theta) with the analytic weights
++-beta sigmoid(beta (d_w - d_l)) (detached): the pair loss's gradient without a second policy graph.
+
 The context reconstruction mirrors the engine's chunk loop (``Engine.chunk_sequence``): a chunk's K/V
 come from a clean pass over its clean latents (``batch.latents``) at the context timestep
 ``context_noise * num_train_timesteps``, attending to the earlier chunks' K/V, with the chunk's own
@@ -87,7 +95,7 @@ DEFAULT_LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.
                         "ffn.0", "ffn.2")
 """Linear layers of every DiT block that get adapters by default (suffixes of module names)."""
 
-OBJECTIVES = ("policy_gradient", "denoising")
+OBJECTIVES = ("policy_gradient", "denoising", "dpo")
 """``GRPOTrainerConfig.objective`` values."""
 DENOISING_WEIGHTS = ("advantage", "positive")
 """``GRPOTrainerConfig.denoising_weights`` values."""
@@ -127,7 +135,7 @@ class GRPOTrainerConfig:
     """With LoRA: the adapters act only in forwards at these timesteps (``gate_lora_by_timestep``;
     the trained steps' t), so an update changes the trained steps alone and every other step and
     the clean pass stay the base model's; None: the adapters act in every forward."""
-    objective: Literal["policy_gradient", "denoising"] = "policy_gradient"
+    objective: Literal["policy_gradient", "denoising", "dpo"] = "policy_gradient"
     """"policy_gradient": the clipped GRPO objective on the recorded transitions' log-probs (module
     docstring). "denoising": advantage-weighted denoising, a GRPO update whose per-member likelihood
     is the denoising bound of its clean video (the flow-matching loss, as Diffusion-DPO and
@@ -135,13 +143,23 @@ class GRPOTrainerConfig:
     step's sigma, and the loss is adv * mean (x0_hat - x0)^2 + kl_coef * mean (x0_hat - x0_ref)^2;
     a supervised target instead of one Gaussian draw's direction, so far less gradient noise per
     sample. Keep ``loss.kl_coef`` above the largest |advantage| (~2.7 for groups of 8): the per-sample
-    loss is then a convex quadratic in x0_hat, bounded for negative advantages too."""
+    loss is then a convex quadratic in x0_hat, bounded for negative advantages too. "dpo": Diffusion-DPO
+    on each group's best- vs worst-rewarded member (module docstring; ``dpo_beta``), the reference
+    being the adapters-disabled model (or the frozen copy); ``loss.kl_coef`` > 0 adds the same
+    kl_coef * mean (x0_hat - x0_ref)^2 as "denoising", over the paired members."""
     denoising_weights: Literal["advantage", "positive"] = "advantage"
     """Member weights of the "denoising" objective: the advantage (members below their group's mean
     are pushed away from their own videos), or "positive": max(advantage, 0), only the members above
     the mean are fitted (reward-weighted regression on the group's better videos; bounded without
     a KL term, where pushing away is not: five unregularised updates at lr 3e-3 on one batch dropped
     fresh groups' reward from 0.68 to 0.11, bench/NOTES.md session 11)."""
+    dpo_beta: float = 1000.0
+    """Inverse temperature of the "dpo" objective: the pair loss is -log sigmoid(-dpo_beta (d_w - d_l)),
+    d a member's denoising error (mean over latent elements, fp32) minus the reference's. The world
+    model's errors are 0.01-0.025 in latent units; on the CPU goal-pool run (lr 5e-4, bench/NOTES.md
+    session 21) the mean |d_w - d_l| was 3e-4 after one update and 0.6-2.7e-3 from then on, so 1000
+    puts dpo_beta * |d_w - d_l| at ~1-2.5: the sigmoid's bend, neither saturated at once nor linear
+    (where DPO would be the unregularised +1 / -1 weighted denoising loss)."""
     gradient_checkpointing: bool = False
     """Recompute each DiT block in the backward pass (torch.utils.checkpoint around the model's
     per-block call), trading compute for activation memory."""
@@ -192,6 +210,9 @@ class GRPOTrainerConfig:
         if self.denoising_weights not in DENOISING_WEIGHTS:
             raise ValueError(f"GRPOTrainerConfig: 'denoising_weights' must be one of {DENOISING_WEIGHTS}, "
                              f"got {self.denoising_weights!r}")
+        if isinstance(self.dpo_beta, bool) or not isinstance(self.dpo_beta, (int, float)) or not math.isfinite(self.dpo_beta) \
+                or self.dpo_beta <= 0:
+            raise ValueError(f"GRPOTrainerConfig: 'dpo_beta' must be a finite number > 0, got {self.dpo_beta!r}")
         if isinstance(self.micro_batch_size, bool) or not isinstance(self.micro_batch_size, int) or self.micro_batch_size < 1:
             raise ValueError(f"GRPOTrainerConfig: 'micro_batch_size' must be a positive int, got {self.micro_batch_size!r}")
         if not isinstance(self.advantage, AdvantageConfig):
@@ -464,7 +485,7 @@ class GRPOTrainer:
         use_lora = config.lora_rank is not None
         reference = config.reference if config.reference != "auto" else ("lora_disabled" if use_lora else "frozen_copy")
         self.reference_kind = reference
-        needs_ref = config.loss.kl_coef > 0 and config.loss.kl != "none"
+        needs_ref = (config.loss.kl_coef > 0 and config.loss.kl != "none") or config.objective == "dpo"
         self.reference_model: CausalWanDiT | None = None
         if needs_ref and reference == "frozen_copy":
             self.reference_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -702,7 +723,8 @@ class GRPOTrainer:
         for b in batches:
             self._check_batch(b)
         self.optimizer.zero_grad(set_to_none=True)
-        accumulate = self._accumulate_gradients if self.config.objective == "policy_gradient" else self._accumulate_denoising
+        accumulate = {"policy_gradient": self._accumulate_gradients, "denoising": self._accumulate_denoising,
+                      "dpo": self._accumulate_dpo}[self.config.objective]
         parts = [accumulate(b, 1.0 / len(batches), last=i == len(batches) - 1) for i, b in enumerate(batches)]
         stats = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0] if k != "transitions"}
         stats["transitions"] = sum(p["transitions"] for p in parts)
@@ -844,6 +866,98 @@ class GRPOTrainer:
                 sums["denoise_mse"] += float(mse.detach().mean()) * w
         return self._batch_stats(sums, batch, adv_all)
 
+    def _dpo_pairs(self, batch) -> list[tuple[int, int]]:
+        """(winner, loser) rows of the "dpo" objective: per execution group (``group_index``) whose
+        rewards are not all equal, its best- and worst-rewarded member (the first row among equals),
+        in group order. Without rewards the members' advantages rank them (the same order within a
+        group)."""
+        if batch.transition_advantages is not None:
+            raise ValueError("GRPOTrainer: objective 'dpo' pairs members by their reward; argument 'batch' carries "
+                             "step credit (transition_advantages): roll out with video credit")
+        scores = batch.rewards if batch.rewards is not None else batch.advantages
+        if scores is None:
+            raise ValueError("GRPOTrainer: objective 'dpo' needs rewards or advantages (argument 'batch' has neither)")
+        scores = scores.double().cpu().tolist()
+        groups = batch.group_index.cpu().tolist()
+        pairs = []
+        for g in sorted(set(groups)):
+            rows = [m for m, gm in enumerate(groups) if gm == g]
+            ranked = [scores[m] for m in rows]
+            hi, lo = max(ranked), min(ranked)
+            if hi != lo:
+                pairs.append((rows[ranked.index(hi)], rows[ranked.index(lo)]))
+        return pairs
+
+    def _sync_gradients(self, batch) -> None:
+        """A zero-weighted backward outside ``no_sync``: DDP all-reduces the gradients accumulated so
+        far, for a rank whose last batch has nothing to train (every rank must take part)."""
+        for t, cache in self._transitions(self.model, batch, [0]):
+            x_t = self._denoising_input(batch, [0], t)[1]
+            (self._predict_x0(self._forward, batch, [0], t, x_t, cache).sum() * 0.0).backward()
+            return
+
+    def _accumulate_dpo(self, batch, scale: float, last: bool) -> dict:
+        """Backward of ``scale`` times one batch's Diffusion-DPO loss (``objective`` "dpo"): mean over
+        pairs (``_dpo_pairs``) and trained transitions of -log sigmoid(-beta (d_w - d_l)), plus
+        kl_coef * mean (x0_hat - x0_ref)^2 over the paired members. A batch without pairs adds
+        nothing. Statistics besides the loss terms: dpo_margin (mean d_l - d_w, > 0 where the policy
+        favours the winner more than the reference does), dpo_margin_abs (mean |d_w - d_l|, the scale
+        beta acts on), dpo_accuracy (fraction of pair-transitions with d_w < d_l), dpo_pairs."""
+        lcfg = self.config.loss
+        beta = float(self.config.dpo_beta)
+        need_kl = lcfg.kl_coef > 0 and lcfg.kl != "none"
+        pairs = self._dpo_pairs(batch)
+        T = batch.num_transitions
+        sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "denoise_mse": 0.0, "dpo_margin": 0.0,
+                "dpo_margin_abs": 0.0, "dpo_accuracy": 0.0}
+        per_micro = max(1, self.config.micro_batch_size // 2)  # whole pairs: both members' errors set the weights
+        micro = [pairs[i:i + per_micro] for i in range(0, len(pairs), per_micro)]
+        total = max(1, len(pairs) * T)
+        backwards = len(micro) * T
+        done = 0
+        for chunk_pairs in micro:
+            n = len(chunk_pairs)
+            rows = [m for pair in chunk_pairs for m in pair]  # w0, l0, w1, l1, ...
+            ref_mse: dict[int, torch.Tensor] = {}
+            ref_x0: dict[int, torch.Tensor] = {}
+            with torch.no_grad(), self._reference_mode() as ref:
+                for t, rcache in self._transitions(ref, batch, rows):
+                    x0, x_t = self._denoising_input(batch, rows, t)
+                    pred = self._predict_x0(_PolicyForward(ref), batch, rows, t, x_t, rcache)
+                    ref_mse[t] = (pred - x0).square().flatten(1).mean(1)
+                    if need_kl:
+                        ref_x0[t] = pred
+            for t, cache in self._transitions(self.model, batch, rows):
+                done += 1
+                sync = (last and done == backwards) or not self.distributed
+                with (contextlib.nullcontext() if sync else self._forward.no_sync()):
+                    x0, x_t = self._denoising_input(batch, rows, t)
+                    x0_hat = self._predict_x0(self._forward, batch, rows, t, x_t, cache)
+                    mse = (x0_hat - x0).square().flatten(1).mean(1)
+                    d = (mse.detach() - ref_mse[t]).double().view(n, 2)
+                    diff = d[:, 0] - d[:, 1]  # d_w - d_l
+                    pair_loss = F.softplus(beta * diff)  # = -log sigmoid(-beta (d_w - d_l))
+                    slope = beta * torch.sigmoid(beta * diff)  # d pair_loss / d d_w = -d pair_loss / d d_l
+                    weight = torch.stack([slope, -slope], dim=1).flatten().to(mse.dtype)
+                    surrogate = (weight * mse).sum() / n  # its gradient is that of pair_loss.mean()
+                    kl = (x0_hat - ref_x0[t]).square().mean() if need_kl else torch.zeros((), device=self.device)
+                    ((surrogate + lcfg.kl_coef * kl) * (scale * n / total)).backward()
+                w = n / total
+                policy = float(pair_loss.mean())
+                sums["loss"] += (policy + lcfg.kl_coef * float(kl.detach())) * w
+                sums["policy_loss"] += policy * w
+                sums["kl"] += float(kl.detach()) * w
+                sums["denoise_mse"] += float(mse.detach().mean()) * w
+                sums["dpo_margin"] += float(-diff.mean()) * w
+                sums["dpo_margin_abs"] += float(diff.abs().mean()) * w
+                sums["dpo_accuracy"] += float((diff < 0).double().mean()) * w
+        if not pairs and self.distributed and last:
+            self._sync_gradients(batch)
+        stats = {**sums, "transitions": 2 * len(pairs) * T, "dpo_pairs": len(pairs)}
+        if batch.rewards is not None:
+            stats["reward_mean"] = float(batch.rewards.double().mean())
+        return stats
+
     def train_step(self, batch) -> dict:
         """One GRPO update on ``batch`` (a RolloutBatch or a list of them, accumulated: see
         ``compute_gradients``): gradients, clipping, optimizer step,
@@ -862,7 +976,8 @@ class GRPOTrainer:
         stats["step"] = self.step
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
         logger.info("GRPOTrainer step %d: %s, grad norm %.4g", self.step, ", ".join(
-            f"{k} {stats[k]:.4g}" for k in ("loss", "ratio_mean", "clipfrac", "denoise_mse", "kl") if k in stats),
+            f"{k} {stats[k]:.4g}" for k in ("loss", "ratio_mean", "clipfrac", "denoise_mse", "kl", "dpo_margin",
+                                            "dpo_accuracy") if k in stats),
             stats["grad_norm"])
         cfg = self.config
         if cfg.checkpoint_dir and cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0:

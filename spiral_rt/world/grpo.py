@@ -21,7 +21,8 @@ engine step per chunk and denoising step for all goals x G members, and one trai
                advantages are normalised within the group
     update     one ``GRPOTrainer.train_step`` (LoRA adapters on the DiT's linears, fp32 so the
                recomputed log-probs equal the recorded ones before the update; ``--objective``:
-               the clipped policy gradient, or advantage-weighted denoising of the members' videos)
+               the clipped policy gradient, advantage-weighted denoising of the members' videos, or
+               Diffusion-DPO on each group's best- vs worst-rewarded video)
 
 Several GPUs: ``torchrun --nproc_per_node N -m spiral_rt.world.grpo ...`` runs N ranks (NCCL on CUDA,
 gloo on the CPU), each on its own device with its own goal per iteration; the trainer averages the
@@ -123,11 +124,16 @@ class WorldGRPOConfig:
     """Goal seeds (GRPO_SEED_BASE + seed * 100003 + goal index, ``iteration_goals``) and the rollouts' Philox seed."""
     objective: str = "policy_gradient"
     """``GRPOTrainerConfig.objective``: "policy_gradient" (clipped ratio of the recorded transitions'
-    log-probs) or "denoising" (advantage-weighted denoising loss of the members' clean chunks at the
-    trained steps' noise levels; give it a ``kl_coef`` above the largest |advantage|, e.g. 3)."""
+    log-probs), "denoising" (advantage-weighted denoising loss of the members' clean chunks at the
+    trained steps' noise levels; give it a ``kl_coef`` above the largest |advantage|, e.g. 3) or "dpo"
+    (Diffusion-DPO of each group's best- against its worst-rewarded member, reference = adapters off;
+    ``dpo_beta``; needs ``credit`` "video")."""
     denoising_weights: str = "advantage"
     """``GRPOTrainerConfig.denoising_weights`` of the "denoising" objective: "advantage" or "positive"
     (only the members above their group's mean are fitted)."""
+    dpo_beta: float = 1000.0
+    """``GRPOTrainerConfig.dpo_beta``: inverse temperature of the "dpo" objective's pair loss
+    -log sigmoid(-beta (d_w - d_l)), d = a member's mean squared x0 error minus the reference's."""
     gate_adapters: bool = True
     """The LoRA adapters act only at the trained steps' timesteps (``gate_lora_by_timestep``); off:
     in every forward, where an update credited to steps 0-2 also moves the untrained steps and the
@@ -179,10 +185,16 @@ class WorldGRPOConfig:
         if self.denoising_weights not in DENOISING_WEIGHTS:
             raise ValueError(f"WorldGRPOConfig: 'denoising_weights' must be one of {DENOISING_WEIGHTS}, "
                              f"got {self.denoising_weights!r}")
+        if isinstance(self.dpo_beta, bool) or not isinstance(self.dpo_beta, (int, float)) \
+                or not 0 < self.dpo_beta < float("inf"):
+            raise ValueError(f"WorldGRPOConfig: 'dpo_beta' must be a finite number > 0, got {self.dpo_beta!r}")
         if self.noise not in NOISE_POLICIES:
             raise ValueError(f"WorldGRPOConfig: 'noise' must be one of {NOISE_POLICIES}, got {self.noise!r}")
         if self.credit not in CREDITS:
             raise ValueError(f"WorldGRPOConfig: 'credit' must be one of {CREDITS}, got {self.credit!r}")
+        if self.objective == "dpo" and self.credit != "video":
+            raise ValueError(f"WorldGRPOConfig: 'credit' must be 'video' with objective 'dpo' (pairs are ranked by the "
+                             f"member's reward), got {self.credit!r}")
         if self.reward not in REWARD_SIGNALS:
             raise ValueError(f"WorldGRPOConfig: 'reward' must be one of {REWARD_SIGNALS}, got {self.reward!r}")
         if isinstance(self.time_limit_min, bool) or not isinstance(self.time_limit_min, (int, float)) or not self.time_limit_min >= 0:
@@ -283,7 +295,7 @@ def grpo_trainer(world, engine, cfg: WorldGRPOConfig) -> GRPOTrainer:
     return GRPOTrainer(world.dit, GRPOTrainerConfig(
         lr=cfg.lr, lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), bf16_autocast=False,
         micro_batch_size=min(cfg.micro_batch_size, members), loss=GRPOLossConfig(kl_coef=cfg.kl_coef),
-        objective=cfg.objective, denoising_weights=cfg.denoising_weights,
+        objective=cfg.objective, denoising_weights=cfg.denoising_weights, dpo_beta=cfg.dpo_beta,
         lora_timesteps=trained_timesteps(cfg, engine.config.schedule.model_timesteps) if cfg.gate_adapters else None),
         world.text_encoder, engine_config=engine.config)
 
@@ -378,7 +390,7 @@ def run(cfg: WorldGRPOConfig) -> dict:
                     "lr": cfg.lr, "lora_rank": cfg.lora_rank, "kl_coef": cfg.kl_coef, "reward": cfg.reward,
                     "policy": cfg.policy, "noise": cfg.noise, "train_steps": cfg.train_steps, "credit": cfg.credit,
                     "gate_adapters": cfg.gate_adapters, "objective": cfg.objective,
-                    "denoising_weights": cfg.denoising_weights}})
+                    "denoising_weights": cfg.denoising_weights, "dpo_beta": cfg.dpo_beta}})
         if stop:
             logger.info("time limit of %.1f min reached after %d update(s)", cfg.time_limit_min, updates)
             break

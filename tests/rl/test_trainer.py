@@ -9,6 +9,8 @@
 - a few steps with a positive advantage on one member raise its log-probs;
 - the "denoising" objective's loss and gradients equal a hand-written loop, and its steps lower the
   positive member's denoising error relative to the others';
+- the "dpo" objective's gradient equals autograd of the literal pair loss, tied groups add nothing,
+  and its steps favour the winner over the loser;
 - LoRA leaves the base weights unchanged, the reference is the base model, merge / unmerge are exact;
 - save -> load gives identical parameters, optimizer state and continuation;
 - a two-process gloo run completes a step with identical parameters on both ranks;
@@ -266,6 +268,126 @@ def test_positive_denoising_weights_fit_only_the_members_above_the_mean():
     assert grads["positive"].abs().sum() > 0
 
 
+def hand_dpo_terms(trainer, model, ref_model, batch, emb, pairs, beta: float, kl_coef: float):
+    """Literal Diffusion-DPO loss over ``pairs`` ((winner, loser) rows): per pair and transition both
+    members' errors through their own dense block-causal forward (graphs kept, as the formula reads),
+    d = mse_policy - mse_reference on the trainer's x_t, then -log sigmoid(-beta (d_w - d_l)), mean over
+    pairs and transitions, plus kl_coef * mean (x0_hat - x0_ref)^2 over the paired members. Returns
+    (loss, the pair term alone, the mean of d_l - d_w)."""
+    tpf = (batch.x.shape[4] // 2) * (batch.x.shape[5] // 2)
+
+    def terms(m, t):
+        c = int(batch.chunk[t])
+        text = emb[batch.prompts[int(batch.prompt_ids[m, c])]][None]  # one prompt per plan in these batches
+        x0 = batch.latents[m:m + 1, :, c * F:(c + 1) * F].double()
+        x_t = trainer._denoising_input(batch, [m], t)[1]
+        seq = torch.cat([batch.latents[m:m + 1, :, :c * F], x_t], dim=2)
+        ts = torch.cat([torch.zeros(c * F), torch.full((F,), float(batch.timestep[t]))])[None]
+        attn = DetachedContext(F * tpf, block_frames=F, tokens_per_frame=tpf)
+
+        def x0_hat(net):
+            return x_t.double() - float(batch.sigma[t]) * net(seq, ts, 0, attn, net.encode_text(text))[:, :, -F:].double()
+
+        pred = x0_hat(model)
+        with torch.no_grad():
+            ref = x0_hat(ref_model)
+        return ((pred - x0) ** 2).mean() - ((ref - x0) ** 2).mean(), ((pred - ref) ** 2).mean()
+
+    pair_losses, kls, margins = [], [], []
+    for w, l in pairs:
+        for t in range(batch.num_transitions):
+            (d_w, kl_w), (d_l, kl_l) = terms(w, t), terms(l, t)
+            pair_losses.append(-torch.nn.functional.logsigmoid(-beta * (d_w - d_l)))
+            kls += [kl_w, kl_l]
+            margins.append((d_l - d_w).detach())
+    pair = torch.stack(pair_losses).mean()
+    return pair + kl_coef * torch.stack(kls).mean(), pair, torch.stack(margins).mean()
+
+
+def dpo_batch(model):
+    """Two execution groups (plans) of three members, one prompt each."""
+    batch, ecfg, emb = rollout(model, plans=[[["a fox in snow"], ["a cat on a wall"]]], group_size=3, num_chunks=3)
+    assert batch.group_index.tolist() == [0, 0, 0, 1, 1, 1]
+    return batch, ecfg, emb
+
+
+@pytest.mark.parametrize("micro_batch_size", [2, 5])
+def test_dpo_gradient_equals_autograd_of_the_pair_loss(micro_batch_size):
+    """The trainer's two passes (reference errors, then one policy backward of the analytic weights
+    times the errors) give the gradient of the literal pair loss. fp32 forwards against float64
+    arithmetic on fp32 forwards: rtol 2e-3, atol 1e-6 (as the other hand-loop comparisons)."""
+    model = tiny_model(seed=5)
+    batch, ecfg, emb = dpo_batch(model)
+    batch.rewards = torch.tensor([0.2, 0.9, 0.5, 0.7, 0.1, 0.7], dtype=torch.float64)  # winners 1, 3 (first of equals)
+    reference = copy.deepcopy(model)
+    beta, kl_coef = 30.0, 0.5
+    trainer = GRPOTrainer(model, GRPOTrainerConfig(lora_rank=None, micro_batch_size=micro_batch_size, objective="dpo",
+                                                   dpo_beta=beta, gradient_checkpointing=True,
+                                                   loss=GRPOLossConfig(kl_coef=kl_coef)), emb, engine_config=ecfg)
+    assert trainer._dpo_pairs(batch) == [(1, 0), (3, 4)]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # move the policy away from the reference
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    stats = trainer.compute_gradients(batch)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    hand_model = copy.deepcopy(model)
+    hand_model.__dict__.pop("_block", None)
+    hand_model.zero_grad(set_to_none=True)
+    expected, pair, margin = hand_dpo_terms(trainer, hand_model, reference, batch, emb, [(1, 0), (3, 4)], beta, kl_coef)
+    expected.backward()
+    # the sigmoid is neither saturated nor linear here, and both terms take part
+    assert 0.05 < stats["dpo_margin_abs"] * beta < 5 and stats["kl"] > 0
+    assert stats["dpo_pairs"] == 2 and stats["transitions"] == 2 * 2 * batch.num_transitions
+    assert stats["loss"] == pytest.approx(expected.item(), rel=1e-4, abs=1e-7)
+    assert stats["policy_loss"] == pytest.approx(pair.item(), rel=1e-4, abs=1e-7)
+    assert stats["dpo_margin"] == pytest.approx(margin.item(), rel=1e-3, abs=1e-8)
+    for n, p in hand_model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad.float(), rtol=2e-3, atol=1e-6, msg=lambda s: f"{n}: {s}")
+
+
+def test_dpo_groups_with_equal_rewards_contribute_nothing():
+    model = tiny_model(seed=6)
+    batch, ecfg, emb = dpo_batch(model)
+    reference = copy.deepcopy(model)
+    trainer = GRPOTrainer(model, GRPOTrainerConfig(lora_rank=None, micro_batch_size=4, objective="dpo", dpo_beta=30.0),
+                          emb, engine_config=ecfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    # every group tied: no pair, no gradient at all
+    batch.rewards = torch.tensor([0.5, 0.5, 0.5, 1.0, 1.0, 1.0], dtype=torch.float64)
+    stats = trainer.compute_gradients(batch)
+    assert stats["dpo_pairs"] == 0 and stats["loss"] == 0.0 and stats["transitions"] == 0
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    # one group tied: the gradient is the other group's pair loss alone
+    batch.rewards = torch.tensor([0.5, 0.5, 0.5, 0.3, 1.0, 0.6], dtype=torch.float64)
+    assert trainer._dpo_pairs(batch) == [(4, 3)]
+    trainer.compute_gradients(batch)
+    hand_model = copy.deepcopy(model)
+    hand_model.zero_grad(set_to_none=True)
+    hand_dpo_terms(trainer, hand_model, reference, batch, emb, [(4, 3)], 30.0, 0.0)[0].backward()
+    for (n, p), q in zip(model.named_parameters(), hand_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad.float(), rtol=2e-3, atol=1e-6, msg=lambda s: f"{n}: {s}")
+
+
+def test_dpo_steps_favour_the_winner_over_the_loser():
+    model = tiny_model(seed=7)
+    batch, ecfg, emb = dpo_batch(model)
+    batch.rewards = torch.tensor([1.0, 0.5, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    trainer = GRPOTrainer(model, GRPOTrainerConfig(lora_rank=4, lora_alpha=8.0, lr=3e-3, micro_batch_size=4,
+                                                   objective="dpo", dpo_beta=300.0,
+                                                   loss=GRPOLossConfig(kl_coef=0.0)), emb, engine_config=ecfg)
+    first = trainer.compute_gradients(batch)  # fresh adapters: the policy is the reference, d = 0
+    assert first["dpo_margin"] == 0.0 and first["policy_loss"] == pytest.approx(math.log(2))
+    for _ in range(4):
+        assert math.isfinite(trainer.train_step(batch)["loss"])
+    trainer.step = 0  # the first step's noise draws again
+    after = trainer.compute_gradients(batch)
+    assert after["dpo_margin"] > 0 and after["dpo_accuracy"] == 1.0 and after["policy_loss"] < math.log(2)
+
+
 # ----------------------------------------------------------------------------- learning signal
 
 
@@ -511,7 +633,8 @@ def test_two_process_gloo_step(tmp_path):
     (dict(lr=-1.0), "'lr'"), (dict(micro_batch_size=0), "'micro_batch_size'"), (dict(lora_rank=0), "'lora_rank'"),
     (dict(reference="lora_disabled", lora_rank=None), "'reference'"), (dict(checkpoint_interval=3), "'checkpoint_interval'"),
     (dict(grad_clip=0.0), "'grad_clip'"), (dict(lora_targets=()), "'lora_targets'"), (dict(objective="ppo"), "'objective'"),
-    (dict(denoising_weights="negative"), "'denoising_weights'"),
+    (dict(denoising_weights="negative"), "'denoising_weights'"), (dict(dpo_beta=0.0), "'dpo_beta'"),
+    (dict(dpo_beta=-1.0), "'dpo_beta'"), (dict(dpo_beta=float("nan")), "'dpo_beta'"),
 ])
 def test_config_errors_name_the_field(kw, name):
     with pytest.raises(ValueError, match=name):

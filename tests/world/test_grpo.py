@@ -1,5 +1,6 @@
 """World GRPO post-training (spiral_rt.world.grpo) on the CPU: the plan layout, a smoke run of the
-whole loop (rollout -> critic -> update -> weights file), and configuration errors."""
+whole loop (rollout -> critic -> update -> weights file), the "dpo" objective's CLI flags reaching the
+trainer, and configuration errors."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 from spiral_rt.engine.generator import HashTextEncoder
 from spiral_rt.rl.trainer import LoRALinear
 from spiral_rt.world.goals import random_goal
-from spiral_rt.world.grpo import GRPO_SEED_BASE, WorldGRPOConfig, goal_plan, iteration_goals, run
+from spiral_rt.world.grpo import GRPO_SEED_BASE, WorldGRPOConfig, goal_plan, iteration_goals, main, run
 from spiral_rt.world.language import goal_to_steps
 from spiral_rt.world.model.loader import load_world_model
 from spiral_rt.world.scene import WorldConfig
@@ -99,7 +100,8 @@ def test_two_ranks_roll_out_different_goals_and_rank0_logs_both(tmp_path):
                                           ("kl_coef", -1.0), ("save_every", 0), ("goals_per_update", 0),
                                           ("train_steps", "0,x"), ("train_steps", "-1"),
                                           ("critic_processes", -1), ("noise", "shared"), ("credit", "chunk"),
-                                          ("objective", "ppo"), ("denoising_weights", "all")])
+                                          ("objective", "ppo"), ("denoising_weights", "all"), ("dpo_beta", 0.0),
+                                          ("dpo_beta", -2.0)])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         WorldGRPOConfig(**{field: value}).validate()
@@ -158,3 +160,16 @@ def test_step_credit_run_updates_on_policy(tmp_path):
     run(WorldGRPOConfig(out=str(tmp_path), smoke=True, progress=False, iterations=1, goals_per_update=2, credit="step"))
     rec = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
     assert abs(rec["ratio_mean"] - 1.0) < 1e-4 and rec["transitions"] > 0
+
+
+def test_dpo_cli_flags_reach_the_trainer_config(tmp_path, capsys):
+    assert main(["--out", str(tmp_path), "--smoke", "--no-progress", "--iterations", "1", "--goals-per-update", "1",
+                 "--objective", "dpo", "--dpo-beta", "250"]) == 0
+    saved = json.loads((tmp_path / "trainer" / "trainer.json").read_text())["config"]
+    assert saved["objective"] == "dpo" and saved["dpo_beta"] == 250.0
+    rec = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
+    assert "dpo_pairs" in rec and "dpo_accuracy" in rec
+    assert main(["--out", str(tmp_path / "bad"), "--smoke", "--objective", "dpo", "--dpo-beta", "0"]) == 2
+    assert "'dpo_beta'" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="credit"):  # pairs are ranked by the member's (video) reward
+        WorldGRPOConfig(objective="dpo", credit="step").validate()
