@@ -824,6 +824,31 @@ class GRPOTrainer:
             v = module(x_t, ts, chunk * ecfg.chunk_frames, cache, self._row_embeddings(batch, rows, chunk))
         return x_t.float() - float(batch.sigma[t]) * v.to(ecfg.latent_dtype).float()
 
+    def _denoising_passes(self, batch, micro: list[list[int]], last: bool, with_reference: bool):
+        """For each micro-batch of member rows and each trained transition: (rows, t, x0, x0_hat with
+        gradients, the reference's x0_hat or None). The caller runs its backward before taking the next
+        item: that happens inside the DDP context opened here, which synchronises the gradients at the
+        step's last backward only (``last``: this batch ends the step)."""
+        backwards, done = len(micro) * batch.num_transitions, 0
+        for rows in micro:
+            ref_x0 = self._reference_x0(batch, rows) if with_reference else {}
+            for t, cache in self._transitions(self.model, batch, rows):
+                done += 1
+                sync = (last and done == backwards) or not self.distributed
+                with (contextlib.nullcontext() if sync else self._forward.no_sync()):
+                    x0, x_t = self._denoising_input(batch, rows, t)
+                    yield rows, t, x0, self._predict_x0(self._forward, batch, rows, t, x_t, cache), ref_x0.get(t)
+
+    def _reference_x0(self, batch, rows: list[int]) -> dict[int, torch.Tensor]:
+        """The reference model's x0_hat for ``rows`` at each trained transition, without gradients, on
+        the same fresh noise the policy pass draws (``_denoising_input``)."""
+        out = {}
+        with torch.no_grad(), self._reference_mode() as ref:
+            for t, rcache in self._transitions(ref, batch, rows):
+                out[t] = self._predict_x0(_PolicyForward(ref), batch, rows, t, self._denoising_input(batch, rows, t)[1],
+                                          rcache)
+        return out
+
     def _accumulate_denoising(self, batch, scale: float, last: bool) -> dict:
         """Backward of ``scale`` times one batch's advantage-weighted denoising loss (``objective``
         "denoising"): mean over members and trained transitions of
@@ -837,33 +862,18 @@ class GRPOTrainer:
         M, T = batch.num_members, batch.num_transitions
         total = M * T
         sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "denoise_mse": 0.0}
-        micro = self._micro_batches(M)
-        backwards = len(micro) * T
-        done = 0
-        for rows in micro:
+        for rows, t, x0, x0_hat, ref in self._denoising_passes(batch, self._micro_batches(M), last, need_ref):
             n = len(rows)
-            ref_x0: dict[int, torch.Tensor] = {}
-            if need_ref:
-                with torch.no_grad(), self._reference_mode() as ref:
-                    for t, rcache in self._transitions(ref, batch, rows):
-                        ref_x0[t] = self._predict_x0(_PolicyForward(ref), batch, rows, t,
-                                                     self._denoising_input(batch, rows, t)[1], rcache)
-            for t, cache in self._transitions(self.model, batch, rows):
-                done += 1
-                sync = (last and done == backwards) or not self.distributed
-                with (contextlib.nullcontext() if sync else self._forward.no_sync()):
-                    x0, x_t = self._denoising_input(batch, rows, t)
-                    x0_hat = self._predict_x0(self._forward, batch, rows, t, x_t, cache)
-                    mse = (x0_hat - x0).square().flatten(1).mean(1)
-                    policy = (adv_all[rows, t].to(self.device, torch.float32) * mse).mean()
-                    kl = (x0_hat - ref_x0[t]).square().mean() if need_ref else torch.zeros((), device=self.device)
-                    loss = policy + lcfg.kl_coef * kl
-                    (loss * (scale * n / total)).backward()
-                w = n / total
-                sums["loss"] += float(loss.detach()) * w
-                sums["policy_loss"] += float(policy.detach()) * w
-                sums["kl"] += float(kl.detach()) * w
-                sums["denoise_mse"] += float(mse.detach().mean()) * w
+            mse = (x0_hat - x0).square().flatten(1).mean(1)
+            policy = (adv_all[rows, t].to(self.device, torch.float32) * mse).mean()
+            kl = (x0_hat - ref).square().mean() if need_ref else torch.zeros((), device=self.device)
+            loss = policy + lcfg.kl_coef * kl
+            (loss * (scale * n / total)).backward()
+            w = n / total
+            sums["loss"] += float(loss.detach()) * w
+            sums["policy_loss"] += float(policy.detach()) * w
+            sums["kl"] += float(kl.detach()) * w
+            sums["denoise_mse"] += float(mse.detach().mean()) * w
         return self._batch_stats(sums, batch, adv_all)
 
     def _dpo_pairs(self, batch) -> list[tuple[int, int]]:
@@ -911,46 +921,30 @@ class GRPOTrainer:
         sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "denoise_mse": 0.0, "dpo_margin": 0.0,
                 "dpo_margin_abs": 0.0, "dpo_accuracy": 0.0}
         per_micro = max(1, self.config.micro_batch_size // 2)  # whole pairs: both members' errors set the weights
-        micro = [pairs[i:i + per_micro] for i in range(0, len(pairs), per_micro)]
+        micro = [[m for pair in pairs[i:i + per_micro] for m in pair]  # rows w0, l0, w1, l1, ...
+                 for i in range(0, len(pairs), per_micro)]
         total = max(1, len(pairs) * T)
-        backwards = len(micro) * T
-        done = 0
-        for chunk_pairs in micro:
-            n = len(chunk_pairs)
-            rows = [m for pair in chunk_pairs for m in pair]  # w0, l0, w1, l1, ...
-            ref_mse: dict[int, torch.Tensor] = {}
-            ref_x0: dict[int, torch.Tensor] = {}
-            with torch.no_grad(), self._reference_mode() as ref:
-                for t, rcache in self._transitions(ref, batch, rows):
-                    x0, x_t = self._denoising_input(batch, rows, t)
-                    pred = self._predict_x0(_PolicyForward(ref), batch, rows, t, x_t, rcache)
-                    ref_mse[t] = (pred - x0).square().flatten(1).mean(1)
-                    if need_kl:
-                        ref_x0[t] = pred
-            for t, cache in self._transitions(self.model, batch, rows):
-                done += 1
-                sync = (last and done == backwards) or not self.distributed
-                with (contextlib.nullcontext() if sync else self._forward.no_sync()):
-                    x0, x_t = self._denoising_input(batch, rows, t)
-                    x0_hat = self._predict_x0(self._forward, batch, rows, t, x_t, cache)
-                    mse = (x0_hat - x0).square().flatten(1).mean(1)
-                    d = (mse.detach() - ref_mse[t]).double().view(n, 2)
-                    diff = d[:, 0] - d[:, 1]  # d_w - d_l
-                    pair_loss = F.softplus(beta * diff)  # = -log sigmoid(-beta (d_w - d_l))
-                    slope = beta * torch.sigmoid(beta * diff)  # d pair_loss / d d_w = -d pair_loss / d d_l
-                    weight = torch.stack([slope, -slope], dim=1).flatten().to(mse.dtype)
-                    surrogate = (weight * mse).sum() / n  # its gradient is that of pair_loss.mean()
-                    kl = (x0_hat - ref_x0[t]).square().mean() if need_kl else torch.zeros((), device=self.device)
-                    ((surrogate + lcfg.kl_coef * kl) * (scale * n / total)).backward()
-                w = n / total
-                policy = float(pair_loss.mean())
-                sums["loss"] += (policy + lcfg.kl_coef * float(kl.detach())) * w
-                sums["policy_loss"] += policy * w
-                sums["kl"] += float(kl.detach()) * w
-                sums["denoise_mse"] += float(mse.detach().mean()) * w
-                sums["dpo_margin"] += float(-diff.mean()) * w
-                sums["dpo_margin_abs"] += float(diff.abs().mean()) * w
-                sums["dpo_accuracy"] += float((diff < 0).double().mean()) * w
+        for rows, t, x0, x0_hat, ref in self._denoising_passes(batch, micro, last, True):
+            n = len(rows) // 2
+            mse = (x0_hat - x0).square().flatten(1).mean(1)
+            ref_mse = (ref - x0).square().flatten(1).mean(1)
+            d = (mse.detach() - ref_mse).double().view(n, 2)
+            diff = d[:, 0] - d[:, 1]  # d_w - d_l
+            pair_loss = F.softplus(beta * diff)  # = -log sigmoid(-beta (d_w - d_l))
+            slope = beta * torch.sigmoid(beta * diff)  # d pair_loss / d d_w = -d pair_loss / d d_l
+            weight = torch.stack([slope, -slope], dim=1).flatten().to(mse.dtype)
+            surrogate = (weight * mse).sum() / n  # its gradient is that of pair_loss.mean()
+            kl = (x0_hat - ref).square().mean() if need_kl else torch.zeros((), device=self.device)
+            ((surrogate + lcfg.kl_coef * kl) * (scale * n / total)).backward()
+            w = n / total
+            policy = float(pair_loss.mean())
+            sums["loss"] += (policy + lcfg.kl_coef * float(kl.detach())) * w
+            sums["policy_loss"] += policy * w
+            sums["kl"] += float(kl.detach()) * w
+            sums["denoise_mse"] += float(mse.detach().mean()) * w
+            sums["dpo_margin"] += float(-diff.mean()) * w
+            sums["dpo_margin_abs"] += float(diff.abs().mean()) * w
+            sums["dpo_accuracy"] += float((diff < 0).double().mean()) * w
         if not pairs and self.distributed and last:
             self._sync_gradients(batch)
         stats = {**sums, "transitions": 2 * len(pairs) * T, "dpo_pairs": len(pairs)}

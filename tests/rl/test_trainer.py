@@ -155,6 +155,22 @@ def hand_loss(model, ref_model, batch, emb, loss_cfg: GRPOLossConfig, context_t:
     return torch.stack(surrogate).mean() + loss_cfg.kl_coef * torch.stack(kls).mean()
 
 
+def moved_policy_gradients(model, trainer, batch):
+    """Move the policy 0.01 N(0, 1) per weight away from the rollout's (and the reference's) weights,
+    then run the trainer's gradient pass. Returns (stats, gradients by name, a copy of the moved model
+    for the hand formula: a plain module, no patched block, no gradients)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    stats = trainer.compute_gradients(batch)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    hand_model = copy.deepcopy(model)
+    hand_model.__dict__.pop("_block", None)
+    hand_model.zero_grad(set_to_none=True)
+    return stats, grads, hand_model
+
+
 def test_loss_and_gradient_match_hand_reference():
     model = tiny_model(seed=5)
     batch, ecfg, emb = rollout(model, plans=[[["a fox in snow"]]], group_size=3, num_chunks=3, fork_chunk=1)
@@ -163,16 +179,7 @@ def test_loss_and_gradient_match_hand_reference():
     reference = copy.deepcopy(model)
     trainer = GRPOTrainer(model, GRPOTrainerConfig(lora_rank=None, micro_batch_size=2, gradient_checkpointing=True,
                                                    loss=loss_cfg), emb, engine_config=ecfg)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # move the policy away from the rollout's (and the reference's) weights
-        for p in model.parameters():
-            p.add_(0.01 * torch.randn(p.shape, generator=g))
-    stats = trainer.compute_gradients(batch)
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    hand_model = copy.deepcopy(model)  # plain module: no patched block, no grads
-    hand_model.__dict__.pop("_block", None)
-    hand_model.zero_grad(set_to_none=True)
+    stats, grads, hand_model = moved_policy_gradients(model, trainer, batch)
     expected = hand_loss(hand_model, reference, batch, emb, loss_cfg, context_t=0.0)
     expected.backward()
     assert stats["kl"] > 0 and 0 < stats["clipfrac"] < 1  # both terms and both clip branches take part
@@ -181,28 +188,34 @@ def test_loss_and_gradient_match_hand_reference():
         torch.testing.assert_close(grads[n], p.grad.float(), rtol=2e-3, atol=1e-6, msg=lambda s: f"{n}: {s}")
 
 
-def hand_denoising_terms(trainer, model, ref_model, batch, emb, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Independent advantage-weighted denoising loss and per-member mean error: per (member,
-    transition) one dense block-causal forward over [clean chunks 0..c-1 at t = 0, the member's clean
-    chunk c noised at the transition's sigma (the trainer's draw)] (one prompt)."""
+def hand_x0_pair(trainer, model, ref_model, batch, text, m: int, t: int):
+    """(x0, policy x0_hat with its graph, reference x0_hat) of member ``m`` at transition ``t``: one
+    dense block-causal forward over [clean chunks 0..c-1 at t = 0, the member's clean chunk c noised at
+    the transition's sigma (the trainer's draw)], fp64 from the fp32 model output."""
     tpf = (batch.x.shape[4] // 2) * (batch.x.shape[5] // 2)
+    c = int(batch.chunk[t])
+    x0 = batch.latents[m:m + 1, :, c * F:(c + 1) * F].double()
+    x_t = trainer._denoising_input(batch, [m], t)[1]
+    seq = torch.cat([batch.latents[m:m + 1, :, :c * F], x_t], dim=2)
+    ts = torch.cat([torch.zeros(c * F), torch.full((F,), float(batch.timestep[t]))])[None]
+    attn = DetachedContext(F * tpf, block_frames=F, tokens_per_frame=tpf)
+
+    def x0_hat(net):
+        return x_t.double() - float(batch.sigma[t]) * net(seq, ts, 0, attn, net.encode_text(text))[:, :, -F:].double()
+
+    with torch.no_grad():
+        ref = x0_hat(ref_model)
+    return x0, x0_hat(model), ref
+
+
+def hand_denoising_terms(trainer, model, ref_model, batch, emb, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independent advantage-weighted denoising loss and per-member mean error (``hand_x0_pair`` per
+    member and transition, one prompt)."""
     text = emb[batch.prompts[0]][None]
     terms, mse = [], torch.zeros(batch.num_members, dtype=torch.float64)
     for m in range(batch.num_members):
         for t in range(batch.num_transitions):
-            c = int(batch.chunk[t])
-            x0 = batch.latents[m:m + 1, :, c * F:(c + 1) * F].double()
-            x_t = trainer._denoising_input(batch, [m], t)[1]
-            seq = torch.cat([batch.latents[m:m + 1, :, :c * F], x_t], dim=2)
-            ts = torch.cat([torch.zeros(c * F), torch.full((F,), float(batch.timestep[t]))])[None]
-            attn = DetachedContext(F * tpf, block_frames=F, tokens_per_frame=tpf)
-
-            def x0_hat(net):
-                return x_t.double() - float(batch.sigma[t]) * net(seq, ts, 0, attn, net.encode_text(text))[:, :, -F:].double()
-
-            pred = x0_hat(model)
-            with torch.no_grad():
-                ref = x0_hat(ref_model)
+            x0, pred, ref = hand_x0_pair(trainer, model, ref_model, batch, text, m, t)
             err = ((pred - x0) ** 2).mean()
             mse[m] += err.detach() / batch.num_transitions
             terms.append(batch.advantages[m] * err + kl_coef * ((pred - ref) ** 2).mean())
@@ -216,14 +229,7 @@ def test_denoising_objective_matches_hand_reference():
     reference = copy.deepcopy(model)
     trainer = GRPOTrainer(model, GRPOTrainerConfig(lora_rank=None, micro_batch_size=2, objective="denoising",
                                                    loss=GRPOLossConfig(kl_coef=3.0)), emb, engine_config=ecfg)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # move the policy away from the reference
-        for p in model.parameters():
-            p.add_(0.01 * torch.randn(p.shape, generator=g))
-    stats = trainer.compute_gradients(batch)
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    hand_model = copy.deepcopy(model)
-    hand_model.zero_grad(set_to_none=True)
+    stats, grads, hand_model = moved_policy_gradients(model, trainer, batch)
     expected, mse = hand_denoising_terms(trainer, hand_model, reference, batch, emb, kl_coef=3.0)
     expected.backward()
     assert stats["kl"] > 0 and stats["denoise_mse"] == pytest.approx(mse.mean().item(), rel=1e-4)
@@ -274,23 +280,9 @@ def hand_dpo_terms(trainer, model, ref_model, batch, emb, pairs, beta: float, kl
     d = mse_policy - mse_reference on the trainer's x_t, then -log sigmoid(-beta (d_w - d_l)), mean over
     pairs and transitions, plus kl_coef * mean (x0_hat - x0_ref)^2 over the paired members. Returns
     (loss, the pair term alone, the mean of d_l - d_w)."""
-    tpf = (batch.x.shape[4] // 2) * (batch.x.shape[5] // 2)
-
     def terms(m, t):
-        c = int(batch.chunk[t])
-        text = emb[batch.prompts[int(batch.prompt_ids[m, c])]][None]  # one prompt per plan in these batches
-        x0 = batch.latents[m:m + 1, :, c * F:(c + 1) * F].double()
-        x_t = trainer._denoising_input(batch, [m], t)[1]
-        seq = torch.cat([batch.latents[m:m + 1, :, :c * F], x_t], dim=2)
-        ts = torch.cat([torch.zeros(c * F), torch.full((F,), float(batch.timestep[t]))])[None]
-        attn = DetachedContext(F * tpf, block_frames=F, tokens_per_frame=tpf)
-
-        def x0_hat(net):
-            return x_t.double() - float(batch.sigma[t]) * net(seq, ts, 0, attn, net.encode_text(text))[:, :, -F:].double()
-
-        pred = x0_hat(model)
-        with torch.no_grad():
-            ref = x0_hat(ref_model)
+        text = emb[batch.prompts[int(batch.prompt_ids[m, int(batch.chunk[t])])]][None]  # one prompt per plan here
+        x0, pred, ref = hand_x0_pair(trainer, model, ref_model, batch, text, m, t)
         return ((pred - x0) ** 2).mean() - ((ref - x0) ** 2).mean(), ((pred - ref) ** 2).mean()
 
     pair_losses, kls, margins = [], [], []
@@ -325,15 +317,7 @@ def test_dpo_gradient_equals_autograd_of_the_pair_loss(micro_batch_size):
                                                    dpo_beta=beta, gradient_checkpointing=True,
                                                    loss=GRPOLossConfig(kl_coef=kl_coef)), emb, engine_config=ecfg)
     assert trainer._dpo_pairs(batch) == [(1, 0), (3, 4)]
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # move the policy away from the reference
-        for p in model.parameters():
-            p.add_(0.01 * torch.randn(p.shape, generator=g))
-    stats = trainer.compute_gradients(batch)
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    hand_model = copy.deepcopy(model)
-    hand_model.__dict__.pop("_block", None)
-    hand_model.zero_grad(set_to_none=True)
+    stats, grads, hand_model = moved_policy_gradients(model, trainer, batch)
     expected, pair, margin = hand_dpo_terms(trainer, hand_model, reference, batch, emb, [(1, 0), (3, 4)], beta, kl_coef)
     expected.backward()
     # the sigmoid is neither saturated nor linear here, and both terms take part
