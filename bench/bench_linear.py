@@ -13,10 +13,10 @@ candidate ``0 .. 7`` by itself, with its relative difference from torch's output
 
 ``--search`` also tries configurations the heuristic does not offer: each candidate's tile with every
 custom option and the cluster shapes 1x1, 2x1 and 1x2 (those cuBLASLt's check accepts), timed by the
-op's tuner (CUDA graphs), and reports the best few per shape in the
-graph timing (results/linear_search.json). Every row gives its configuration's workspace bytes
-(nonzero: cuBLASLt zeroes a counter with a memset before each call, a graph node; removing those
-from the chunk graphs gained nothing, bench/NOTES.md session 21).
+op's tuner (CUDA graphs), and reports the best few per shape in the graph timing
+(results/linear_search.json). Every row gives its configuration's workspace bytes (nonzero: cuBLASLt
+zeroes a counter with a memset before each call, a graph node; removing those from the chunk graphs
+gained nothing, bench/NOTES.md session 21).
 
     python bench/bench_linear.py [--m 4680,37440] [--search]   (GPU; writes results/linear.json)
 """
