@@ -23,7 +23,8 @@ reference): adv * mean (x0_hat - x0)^2 + kl_coef * mean (x0_hat - x0_ref)^2, x0_
 
 With ``objective="dpo"`` (Diffusion-DPO, Wallace et al. 2023) each execution group whose rewards are
 not all equal gives one pair, its best-rewarded member w and its worst l; at each trained transition
-both are noised afresh as above and, with d = mse_theta - mse_ref (mean (x0_hat - x0)^2 of the policy
+both are noised afresh as above, with the same eps (as in the paper: the pair's difference is then
+the models' preference, not the two draws') and, with d = mse_theta - mse_ref (mean (x0_hat - x0)^2 of the policy
 minus that of the reference, on the same x_t), the pair's loss is -log sigmoid(-beta (d_w - d_l)).
 Only the paired members are forwarded: a no-grad reference pass, then one policy pass per micro-batch
 of whole pairs whose backward is of sum(weight * mse_theta) with the analytic weights
@@ -798,11 +799,13 @@ class GRPOTrainer:
             stats["reward_mean"] = float(batch.rewards.double().mean())
         return stats
 
-    def _denoising_input(self, batch, rows: list[int], t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _denoising_input(self, batch, rows: list[int], t: int,
+                         noise_keys: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0, x_t) of transition ``t`` for ``rows``: the members' clean chunk and that chunk noised
         afresh at the transition's sigma, (1 - sigma) x0 + sigma eps. eps is drawn from a generator
-        keyed by (rollout seed, optimizer step, member, transition), so the policy and the reference
-        see the same x_t."""
+        keyed by (rollout seed, optimizer step, noise key, transition), so the policy and the reference
+        see the same x_t; the key is the member's row unless ``noise_keys`` (one per row) says
+        otherwise (a DPO pair shares its winner's)."""
         ecfg = self.engine_config
         F_ = ecfg.chunk_frames
         chunk = int(batch.chunk[t])
@@ -810,8 +813,8 @@ class GRPOTrainer:
         sigma = float(batch.sigma[t])
         eps = torch.empty_like(x0)
         gen = torch.Generator(device=self.device)
-        for i, m in enumerate(rows):
-            gen.manual_seed(hash((int(batch.spec["seed"]), self.step, int(m), int(t))) & (2**63 - 1))
+        for i, key in enumerate(rows if noise_keys is None else noise_keys):
+            gen.manual_seed(hash((int(batch.spec["seed"]), self.step, int(key), int(t))) & (2**63 - 1))
             eps[i] = torch.randn(x0.shape[1:], generator=gen, device=self.device)
         return x0, ((1 - sigma) * x0 + sigma * eps).to(ecfg.latent_dtype)
 
@@ -824,29 +827,31 @@ class GRPOTrainer:
             v = module(x_t, ts, chunk * ecfg.chunk_frames, cache, self._row_embeddings(batch, rows, chunk))
         return x_t.float() - float(batch.sigma[t]) * v.to(ecfg.latent_dtype).float()
 
-    def _denoising_passes(self, batch, micro: list[list[int]], last: bool, with_reference: bool):
+    def _denoising_passes(self, batch, micro: list[list[int]], last: bool, with_reference: bool,
+                          noise_keys: list[list[int]] | None = None):
         """For each micro-batch of member rows and each trained transition: (rows, t, x0, x0_hat with
-        gradients, the reference's x0_hat or None). The caller runs its backward before taking the next
-        item: that happens inside the DDP context opened here, which synchronises the gradients at the
-        step's last backward only (``last``: this batch ends the step)."""
+        gradients, the reference's x0_hat or None), on the noise of ``noise_keys`` (per micro-batch, one
+        key per row; default the rows, see ``_denoising_input``). The caller runs its backward before
+        taking the next item: that happens inside the DDP context opened here, which synchronises the
+        gradients at the step's last backward only (``last``: this batch ends the step)."""
         backwards, done = len(micro) * batch.num_transitions, 0
-        for rows in micro:
-            ref_x0 = self._reference_x0(batch, rows) if with_reference else {}
+        for rows, keys in zip(micro, noise_keys or micro):
+            ref_x0 = self._reference_x0(batch, rows, keys) if with_reference else {}
             for t, cache in self._transitions(self.model, batch, rows):
                 done += 1
                 sync = (last and done == backwards) or not self.distributed
                 with (contextlib.nullcontext() if sync else self._forward.no_sync()):
-                    x0, x_t = self._denoising_input(batch, rows, t)
+                    x0, x_t = self._denoising_input(batch, rows, t, keys)
                     yield rows, t, x0, self._predict_x0(self._forward, batch, rows, t, x_t, cache), ref_x0.get(t)
 
-    def _reference_x0(self, batch, rows: list[int]) -> dict[int, torch.Tensor]:
+    def _reference_x0(self, batch, rows: list[int], noise_keys: list[int] | None = None) -> dict[int, torch.Tensor]:
         """The reference model's x0_hat for ``rows`` at each trained transition, without gradients, on
         the same fresh noise the policy pass draws (``_denoising_input``)."""
         out = {}
         with torch.no_grad(), self._reference_mode() as ref:
             for t, rcache in self._transitions(ref, batch, rows):
-                out[t] = self._predict_x0(_PolicyForward(ref), batch, rows, t, self._denoising_input(batch, rows, t)[1],
-                                          rcache)
+                x_t = self._denoising_input(batch, rows, t, noise_keys)[1]
+                out[t] = self._predict_x0(_PolicyForward(ref), batch, rows, t, x_t, rcache)
         return out
 
     def _accumulate_denoising(self, batch, scale: float, last: bool) -> dict:
@@ -923,8 +928,10 @@ class GRPOTrainer:
         per_micro = max(1, self.config.micro_batch_size // 2)  # whole pairs: both members' errors set the weights
         micro = [[m for pair in pairs[i:i + per_micro] for m in pair]  # rows w0, l0, w1, l1, ...
                  for i in range(0, len(pairs), per_micro)]
+        shared = [[w for w, _ in pairs[i:i + per_micro] for _ in range(2)]  # a pair is noised alike
+                  for i in range(0, len(pairs), per_micro)]
         total = max(1, len(pairs) * T)
-        for rows, t, x0, x0_hat, ref in self._denoising_passes(batch, micro, last, True):
+        for rows, t, x0, x0_hat, ref in self._denoising_passes(batch, micro, last, True, shared):
             n = len(rows) // 2
             mse = (x0_hat - x0).square().flatten(1).mean(1)
             ref_mse = (ref - x0).square().flatten(1).mean(1)

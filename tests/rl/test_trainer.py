@@ -188,14 +188,15 @@ def test_loss_and_gradient_match_hand_reference():
         torch.testing.assert_close(grads[n], p.grad.float(), rtol=2e-3, atol=1e-6, msg=lambda s: f"{n}: {s}")
 
 
-def hand_x0_pair(trainer, model, ref_model, batch, text, m: int, t: int):
+def hand_x0_pair(trainer, model, ref_model, batch, text, m: int, t: int, noise_key: int | None = None):
     """(x0, policy x0_hat with its graph, reference x0_hat) of member ``m`` at transition ``t``: one
     dense block-causal forward over [clean chunks 0..c-1 at t = 0, the member's clean chunk c noised at
-    the transition's sigma (the trainer's draw)], fp64 from the fp32 model output."""
+    the transition's sigma (the trainer's draw, under ``noise_key``, default m)], fp64 from the fp32
+    model output."""
     tpf = (batch.x.shape[4] // 2) * (batch.x.shape[5] // 2)
     c = int(batch.chunk[t])
     x0 = batch.latents[m:m + 1, :, c * F:(c + 1) * F].double()
-    x_t = trainer._denoising_input(batch, [m], t)[1]
+    x_t = trainer._denoising_input(batch, [m], t, None if noise_key is None else [noise_key])[1]
     seq = torch.cat([batch.latents[m:m + 1, :, :c * F], x_t], dim=2)
     ts = torch.cat([torch.zeros(c * F), torch.full((F,), float(batch.timestep[t]))])[None]
     attn = DetachedContext(F * tpf, block_frames=F, tokens_per_frame=tpf)
@@ -277,18 +278,18 @@ def test_positive_denoising_weights_fit_only_the_members_above_the_mean():
 def hand_dpo_terms(trainer, model, ref_model, batch, emb, pairs, beta: float, kl_coef: float):
     """Literal Diffusion-DPO loss over ``pairs`` ((winner, loser) rows): per pair and transition both
     members' errors through their own dense block-causal forward (graphs kept, as the formula reads),
-    d = mse_policy - mse_reference on the trainer's x_t, then -log sigmoid(-beta (d_w - d_l)), mean over
+    d = mse_policy - mse_reference on the trainer's x_t (both members on the winner's eps), then -log sigmoid(-beta (d_w - d_l)), mean over
     pairs and transitions, plus kl_coef * mean (x0_hat - x0_ref)^2 over the paired members. Returns
     (loss, the pair term alone, the mean of d_l - d_w)."""
-    def terms(m, t):
+    def terms(m, t, noise_key):
         text = emb[batch.prompts[int(batch.prompt_ids[m, int(batch.chunk[t])])]][None]  # one prompt per plan here
-        x0, pred, ref = hand_x0_pair(trainer, model, ref_model, batch, text, m, t)
+        x0, pred, ref = hand_x0_pair(trainer, model, ref_model, batch, text, m, t, noise_key)
         return ((pred - x0) ** 2).mean() - ((ref - x0) ** 2).mean(), ((pred - ref) ** 2).mean()
 
     pair_losses, kls, margins = [], [], []
     for w, l in pairs:
         for t in range(batch.num_transitions):
-            (d_w, kl_w), (d_l, kl_l) = terms(w, t), terms(l, t)
+            (d_w, kl_w), (d_l, kl_l) = terms(w, t, w), terms(l, t, w)  # the pair shares the winner's noise
             pair_losses.append(-torch.nn.functional.logsigmoid(-beta * (d_w - d_l)))
             kls += [kl_w, kl_l]
             margins.append((d_l - d_w).detach())
@@ -354,6 +355,19 @@ def test_dpo_groups_with_equal_rewards_contribute_nothing():
     hand_dpo_terms(trainer, hand_model, reference, batch, emb, [(4, 3)], 30.0, 0.0)[0].backward()
     for (n, p), q in zip(model.named_parameters(), hand_model.parameters()):
         torch.testing.assert_close(p.grad, q.grad.float(), rtol=2e-3, atol=1e-6, msg=lambda s: f"{n}: {s}")
+
+
+def test_dpo_pair_members_share_their_noise():
+    model = tiny_model(seed=7)
+    batch, ecfg, emb = dpo_batch(model)
+    trainer = GRPOTrainer(model, GRPOTrainerConfig(lora_rank=None, objective="dpo"), emb, engine_config=ecfg)
+    sigma = float(batch.sigma[0])
+    x0, x_t = trainer._denoising_input(batch, [1, 0], 0, noise_keys=[1, 1])
+    eps = (x_t.float() - (1 - sigma) * x0) / sigma
+    torch.testing.assert_close(eps[0], eps[1], rtol=1e-5, atol=1e-5)  # same draw for winner and loser
+    _, apart = trainer._denoising_input(batch, [1, 0], 0)
+    eps_apart = (apart.float() - (1 - sigma) * x0) / sigma
+    assert not torch.allclose(eps_apart[0], eps_apart[1], atol=0.1)  # the members' own keys differ
 
 
 def test_dpo_steps_favour_the_winner_over_the_loser():
