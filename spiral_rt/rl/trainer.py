@@ -24,8 +24,9 @@ reference): adv * mean (x0_hat - x0)^2 + kl_coef * mean (x0_hat - x0_ref)^2, x0_
 With ``objective="dpo"`` (Diffusion-DPO, Wallace et al. 2023) each execution group whose rewards are
 not all equal gives one pair, its best-rewarded member w and its worst l; at each trained transition
 both are noised afresh as above, with the same eps (as in the paper: the pair's difference is then
-the models' preference, not the two draws') and, with d = mse_theta - mse_ref (mean (x0_hat - x0)^2 of the policy
-minus that of the reference, on the same x_t), the pair's loss is -log sigmoid(-beta (d_w - d_l)).
+the models' preference, not the two draws') and, with d = mse_theta - mse_ref (mean (x0_hat - x0)^2
+of the policy minus that of the reference, on the same x_t), the pair's loss is
+-log sigmoid(-beta (d_w - d_l)).
 Only the paired members are forwarded: a no-grad reference pass, then one policy pass per micro-batch
 of whole pairs whose backward is of sum(weight * mse_theta) with the analytic weights
 +-beta sigmoid(beta (d_w - d_l)) (detached): the pair loss's gradient without a second policy graph.
@@ -926,10 +927,9 @@ class GRPOTrainer:
         sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "denoise_mse": 0.0, "dpo_margin": 0.0,
                 "dpo_margin_abs": 0.0, "dpo_accuracy": 0.0}
         per_micro = max(1, self.config.micro_batch_size // 2)  # whole pairs: both members' errors set the weights
-        micro = [[m for pair in pairs[i:i + per_micro] for m in pair]  # rows w0, l0, w1, l1, ...
-                 for i in range(0, len(pairs), per_micro)]
-        shared = [[w for w, _ in pairs[i:i + per_micro] for _ in range(2)]  # a pair is noised alike
-                  for i in range(0, len(pairs), per_micro)]
+        chunks = [pairs[i:i + per_micro] for i in range(0, len(pairs), per_micro)]
+        micro = [[m for pair in c for m in pair] for c in chunks]  # rows w0, l0, w1, l1, ...
+        shared = [[w for w, _ in c for _ in range(2)] for c in chunks]  # noise keys: a pair is noised alike
         total = max(1, len(pairs) * T)
         for rows, t, x0, x0_hat, ref in self._denoising_passes(batch, micro, last, True, shared):
             n = len(rows) // 2
