@@ -86,25 +86,39 @@ def test_graph_replays_follow_in_place_weight_updates():
     assert fast._graphs.num_replays >= 1
 
 
-def test_side_stream_decode_equals_main_stream():
+@pytest.mark.parametrize("graphs", [False, True])
+def test_side_stream_decode_equals_main_stream(graphs):
+    """The same frames with the decode on the caller's stream, on the side stream, and on the side
+    stream while the DiT runs on the engine's high-priority stream (a fork and a rollback between
+    steps, so device work queued outside ``step`` is ordered with the DiT stream's)."""
     torch.manual_seed(1)
     model = _model()
     vae = build_vae_decoder(tiny_vae(base_dim=16), device="cuda", dtype=torch.bfloat16)
     prompt = torch.randn(12, model.config.text_dim, device="cuda")
-    frames = []
-    for side in (False, True):
-        engine = Engine(model, vae, EngineConfig(latent_size=LATENT_HW, kv_num_pages=64, vae_side_stream=side))
+    runs = []
+    for side, priority in ((False, False), (True, False), (True, True)):
+        engine = Engine(model, vae, EngineConfig(latent_size=LATENT_HW, kv_num_pages=64, vae_side_stream=side,
+                                                 dit_stream_priority=priority, cuda_graphs=graphs))
+        assert (engine._dit_stream is not None) == priority
         s = engine.open_session(prompt, seed=3, noise_id=0)
-        frames.append([s.next_chunk() for _ in range(3)])
-    for a, b in zip(*frames):
-        assert a.dtype == torch.uint8 and torch.equal(a, b)
+        frames = [s.next_chunk() for _ in range(2)]
+        snap = s.snapshot()
+        frames.append(s.next_chunk())
+        s.rollback(snap)
+        twin = s.fork(1, share_noise=True)[0]
+        for _ in range(3):
+            frames += [s.next_chunk(), twin.next_chunk()]
+        runs.append(frames)
+    for a, b, c in zip(*runs):
+        assert a.dtype == torch.uint8 and torch.equal(a, b) and torch.equal(a, c)
 
 
-def test_no_host_sync_in_steady_chunk_loop():
+@pytest.mark.parametrize("priority", [False, True])
+def test_no_host_sync_in_steady_chunk_loop(priority):
     torch.manual_seed(2)
     model = _model()
     vae = build_vae_decoder(tiny_vae(base_dim=16), device="cuda", dtype=torch.bfloat16)
-    engine = Engine(model, vae, EngineConfig(latent_size=LATENT_HW, kv_num_pages=64))
+    engine = Engine(model, vae, EngineConfig(latent_size=LATENT_HW, kv_num_pages=64, dit_stream_priority=priority))
     s = engine.open_session(torch.randn(12, model.config.text_dim, device="cuda"))
     s.next_chunk()  # first chunk: text encoding, kernel compilation
     torch.cuda.synchronize()
