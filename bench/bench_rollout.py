@@ -63,7 +63,7 @@ def make_engine(model, vae, args, group_size: int, schedule: str, timing: bool =
     need = {"batched": prefix + group_size * (frames - prefix), "prefix_once": frames, "naive": frames}[schedule]
     cfg = EngineConfig(latent_size=args.latent_hw, chunk_frames=3, output="uint8", latent_dtype=torch.float32,
                        kv_num_pages=need + 3, max_batch_size=max(group_size, 1), device=args.device,
-                       cuda_graphs=False, vae_side_stream=True, timing=timing, dit_stream_priority=args.dit_priority)
+                       cuda_graphs=False, vae_side_stream=True, timing=timing)
     return Engine(model, vae, cfg)
 
 
@@ -102,12 +102,9 @@ def main(argv=None):
     ap.add_argument("--critic", action="store_true", help="score members with a brightness critic (thread pool)")
     ap.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS,
                     help="tokens per prompt (the rest of the 512 text rows are Wan's zero padding)")
-    ap.add_argument("--dit-priority", choices=("on", "off"), default="off",
-                    help="EngineConfig.dit_stream_priority: the DiT on a high-priority stream, the VAE decode filling in")
     ap.add_argument("--stages", action="store_true", help="also time one batched rollout per G by engine stage")
     ap.add_argument("--name", default=None, help="result name (bench/results/<name>.json); default rollout / rollout_smoke")
     args = ap.parse_args(argv)
-    args.dit_priority = args.dit_priority == "on"
     logging.basicConfig(level=logging.WARNING)
     groups = [int(g) for g in args.groups.split(",")]
     schedules = [s for s in args.schedules.split(",") if s]
@@ -179,7 +176,7 @@ def main(argv=None):
                 "num_plans": 1, "groups": groups, "steps": 4, "step_policy": "flow_grpo", "recorded": "every stochastic step after the fork",
                 "decode": "every member, streaming VAE", "dtype": str(dtype).replace("torch.", ""),
                 "critic": args.critic, "warmup": args.warmup, "repeats": args.repeats, "smoke": args.smoke,
-                "prompt_tokens": min(args.prompt_tokens, text_len), "dit_stream_priority": args.dit_priority,
+                "prompt_tokens": min(args.prompt_tokens, text_len),
                 "self_forcing_videos_per_s": SELF_FORCING_VIDEOS_PER_S}
     extra = None
     if stage_rows:

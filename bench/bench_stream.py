@@ -112,7 +112,7 @@ def make_engine(model, vae, args, *, policy, output="uint8", timing=False, kv_fr
     cfg = EngineConfig(
         latent_size=args.latent_hw, chunk_frames=CHUNK_FRAMES, policy=policy, output=output, timing=timing,
         cuda_graphs=args.graphs, vae_side_stream=True, recache_on_switch=recache, latent_dtype=torch.float32,
-        kv_num_pages=kv_frames, device=args.device, max_batch_size=8, dit_stream_priority=args.dit_priority,
+        kv_num_pages=kv_frames, device=args.device, max_batch_size=8,
     )
     return Engine(model, vae, cfg)
 
@@ -299,8 +299,6 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks that the script runs)")
     ap.add_argument("--parts", default="a,b,c", help="comma-separated parts to run (a, b, c; f: FP8, converts the model)")
     ap.add_argument("--no-graphs", dest="graphs", action="store_false", help="run eagerly (no CUDA graphs)")
-    ap.add_argument("--dit-priority", choices=("on", "off"), default="off",
-                    help="EngineConfig.dit_stream_priority: the DiT on a high-priority stream, the VAE decode filling in")
     ap.add_argument("--recache", choices=("on", "off", "both"), default="both",
                     help="part b: prompt switches with LongLive's re-cache of the window, without, or both")
     ap.add_argument("--warmup", type=int, default=2,
@@ -318,7 +316,6 @@ def main(argv=None):
     ap.add_argument("--long-policy", default=None, metavar="SINK,WINDOW",
                     help="part b: sink and window context frames (default: LongLive's local_attn_size 12, sink 3)")
     args = ap.parse_args(argv)
-    args.dit_priority = args.dit_priority == "on"
     if args.graphs and not args.smoke and args.warmup < 2:
         logging.warning("--warmup %d < 2 with CUDA graphs: the first timed video captures graphs (slower)", args.warmup)
     if args.long_policy:
@@ -359,8 +356,7 @@ def main(argv=None):
     clock = Clock(args.device == "cuda")
     rows, extra = [], {}
     settings = {"model": dcfg.name, "latent_hw": list(args.latent_hw), "steps": 4, "clean_pass": True,
-                "dtype": str(dtype).replace("torch.", ""), "cuda_graphs": args.graphs,
-                "dit_stream_priority": args.dit_priority, "warmup": args.warmup,
+                "dtype": str(dtype).replace("torch.", ""), "cuda_graphs": args.graphs, "warmup": args.warmup,
                 "repeats": args.repeats, "prompt_tokens": min(args.prompt_tokens, text_len), "parts": sorted(parts), "smoke": args.smoke, "streams_policy": args.streams_policy,
                 "attention_kernel": attention_kernel(torch.device(args.device), dtype, dcfg.head_dim)}
     columns = ["part", "setting", "fps", "psnr_db", "first_frames_ms", "dit_fps", "chunk_ms", "stall_ms", "peak_gib_81",

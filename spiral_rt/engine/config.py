@@ -114,11 +114,6 @@ class EngineConfig:
     per context-length bucket (captured the second time a bucket is met; Philox noise only)."""
     vae_side_stream: bool = True
     """CUDA only: decode on a second stream, overlapped with the next chunk's DiT work."""
-    dit_stream_priority: bool = False
-    """CUDA with ``vae_side_stream``: run each step's DiT work on an engine-owned stream of the device's
-    highest priority (the caller's stream waits for it before ``step`` returns), so the GPU's block
-    scheduler gives the DiT's kernels the SMs first and the side stream's decode fills what they
-    leave idle (kernel tails, launch gaps, memory-bound passes) instead of sharing them evenly."""
     timing: bool = False
     """Record per-stage times (CUDA events / perf_counter); read with ``Engine.stage_times()``."""
     device: torch.device | str | None = None
@@ -133,7 +128,7 @@ class EngineConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"EngineConfig: '{name}' must be a positive int, got {v!r}")
-        for name in ("fused_ops", "denoising_kv_from_qkv", "cuda_graphs", "vae_side_stream", "dit_stream_priority", "timing", "recache_on_switch", "clean_pass_last_chunk"):
+        for name in ("fused_ops", "denoising_kv_from_qkv", "cuda_graphs", "vae_side_stream", "timing", "recache_on_switch", "clean_pass_last_chunk"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EngineConfig: '{name}' must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.schedule, FlowMatchSchedule):

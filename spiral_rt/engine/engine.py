@@ -131,16 +131,12 @@ class Engine:
         self._batch_text: tuple[tuple, TextConditioning] | None = None
         self._cuda = self.device.type == "cuda"
         self._decoder = None
-        self._dit_stream = None  # the high-priority stream of ``config.dit_stream_priority``
         self._graphs = None
         if self._cuda:
             from .cuda_paths import ChunkGraphRunner, SideStreamDecoder
 
             if config.vae_side_stream and vae is not None:
                 self._decoder = SideStreamDecoder(self.device)
-                if config.dit_stream_priority:
-                    # lower is higher; the side stream keeps the default 0, the lowest
-                    self._dit_stream = torch.cuda.Stream(self.device, priority=-1)
             if config.cuda_graphs:
                 self._graphs = ChunkGraphRunner(self)
         elif config.cuda_graphs:
@@ -314,7 +310,7 @@ class Engine:
                 raise ValueError(f"step: 'noise' has an entry for session {sid}, which is not ready in this step")
         outputs: dict[int, ChunkOutput] = {}
         size = self.config.max_batch_size
-        with torch.inference_mode(), self._on_dit_stream():
+        with torch.inference_mode():
             for i in range(0, len(ready), size):
                 outputs.update(self._step_batch(ready[i:i + size], noise, step_policy))
         return outputs
@@ -341,7 +337,7 @@ class Engine:
             got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ValueError(f"observe: 'latents' must be a float tensor (C, F, h, w) = {shape}, got {got}")
         observed = latents.to(self.device, self.config.latent_dtype)[None].contiguous()
-        with torch.inference_mode(), self._on_dit_stream():
+        with torch.inference_mode():
             return self._step_batch([session], {}, observed=observed)[session.session_id]
 
     def run(self, max_steps: int | None = None) -> Iterator[dict[int, ChunkOutput]]:
@@ -350,23 +346,6 @@ class Engine:
         while any(s.ready for s in self._sessions.values()) and (max_steps is None or n < max_steps):
             yield self.step()
             n += 1
-
-    @contextlib.contextmanager
-    def _on_dit_stream(self) -> Iterator[None]:
-        """Run the block on the high-priority DiT stream (``config.dit_stream_priority``), ordered
-        after everything queued on the caller's stream and before anything it queues afterwards;
-        a no-op without that stream."""
-        stream = self._dit_stream
-        if stream is None:
-            yield
-            return
-        caller = torch.cuda.current_stream(self.device)
-        stream.wait_stream(caller)
-        try:
-            with torch.cuda.stream(stream):
-                yield
-        finally:
-            caller.wait_stream(stream)
 
     def _step_batch(self, batch: list[StreamSession], noise: dict[int, torch.Tensor],
                     step_policy: StepPolicy | None = None, observed: torch.Tensor | None = None) -> dict[int, ChunkOutput]:
