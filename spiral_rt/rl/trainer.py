@@ -161,7 +161,8 @@ class GRPOTrainerConfig:
     model's errors are 0.01-0.025 in latent units; on the CPU goal-pool run (lr 5e-4, bench/NOTES.md
     session 21) the mean |d_w - d_l| was 3e-4 after one update and 0.6-2.7e-3 from then on, so 1000
     puts dpo_beta * |d_w - d_l| at ~1-2.5: the sigmoid's bend, neither saturated at once nor linear
-    (where DPO would be the unregularised +1 / -1 weighted denoising loss)."""
+    (where DPO would be the unregularised +1 / -1 weighted denoising loss). 10000 did worse on the
+    same goal pool (session 22)."""
     gradient_checkpointing: bool = False
     """Recompute each DiT block in the backward pass (torch.utils.checkpoint around the model's
     per-block call), trading compute for activation memory."""
