@@ -63,7 +63,7 @@ def make_engine(model, vae, args, group_size: int, schedule: str, timing: bool =
     need = {"batched": prefix + group_size * (frames - prefix), "prefix_once": frames, "naive": frames}[schedule]
     cfg = EngineConfig(latent_size=args.latent_hw, chunk_frames=3, output="uint8", latent_dtype=torch.float32,
                        kv_num_pages=need + 3, max_batch_size=max(group_size, 1), device=args.device,
-                       cuda_graphs=False, vae_side_stream=True, timing=timing)
+                       cuda_graphs=False, vae_side_stream=args.vae_stream == "side", timing=timing)
     return Engine(model, vae, cfg)
 
 
@@ -102,6 +102,8 @@ def main(argv=None):
     ap.add_argument("--critic", action="store_true", help="score members with a brightness critic (thread pool)")
     ap.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS,
                     help="tokens per prompt (the rest of the 512 text rows are Wan's zero padding)")
+    ap.add_argument("--vae-stream", choices=("side", "main"), default="side",
+                    help="decode on a second CUDA stream, overlapped with the DiT (the engine's default), or on the DiT's stream")
     ap.add_argument("--stages", action="store_true", help="also time one batched rollout per G by engine stage")
     ap.add_argument("--name", default=None, help="result name (bench/results/<name>.json); default rollout / rollout_smoke")
     args = ap.parse_args(argv)
@@ -174,7 +176,7 @@ def main(argv=None):
                        "peak_kv_gib", "x_prefix_once", "x_naive", "x_self_forcing"])
     settings = {"model": dcfg.name, "latent_hw": list(args.latent_hw), "chunks": args.chunks, "fork_chunk": args.fork,
                 "num_plans": 1, "groups": groups, "steps": 4, "step_policy": "flow_grpo", "recorded": "every stochastic step after the fork",
-                "decode": "every member, streaming VAE", "dtype": str(dtype).replace("torch.", ""),
+                "decode": "every member, streaming VAE", "vae_stream": args.vae_stream, "dtype": str(dtype).replace("torch.", ""),
                 "critic": args.critic, "warmup": args.warmup, "repeats": args.repeats, "smoke": args.smoke,
                 "prompt_tokens": min(args.prompt_tokens, text_len),
                 "self_forcing_videos_per_s": SELF_FORCING_VIDEOS_PER_S}

@@ -111,7 +111,7 @@ def run_streams(engine, clock, num_streams, num_chunks, prompts):
 def make_engine(model, vae, args, *, policy, output="uint8", timing=False, kv_frames=None, recache=False):
     cfg = EngineConfig(
         latent_size=args.latent_hw, chunk_frames=CHUNK_FRAMES, policy=policy, output=output, timing=timing,
-        cuda_graphs=args.graphs, vae_side_stream=True, recache_on_switch=recache, latent_dtype=torch.float32,
+        cuda_graphs=args.graphs, vae_side_stream=args.vae_stream == "side", recache_on_switch=recache, latent_dtype=torch.float32,
         kv_num_pages=kv_frames, device=args.device, max_batch_size=8,
     )
     return Engine(model, vae, cfg)
@@ -299,6 +299,9 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks that the script runs)")
     ap.add_argument("--parts", default="a,b,c", help="comma-separated parts to run (a, b, c; f: FP8, converts the model)")
     ap.add_argument("--no-graphs", dest="graphs", action="store_false", help="run eagerly (no CUDA graphs)")
+    ap.add_argument("--vae-stream", choices=("side", "main"), default="side",
+                    help="decode each chunk on a second CUDA stream, overlapped with the next chunk's DiT work (the "
+                         "engine's default), or on the DiT's stream after it")
     ap.add_argument("--recache", choices=("on", "off", "both"), default="both",
                     help="part b: prompt switches with LongLive's re-cache of the window, without, or both")
     ap.add_argument("--warmup", type=int, default=2,
@@ -356,7 +359,7 @@ def main(argv=None):
     clock = Clock(args.device == "cuda")
     rows, extra = [], {}
     settings = {"model": dcfg.name, "latent_hw": list(args.latent_hw), "steps": 4, "clean_pass": True,
-                "dtype": str(dtype).replace("torch.", ""), "cuda_graphs": args.graphs, "warmup": args.warmup,
+                "dtype": str(dtype).replace("torch.", ""), "cuda_graphs": args.graphs, "vae_stream": args.vae_stream, "warmup": args.warmup,
                 "repeats": args.repeats, "prompt_tokens": min(args.prompt_tokens, text_len), "parts": sorted(parts), "smoke": args.smoke, "streams_policy": args.streams_policy,
                 "attention_kernel": attention_kernel(torch.device(args.device), dtype, dcfg.head_dim)}
     columns = ["part", "setting", "fps", "psnr_db", "first_frames_ms", "dit_fps", "chunk_ms", "stall_ms", "peak_gib_81",
