@@ -77,8 +77,7 @@ class EngineConfig:
     output: OutputFormat = "uint8"
     """Decoded frames as (F, H, W, 3) uint8 or float in [-1, 1], or "latents": no VAE decode."""
     recache_on_switch: bool = False
-    """At a prompt switch, recompute the K/V of the visible frames with the new prompt (LongLive's re-cache),
-    block-causal by chunk: a frame attends to the visible frames of its own chunk and of earlier ones."""
+    """At a prompt switch, recompute the K/V of the visible frames with the new prompt (LongLive's re-cache)."""
     clean_pass_last_chunk: bool = False
     """Run the clean pass for the last chunk of a session with ``max_chunks`` too. Nothing can attend to
     that chunk's K/V (the session ends with it), so by default the step skips it when every session of

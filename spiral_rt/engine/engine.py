@@ -6,7 +6,7 @@ One ``Engine.step()`` follows schedule -> execute -> update:
    ``max_batch_size``; each session's prompt for its next chunk is resolved and its text
    conditioning built or taken from the per-prompt cache; sessions switching prompt with re-cache on
    get LongLive's re-cache first (one clean pass over their visible frames with the new prompt,
-   block-causal by chunk, through ``PagedKVCache.plan_rewrite``); the cache reserves the batch's chunk pages
+   through ``PagedKVCache.plan_rewrite``); the cache reserves the batch's chunk pages
    (``plan_chunk``: eviction, copy-on-write, one upload of the index tables).
 2. execute, per batch (one DiT call per forward, varlen over sequences through the plan)::
 
@@ -528,8 +528,7 @@ class Engine:
             self.model(x_in, float(self._context_t), positions, ctx, text, kv_only=True)
 
     def _recache(self, session: StreamSession, cond: TextConditioning) -> None:
-        """LongLive re-cache: rewrite the K/V of the session's visible frames with the new prompt, each
-        frame attending to the visible frames of its own chunk and of earlier chunks."""
+        """LongLive re-cache: rewrite the K/V of the session's visible frames with the new prompt."""
         cache = self.cache
         with self.stages("recache"):
             plan = cache.plan_rewrite([session.seq_id])
@@ -548,8 +547,7 @@ class Engine:
                 key = self._noise_keys([session])[-1]
                 x = sampler_step(x.contiguous(), x.contiguous(), 1.0 - s, 0.0, s, noise_key=key, return_mu=False,
                                  backend=self.config.sampler_backend).x_next
-            # block-causal by chunk, as each chunk's own clean pass computed these K/V (and as LongLive masks its re-cache)
-            ctx = self.attention_context(plan, build_attention_plan(self.cache, plan, causal_block_frames=self.config.chunk_frames))
+            ctx = self.attention_context(plan)
             self.model(x, float(self._context_t), plan_positions(plan.device.q_frame_idx, 1), ctx, cond, kv_only=True)
             cache.commit(plan)
 

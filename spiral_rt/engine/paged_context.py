@@ -64,7 +64,6 @@ def build_attention_plan(
     *,
     dtype: torch.dtype | None = None,
     config: AttentionConfig | None = None,
-    causal_block_frames: int | None = None,
 ) -> ChunkAttentionPlan:
     """The ``chunk_attention`` plan of one cache plan, built on the host and uploaded without a sync.
 
@@ -73,11 +72,6 @@ def build_attention_plan(
         plan: from ``cache.plan_chunk`` / ``cache.plan_rewrite``.
         dtype: dtype of q and the pages; default the pool's.
         config: kernel config (default: chosen by shape, see ``spiral_rt.ops.chunk_attention``).
-        causal_block_frames: a rewrite plan only: recompute block-causally, a rewritten frame
-            attending to the rewritten frames of its own block (frames ``f // causal_block_frames``
-            alike, i.e. its chunk) and of earlier blocks, as the chunks' own clean passes did and as
-            LongLive's re-cache masks (``rewrite_blocks``). None: every rewritten frame attends to
-            all of them.
     The plan reads each sequence's chunk pages from own rows when given them (``own_pages_of``).
     """
     if not isinstance(plan, ChunkPlan):
@@ -85,52 +79,12 @@ def build_attention_plan(
     cfg = cache.config
     dtype = dtype or cfg.dtype
     host = plan.host
-    if causal_block_frames is not None:
-        if plan.kind != "rewrite":
-            raise ValueError(f"build_attention_plan: 'causal_block_frames' applies to rewrite plans, got a {plan.kind!r} plan")
-        tables = rewrite_blocks(plan, causal_block_frames, cache.frames_per_page)
-        return plan_chunk_attention(
-            *tables, page_size=cache.page_size, num_pages=cache.num_pages, num_qo_heads=cfg.num_heads,
-            head_dim=cfg.head_dim, num_kv_heads=cfg.num_heads, dtype=dtype, device=cache.device, config=config,
-            num_sms=_num_sms(cache.device))
     return plan_chunk_attention(
         host.q_indptr, host.kv_indptr, host.kv_indices, host.kv_last_page_len,
         page_size=cache.page_size, num_pages=cache.num_pages, num_qo_heads=cfg.num_heads, head_dim=cfg.head_dim,
         num_kv_heads=cfg.num_heads, dtype=dtype, device=cache.device, config=config, num_sms=_num_sms(cache.device),
         own_pages=own_pages_of(plan),
     )
-
-
-def rewrite_blocks(plan: ChunkPlan, block_frames: int, frames_per_page: int) -> tuple[list[int], ...]:
-    """A rewrite plan's attention tables split into causal blocks: (q_indptr, kv_indptr, kv_indices,
-    kv_last_page_len) with one attention item per block of each sequence.
-
-    A sequence's rewritten (visible) frames are grouped by ``frame // block_frames``; the item of
-    block j holds that block's query rows (consecutive in the plan's q order) and, as keys, the
-    sequence's pages up to the block's last frame. The visible frames fill their pages in order
-    (the sink and the window start on page boundaries), so visible frame i sits in visible page
-    ``i // frames_per_page``: a block's keys are a prefix of the sequence's page list, its last page
-    filled up to the block's end."""
-    if isinstance(block_frames, bool) or not isinstance(block_frames, int) or block_frames < 1:
-        raise ValueError(f"rewrite_blocks: 'block_frames' must be a positive int, got {block_frames!r}")
-    host, tpf, k = plan.host, plan.tokens_per_frame, frames_per_page
-    frames = host.q_frame_idx.tolist()
-    kv_ptr, kv_idx = host.kv_indptr.tolist(), host.kv_indices.tolist()
-    q_ptr, out_kv_ptr, out_idx, out_last = [0], [0], [], []
-    start = 0
-    for s, count in enumerate(plan.num_q_frames):
-        seq_frames, pages = frames[start:start + count], kv_idx[kv_ptr[s]:kv_ptr[s + 1]]
-        start += count
-        ends = [i + 1 for i in range(count) if i + 1 == count or seq_frames[i + 1] // block_frames != seq_frames[i] // block_frames]
-        prev = 0
-        for end in ends:  # visible frames [prev, end) form one block
-            q_ptr.append(q_ptr[-1] + (end - prev) * tpf)
-            used = (end - 1) // k + 1
-            out_idx.extend(pages[:used])
-            out_kv_ptr.append(out_kv_ptr[-1] + used)
-            out_last.append(((end - 1) % k + 1) * tpf)
-            prev = end
-    return q_ptr, out_kv_ptr, out_idx, out_last
 
 
 def own_pages_of(plan: ChunkPlan) -> list[int] | None:

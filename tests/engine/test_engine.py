@@ -359,13 +359,12 @@ def test_stream_prompt_switch_recache_rollback_fork_no_leaks():
 
 
 def _check_recache(engine, model, session, new_prompt, frames):
-    """The re-cached K of the visible frames equals a dense block-causal forward (by chunk) over them
-    with the new prompt at t = 0."""
+    """The re-cached K of the visible frames equals a dense forward over them with the new prompt at t = 0."""
     frames = list(frames)
 
     class Capture(DenseAttention):
         def __init__(self):
-            super().__init__(block_frames=F, tokens_per_frame=model.config.tokens_per_frame(*LATENT_HW))
+            super().__init__()
             self.k = {}
 
         def self_attention(self, layer, q, k, v):

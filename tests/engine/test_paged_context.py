@@ -111,57 +111,6 @@ def test_sink_window_equals_dense_over_visible_frames():
     cache.check_invariants()
 
 
-@pytest.mark.parametrize("window, frames_per_page", [(6, 1), (6, 3), (4, 1)])
-def test_block_causal_rewrite_equals_dense_block_causal_over_visible_frames(window, frames_per_page):
-    """A rewrite plan attended block-causally by chunk (the engine's re-cache) equals a dense
-    block-causal forward over the visible frames at their absolute positions, and writes its K/V
-    into the visible frames' pages. Window 4 leaves a partial chunk: blocks of 3, 1 and 3 frames."""
-    torch.manual_seed(5)
-    model = tiny_model()
-    policy = SinkWindowPolicy(sink_frames=3, window_frames=window)
-    cache = make_cache(model, num_pages=24, policy=policy, frames_per_page=frames_per_page)
-    seq = cache.add_sequence()
-    x, t, text = _inputs(model, 5)
-    for c in range(5):
-        sl = slice(c * CHUNK, (c + 1) * CHUNK)
-        _paged_forward(model, cache, [seq], x[:, :, sl].contiguous(), t[:, sl], text, write=True)
-    visible = cache.visible_frames(seq)
-    blocks = [len([f for f in visible if f // CHUNK == b]) for b in sorted({f // CHUNK for f in visible})]
-    assert blocks == ([3, 3, 3] if window == 6 else [3, 1, 3])
-    xv = torch.randn(1, model.config.in_channels, len(visible), *LATENT_HW)
-    tv, text2 = torch.zeros(1, len(visible)), model.encode_text(torch.randn(1, 10, model.config.text_dim))
-    positions = torch.tensor([visible])
-
-    class Capture(DenseAttention):
-        def __init__(self, **kw):
-            super().__init__(**kw)
-            self.k = {}
-
-        def self_attention(self, layer, q, k, v):
-            self.k[layer] = k
-            return super().self_attention(layer, q, k, v)
-
-    dense = Capture(block_frames=blocks, tokens_per_frame=model.config.tokens_per_frame(*LATENT_HW))
-    want = model(xv, tv, positions, dense, text2)
-    plan = cache.plan_rewrite([seq])
-    assert plan.host.q_frame_idx.tolist() == visible
-    ctx = PagedAttentionContext(cache, plan, build_attention_plan(cache, plan, causal_block_frames=CHUNK), backend="reference")
-    got = model(xv, tv, plan_positions(plan.device.q_frame_idx, 1), ctx, text2)
-    cache.commit(plan)
-    assert rel_err(got, want) < 1e-5
-    table, tpf = cache.page_table(seq), model.config.tokens_per_frame(*LATENT_HW)
-    for layer in range(model.config.num_layers):
-        rows = [cache.kv[layer, 0, table[f // frames_per_page], (f % frames_per_page) * tpf:(f % frames_per_page + 1) * tpf]
-                for f in visible]
-        assert rel_err(torch.cat(rows), dense.k[layer][0]) < 1e-5
-    # bidirectional (no causal_block_frames) differs: the sink's rows see the window there
-    plan = cache.plan_rewrite([seq])
-    ctx = PagedAttentionContext(cache, plan, build_attention_plan(cache, plan), backend="reference")
-    assert rel_err(model(xv, tv, positions, ctx, text2), want) > 1e-3
-    cache.abort(plan)
-    cache.check_invariants()
-
-
 def test_context_errors():
     model = tiny_model()
     cache = make_cache(model)
@@ -171,8 +120,6 @@ def test_context_errors():
         PagedAttentionContext(cache, plan)
     cache.abort(plan)
     plan = cache.plan_chunk([a], 3)
-    with pytest.raises(ValueError, match="causal_block_frames"):
-        build_attention_plan(cache, plan, causal_block_frames=3)
     ctx = PagedAttentionContext(cache, plan, backend="reference")
     q = torch.randn(1, 18, 2, 64, dtype=torch.float64)
     with pytest.raises(ValueError, match="KV pool"):
