@@ -394,38 +394,56 @@ class PagedKVCache:
         return plan
 
     def plan_rewrite(self, seq_ids) -> ChunkPlan | None:
-        """Plan recomputing the K/V of every visible context frame in place (LongLive re-cache).
+        """Plan recomputing, in place, the K/V of every visible context frame past the sink (LongLive's
+        re-cache after a prompt switch).
 
-        Queries are the visible context frames (sink + window), keys the same frames; writes go to
-        their own pages, which are first made private (copy-on-write) where shared with a fork or a
-        snapshot. Adds no frames. None (and nothing changed) when the copies do not fit.
+        Queries are those frames (the window of a sink + window policy, the whole history under the
+        global policy); keys are every visible frame, so the window attends to the sink as it stands:
+        the sink keeps the K/V it was written with, as LongLive's re-cache leaves its sink alone
+        (``rewrite_frames`` lists the frames). Pages written are first made private (copy-on-write)
+        where shared with a fork or a snapshot. Adds no frames. None (and nothing changed) when the
+        copies do not fit; ValueError for a sequence with nothing to rewrite.
         """
         seqs, _ = self._check_batch(seq_ids, 1, "plan_rewrite")
         k, tpf = self.frames_per_page, self.tokens_per_frame
-        for sid, seq in zip(seq_ids, seqs):
-            if seq.state.num_frames == 0:
-                raise ValueError(f"plan_rewrite: sequence {sid} has no frames to rewrite")
         visible = [seq.policy.visible_ranges(seq.state.num_frames, k) for seq in seqs]
-        logical = [_logical_pages(r, k) for r in visible]
-        copies = self._count_copies([[seq.state.pages[lp] for lp in lps] for seq, lps in zip(seqs, logical)])
+        rewritten = [self._past_sink(seq, ranges) for seq, ranges in zip(seqs, visible)]
+        for sid, ranges in zip(seq_ids, rewritten):
+            if not ranges:
+                raise ValueError(f"plan_rewrite: sequence {sid} has no frames past its sink to rewrite")
+        written = [_logical_pages(r, k) for r in rewritten]
+        copies = self._count_copies([[seq.state.pages[lp] for lp in lps] for seq, lps in zip(seqs, written)])
         if copies > len(self._free):
             return None
         copied = 0
-        pages_per_seq, last_len, kv_len, q_frames, q_bases = [], [], [], [], []
-        for seq, ranges, lps in zip(seqs, visible, logical):
+        pages_per_seq, last_len, kv_len, ctx_len, q_frames, q_bases = [], [], [], [], [], []
+        for seq, ranges, rewrite, lps in zip(seqs, visible, rewritten, written):
             for lp in lps:
                 copied += self._make_private(seq.state, lp)
             n = seq.state.num_frames
-            frames = [f for lo, hi in ranges for f in range(lo, hi)]
-            pages_per_seq.append([seq.state.pages[lp] for lp in lps])
+            keys = sum(hi - lo for lo, hi in ranges)
+            frames = [f for lo, hi in rewrite for f in range(lo, hi)]
+            pages_per_seq.append([seq.state.pages[lp] for lp in _logical_pages(ranges, k)])
             last_len.append(((n - 1) % k + 1) * tpf)
-            kv_len.append(len(frames) * tpf)
+            kv_len.append(keys * tpf)
+            ctx_len.append((keys - len(frames)) * tpf)  # the sink: attended, not rewritten
             q_frames.append(frames)
             q_bases.extend(seq.state.pages[f // k] * self.page_size + (f % k) * tpf for f in frames)
         return self._open_plan(
-            "rewrite", seq_ids, [len(f) for f in q_frames], pages_per_seq, last_len, kv_len, [0] * len(seqs),
+            "rewrite", seq_ids, [len(f) for f in q_frames], pages_per_seq, last_len, kv_len, ctx_len,
             q_frames, q_bases, copied, copied, 0, {sid: len(s.state.pages) for sid, s in zip(seq_ids, seqs)},
         )
+
+    def rewrite_frames(self, seq_id: int) -> list[int]:
+        """The frames ``plan_rewrite`` would recompute for ``seq_id`` now: its visible frames past the sink."""
+        seq = self._seq(seq_id, "rewrite_frames")
+        ranges = self._past_sink(seq, seq.policy.visible_ranges(seq.state.num_frames, self.frames_per_page))
+        return [f for lo, hi in ranges for f in range(lo, hi)]
+
+    @staticmethod
+    def _past_sink(seq, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        sink = getattr(seq.policy, "sink_frames", 0)
+        return [(max(lo, sink), hi) for lo, hi in ranges if hi > sink]
 
     def commit(self, plan: ChunkPlan) -> None:
         """Close a plan: an append plan's frames become context of each (still live) sequence."""

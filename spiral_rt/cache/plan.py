@@ -58,7 +58,8 @@ class PlanTables:
     kv_len: torch.Tensor
     """(S,) int32: keys visible to each sequence's queries (context + chunk), in tokens."""
     kv_context_len: torch.Tensor
-    """(S,) int32: of ``kv_len``, the tokens written before this chunk (0 for a rewrite plan)."""
+    """(S,) int32: of ``kv_len``, the tokens written before this chunk (a rewrite plan: the keys it
+    does not rewrite, i.e. the sink)."""
     q_indptr: torch.Tensor
     """(S + 1,) int32: offsets of each sequence's query tokens in the packed (L, H, D) chunk."""
     q_frame_idx: torch.Tensor
@@ -77,22 +78,21 @@ class ChunkPlan:
 
     Created by ``PagedKVCache.plan_chunk`` (``kind="append"``: each sequence adds frames) or
     ``PagedKVCache.plan_rewrite`` (``kind="rewrite"``: each sequence recomputes the K/V of its
-    visible context frames in place, e.g. LongLive's re-cache after a prompt switch). Close it
+    visible context frames past the sink in place, LongLive's re-cache after a prompt switch). Close it
     with ``PagedKVCache.commit(plan)`` after the clean pass, or ``abort(plan)``.
     """
 
     plan_id: int
     """Manager-unique id; commit/abort check it."""
     kind: PlanKind
-    """"append" (new frames) or "rewrite" (visible context frames rewritten in place)."""
+    """"append" (new frames) or "rewrite" (visible context frames past the sink rewritten in place)."""
     seq_ids: tuple[int, ...]
     """The batch's sequences, in table order."""
     num_q_frames: tuple[int, ...]
     """Query frames per sequence (the chunk's frames, or the rewritten frames)."""
     q_start_frame: tuple[int, ...]
-    """Absolute index of each sequence's first query frame (the RoPE frame offset of an append
-    plan, whose query frames are consecutive; a rewrite plan's may skip the evicted gap: see
-    ``q_frame_idx``)."""
+    """Absolute index of each sequence's first query frame (the RoPE frame offset; every frame's is
+    in ``q_frame_idx``)."""
     page_size: int
     """Tokens per page."""
     tokens_per_frame: int

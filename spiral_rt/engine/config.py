@@ -77,7 +77,9 @@ class EngineConfig:
     output: OutputFormat = "uint8"
     """Decoded frames as (F, H, W, 3) uint8 or float in [-1, 1], or "latents": no VAE decode."""
     recache_on_switch: bool = False
-    """At a prompt switch, recompute the K/V of the visible frames with the new prompt (LongLive's re-cache)."""
+    """At a prompt switch, recompute the K/V of the visible frames with the new prompt (LongLive's re-cache):
+    the window's frames, or every frame under the global policy; the attention sink keeps its K/V, as
+    in LongLive's code."""
     clean_pass_last_chunk: bool = False
     """Run the clean pass for the last chunk of a session with ``max_chunks`` too. Nothing can attend to
     that chunk's K/V (the session ends with it), so by default the step skips it when every session of

@@ -5,8 +5,8 @@ One ``Engine.step()`` follows schedule -> execute -> update:
 1. schedule: the ready sessions (``StreamSession.status == "ready"``), in batches of at most
    ``max_batch_size``; each session's prompt for its next chunk is resolved and its text
    conditioning built or taken from the per-prompt cache; sessions switching prompt with re-cache on
-   get LongLive's re-cache first (one clean pass over their visible frames with the new prompt,
-   through ``PagedKVCache.plan_rewrite``); the cache reserves the batch's chunk pages
+   get LongLive's re-cache first (one clean pass with the new prompt over their visible frames past
+   the sink, through ``PagedKVCache.plan_rewrite``); the cache reserves the batch's chunk pages
    (``plan_chunk``: eviction, copy-on-write, one upload of the index tables).
 2. execute, per batch (one DiT call per forward, varlen over sequences through the plan)::
 
@@ -357,7 +357,7 @@ class Engine:
         for s, key, cond in zip(batch, keys, conds):
             switching = s._last_prompt_key is not None and key != s._last_prompt_key
             recache = cfg.recache_on_switch if s._recache_next is None else s._recache_next
-            if switching and recache and self.cache.num_frames(s.seq_id) > 0:
+            if switching and recache and self.cache.rewrite_frames(s.seq_id):
                 self._recache(s, cond)
             s._recache_next = None
         with self.stages("plan"):
@@ -528,7 +528,8 @@ class Engine:
             self.model(x_in, float(self._context_t), positions, ctx, text, kv_only=True)
 
     def _recache(self, session: StreamSession, cond: TextConditioning) -> None:
-        """LongLive re-cache: rewrite the K/V of the session's visible frames with the new prompt."""
+        """LongLive re-cache: rewrite the K/V of the session's visible frames past the sink with the new
+        prompt (they attend to each other and to the sink, which keeps its K/V)."""
         cache = self.cache
         with self.stages("recache"):
             plan = cache.plan_rewrite([session.seq_id])

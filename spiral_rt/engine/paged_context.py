@@ -29,7 +29,7 @@ The op plans on the host and uploads all tables in one pinned, non-blocking copy
 
 RoPE positions: the DiT takes per-sequence frame positions as a (B, F) tensor, the plan's
 ``q_frame_idx`` (``plan_positions``), so sequences at different positions share one DiT call and
-a rewrite plan's non-consecutive frames (sink + window) keep their absolute positions.
+a rewrite plan's frames keep their absolute positions.
 
 Boundaries: no scheduling, sampling or decoding here (``spiral_rt.engine.engine``); no page
 bookkeeping (``spiral_rt.cache``).

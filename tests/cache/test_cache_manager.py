@@ -218,7 +218,7 @@ def test_random_operations_keep_refcounts_and_contents(policy, frames_per_page, 
                 if release_it:
                     del shadow.snaps[snap.snapshot_id]
         elif op == "rewrite":
-            batch = [s for s in rng.sample(live, min(len(live), 2)) if shadow.seqs[s]]
+            batch = [s for s in rng.sample(live, min(len(live), 2)) if cache.rewrite_frames(s)]
             if batch:
                 plan = cache.plan_rewrite(batch)
                 if plan is not None:
@@ -366,14 +366,19 @@ def test_rewrite_copies_shared_pages_and_leaves_parent_intact():
     parent = cache.add_sequence()
     old = [f for _ in range(3) for f in run_chunk(cache, [parent], 2, gen)[0]]
     (child,) = cache.fork(parent)
+    assert cache.visible_frames(child) == [0, 4, 5] and cache.rewrite_frames(child) == [4, 5]
     plan = cache.plan_rewrite([child])
-    assert plan.host.q_frame_idx.tolist() == [0, 4, 5] and plan.num_copied_pages == 3
+    # the window is rewritten (its pages copied away from the parent); the sink is attended, kept and still shared
+    assert plan.host.q_frame_idx.tolist() == [4, 5] and plan.num_copied_pages == 2
+    assert plan.host.kv_len.tolist() == [3 * TPF] and plan.host.kv_context_len.tolist() == [TPF]
     new = write_plan(cache, plan, gen)[0]
     cache.commit(plan)
     assert cache.num_frames(child) == 6
-    for f, content in zip([0, 4, 5], new):
+    assert cache.page_table(child)[0] == cache.page_table(parent)[0]
+    for f, content in zip([4, 5], new):
         assert torch.equal(read_frame(cache, cache.page_table(child), f), content)
         assert torch.equal(read_frame(cache, cache.page_table(parent), f), old[f])
+    assert torch.equal(read_frame(cache, cache.page_table(child), 0), old[0])
     cache.check_invariants()
 
 

@@ -111,6 +111,44 @@ def test_sink_window_equals_dense_over_visible_frames():
     cache.check_invariants()
 
 
+@pytest.mark.parametrize("window", [6, 4])
+def test_rewrite_recomputes_the_window_over_the_kept_sink(window):
+    """A rewrite plan (the engine's LongLive re-cache) recomputes the window's K/V, which attend to the
+    sink's K/V as they stand and to each other, and leaves the sink's pages untouched; equals a dense
+    reference run on the same frames with the sink's stored K/V as context."""
+    torch.manual_seed(5)
+    model = tiny_model()
+    policy = SinkWindowPolicy(sink_frames=3, window_frames=window)
+    cache = make_cache(model, num_pages=24, policy=policy)
+    seq = cache.add_sequence()
+    tpf = model.config.tokens_per_frame(*LATENT_HW)
+    ref = FrameKVReference(model.config.num_layers, tpf)
+    x, t, text = _inputs(model, 5)
+    for c in range(5):
+        sl = slice(c * CHUNK, (c + 1) * CHUNK)
+        ref.visible, ref.first_frame, ref.write = visible_context_frames(policy, c * CHUNK, 1), c * CHUNK, True
+        model(x[:, :, sl].contiguous(), t[:, sl], c * CHUNK, ref, text)
+        _paged_forward(model, cache, [seq], x[:, :, sl].contiguous(), t[:, sl], text, write=True)
+    frames = cache.rewrite_frames(seq)
+    assert frames == list(range(15 - window, 15)) and cache.visible_frames(seq) == [0, 1, 2] + frames
+    sink_before = cache.kv[:, :, cache.page_table(seq)[:3]].clone()
+    xw = torch.randn(1, model.config.in_channels, len(frames), *LATENT_HW)
+    tw, text2 = torch.zeros(1, len(frames)), model.encode_text(torch.randn(1, 10, model.config.text_dim))
+    ref.visible, ref.first_frame, ref.write = [0, 1, 2], frames[0], True
+    want = model(xw, tw, frames[0], ref, text2)
+    plan = cache.plan_rewrite([seq])
+    assert plan.host.q_frame_idx.tolist() == frames
+    got = model(xw, tw, plan_positions(plan.device.q_frame_idx, 1), PagedAttentionContext(cache, plan, backend="reference"), text2)
+    cache.commit(plan)
+    assert rel_err(got, want) < 1e-5
+    table = cache.page_table(seq)
+    assert torch.equal(cache.kv[:, :, table[:3]], sink_before)
+    for layer in range(model.config.num_layers):
+        for f in frames:
+            assert rel_err(cache.kv[layer, 0, table[f]], ref.kv[layer][f][0][0]) < 1e-5
+    cache.check_invariants()
+
+
 def test_context_errors():
     model = tiny_model()
     cache = make_cache(model)
