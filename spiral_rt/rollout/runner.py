@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from spiral_rt.agents.types import Plan, Verdict, WorldMemory
+from spiral_rt.agents.types import FailureKind, Plan, Verdict, WorldMemory
 from spiral_rt.engine import Engine, PromptSpan, StreamSession
 from spiral_rt.ops import sampler_step
 from spiral_rt.rl import group_advantages, hierarchical_advantages, write_planner_jsonl
@@ -253,7 +253,7 @@ class RolloutRunner:
                     member_verdicts = _collect(group_futures, spec.group_size)
                     for m, vs in enumerate(member_verdicts):
                         verdicts[base + m] = [v.to_dict() for v in vs]
-                        signals[base + m] = [float(v.completed) if spec.reward_signal == "completed" else v.score for v in vs]
+                        signals[base + m] = [verdict_signal(v, spec.reward_signal) for v in vs]
                         rewards[base + m] = _reduce(signals[base + m], spec.reward_reduce)
                         judged.update(1)
             finally:
@@ -617,6 +617,15 @@ def _collect(futures: list[Future], size: int) -> list[list[Verdict]]:
     if len(out) != size:
         raise RuntimeError(f"RolloutRunner: judged {len(out)} members, expected {size}")
     return out
+
+
+def verdict_signal(verdict: Verdict, signal: str) -> float:
+    """What one verdict contributes to a member's reward (``RolloutSpec.reward_signal``)."""
+    if signal == "completed":
+        return float(verdict.completed)
+    if signal == "consistent":
+        return 0.0 if verdict.failure in (FailureKind.DRIFT, FailureKind.PHYSICS) else 1.0
+    return float(verdict.score)
 
 
 def _reduce(scores: list[float], how: str) -> float:

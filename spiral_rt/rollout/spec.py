@@ -43,7 +43,7 @@ NoisePolicy = Literal["independent", "shared_initial", "shared_except_fork"]
 NOISE_POLICIES = ("independent", "shared_initial", "shared_except_fork")
 RewardReduce = Literal["mean", "min", "last"]
 REWARD_REDUCE = ("mean", "min", "last")
-REWARD_SIGNALS = ("score", "completed")
+REWARD_SIGNALS = ("score", "completed", "consistent")
 CREDITS = ("video", "step")
 
 PlanLike = Any  # Plan | list[str] | list[Step]
@@ -124,9 +124,11 @@ class RolloutSpec:
     reward_reduce: RewardReduce = "mean"
     """A member's reward from its verdicts on the plan steps after the fork: "mean", "min" or "last" score."""
     reward_signal: str = "score"
-    """What each verdict contributes before ``reward_reduce``: "score" (the critic's graded score) or
+    """What each verdict contributes before ``reward_reduce``: "score" (the critic's graded score),
     "completed" (1 if the step is judged completed, else 0: a binary success reward, which separates
-    members more than a graded score that gives most failures partial credit)."""
+    members more than a graded score that gives most failures partial credit) or "consistent" (0 if
+    the verdict's failure is drift or physics, i.e. the world itself went wrong, else 1: whatever
+    the step asked for)."""
     credit: str = "video"
     """What a trained transition is credited with: "video" (the member's reward, reduced over its judged
     steps and normalised within the group, for all its transitions) or "step" (each plan step's signal

@@ -29,10 +29,11 @@ import torch
 from rollout_helpers import (BatchBrightnessCritic, BrightnessCritic, DiTCalls, assert_no_leaks, embeddings,
                              make_engine, tiny_decoder, tiny_model)
 from spiral_rt.agents.testing import ScriptedPlanner
-from spiral_rt.agents.types import Step
+from spiral_rt.agents.types import FailureKind, Step, Verdict
 from spiral_rt.cache import KVCacheExhausted
 from spiral_rt.rl import AdvantageConfig, group_advantages
 from spiral_rt.rollout import RolloutBatch, RolloutRunner, RolloutSpec
+from spiral_rt.rollout.runner import verdict_signal
 from spiral_rt.sampling import DanceGRPOStep, FlowGRPOStep, SelfForcingRenoise, gaussian_log_prob
 
 F = 3
@@ -366,6 +367,17 @@ def test_completed_reward_signal_is_the_mean_of_verdicts_completed(model, vae):
     with pytest.raises(ValueError, match="reward_signal"):
         spec(reward_signal="binary").validate()
     assert_no_leaks(engine)
+
+
+def test_verdict_signals():
+    done = Verdict(score=1.0, completed=True)
+    drift = Verdict(score=0.6, completed=False, failure=FailureKind.DRIFT)
+    physics = Verdict(score=0.3, completed=False, failure=FailureKind.PHYSICS)
+    short = Verdict(score=0.4, completed=False, failure=FailureKind.INCOMPLETE_ACTION)
+    assert [verdict_signal(v, "score") for v in (done, drift, physics, short)] == [1.0, 0.6, 0.3, 0.4]
+    assert [verdict_signal(v, "completed") for v in (done, drift, physics, short)] == [1.0, 0.0, 0.0, 0.0]
+    # "consistent": only the world going wrong costs reward, not an unfinished step
+    assert [verdict_signal(v, "consistent") for v in (done, drift, physics, short)] == [1.0, 0.0, 0.0, 1.0]
 
 
 def test_step_credit_gives_each_transition_its_plan_steps_advantage(model, vae, tmp_path):
