@@ -41,17 +41,33 @@ from spiral_rt.world.grpo import WorldGRPOConfig, grpo_engine, grpo_trainer, ite
 from spiral_rt.world.model.loader import load_world_model
 
 
-def gradient(trainer: GRPOTrainer, batch, objective: str, draws: int) -> torch.Tensor:
-    """The flattened gradient of one update on ``batch`` (mean over ``draws`` noise draws)."""
+def gradient(trainer: GRPOTrainer, batch, objective: str, draws: int) -> dict[str, torch.Tensor]:
+    """Each trainable tensor's flattened gradient of one update on ``batch`` (mean over ``draws`` noise draws)."""
     trainer.config.objective = objective
-    total = None
+    total: dict[str, torch.Tensor] = {}
     for d in range(draws):
         trainer.step = d  # the denoising objective keys its noise draw by the step
         trainer.compute_gradients(batch)
-        g = torch.cat([p.grad.flatten() for p in trainer.trainable.values() if p.grad is not None]).double()
-        total = g if total is None else total + g
+        for name, p in trainer.trainable.items():
+            if p.grad is not None:
+                g = p.grad.flatten().double()
+                total[name] = g if name not in total else total[name] + g
     trainer.step = 0
-    return total / draws
+    return {name: g / draws for name, g in total.items()}
+
+
+def groups_of(names, num_blocks: int) -> dict[str, list[str]]:
+    """Parameter groups whose cosines are reported apart: all, each adapted layer kind (its module
+    name's last two parts, e.g. ``self_attn.o``), and the first, middle and last third of the blocks."""
+    out: dict[str, list[str]] = {"all": list(names)}
+    for name in names:
+        parts = name.split(".")
+        kind = ".".join(p for p in parts[2:4]) if parts[0] == "blocks" else parts[0]
+        out.setdefault(kind, []).append(name)
+        if parts[0] == "blocks":
+            third = ("blocks 1st third", "blocks 2nd third", "blocks 3rd third")[min(2, 3 * int(parts[1]) // num_blocks)]
+            out.setdefault(third, []).append(name)
+    return out
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -68,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=3e-3, help="learning rate of those updates")
     p.add_argument("--denoising-weights", default="advantage", choices=DENOISING_WEIGHTS,
                    help="GRPOTrainerConfig.denoising_weights of those updates")
+    p.add_argument("--by-group", action="store_true",
+                   help="also the cosines of each adapted layer kind and of each third of the blocks")
     p.add_argument("--skip-cosines", action="store_true", help="only the update check")
     p.add_argument("--train-steps", default=WorldGRPOConfig.train_steps,
                    help="trained denoising steps (comma-separated; empty: all), as world GRPO's --train-steps")
@@ -101,11 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     objectives = [] if args.skip_cosines else [("policy_gradient", 1)] + [("denoising", d) for d in draws]
     rows = []
     for objective, d in objectives:
-        g = {name: gradient(trainer, b, objective, d) for name, b in batches.items()}
-        rows.append({"objective": objective if objective != "denoising" else f"denoising x{d}",
-                     "cos_same_goals": cosine(g["A seed 1"], g["A seed 2"]),
-                     "cos_other_goals": 0.5 * (cosine(g["A seed 1"], g["B seed 3"]) + cosine(g["A seed 2"], g["B seed 3"])),
-                     "grad_norm": float(sum(x.norm() for x in g.values()) / len(g))})
+        per = {name: gradient(trainer, b, objective, d) for name, b in batches.items()}
+        groups = groups_of(per["A seed 1"], len(world.dit.blocks)) if args.by_group else {"all": list(per["A seed 1"])}
+        for group, names in groups.items():
+            g = {b: torch.cat([grads[n] for n in names]) for b, grads in per.items()}
+            rows.append({"objective": objective if objective != "denoising" else f"denoising x{d}", "group": group,
+                         "cos_same_goals": cosine(g["A seed 1"], g["A seed 2"]),
+                         "cos_other_goals": 0.5 * (cosine(g["A seed 1"], g["B seed 3"]) + cosine(g["A seed 2"], g["B seed 3"])),
+                         "grad_norm": float(sum(x.norm() for x in g.values()) / len(g))})
     update = {}
     if args.update_steps > 0:
         fresh = {"same goals": (goals_a, 11), "other goals": (goals_b, 12)}
@@ -122,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     engine.close()
     rewards = {name: float(b.rewards.mean()) for name, b in batches.items()}
     if rows:
-        print_table(rows, ["objective", "cos_same_goals", "cos_other_goals", "grad_norm"])
+        print_table(rows, ["objective", "group", "cos_same_goals", "cos_other_goals", "grad_norm"])
     print(f"batch rewards {rewards}; rollouts {rollout_s:.0f} s")
     if update:
         print(f"after {args.update_steps} {args.update_objective} update(s) at lr {args.lr} on batch 'A seed 1': {update}")

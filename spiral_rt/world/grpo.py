@@ -59,7 +59,7 @@ from spiral_rt.agents.types import Goal, Plan, Step
 from spiral_rt.config_cli import config_from_args, dataclass_parser
 from spiral_rt.rl import GRPOLossConfig
 from spiral_rt.rl.launch import join_from_env
-from spiral_rt.rl.trainer import DENOISING_WEIGHTS, OBJECTIVES, GRPOTrainer, GRPOTrainerConfig
+from spiral_rt.rl.trainer import DEFAULT_LORA_TARGETS, DENOISING_WEIGHTS, OBJECTIVES, GRPOTrainer, GRPOTrainerConfig
 from spiral_rt.rollout import RolloutRunner, RolloutSpec
 from spiral_rt.rollout.spec import CREDITS, NOISE_POLICIES, REWARD_SIGNALS
 from spiral_rt.sampling import FlowGRPOStep, SelfForcingRenoise
@@ -99,6 +99,10 @@ class WorldGRPOConfig:
     """AdamW learning rate of the LoRA adapters (5e-4 lost 10 points of held-out steps in 60 updates)."""
     lora_rank: int = 16
     """LoRA rank."""
+    lora_targets: str = ""
+    """Comma-separated suffixes of the block linears that get adapters (e.g. "self_attn.q,self_attn.k");
+    empty: ``DEFAULT_LORA_TARGETS`` (every linear of a block). Self-attention's q and k hold twice the
+    cross-goal share of the denoising gradient of the others (bench/NOTES.md, session 23)."""
     kl_coef: float = 0.01
     """Weight of the KL term to the starting model (adapters disabled)."""
     policy: str = "self_forcing"
@@ -163,6 +167,9 @@ class WorldGRPOConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"WorldGRPOConfig: '{name}' must be a positive int, got {v!r}")
+        if any(not t.strip() for t in self.lora_targets.split(",")) and self.lora_targets.strip():
+            raise ValueError(f"WorldGRPOConfig: 'lora_targets' must be empty or comma-separated module suffixes, "
+                             f"got {self.lora_targets!r}")
         if self.group_size < 2:
             raise ValueError(f"WorldGRPOConfig: 'group_size' must be >= 2 (advantages compare members), got {self.group_size}")
         for name in ("lr", "kl_coef", "noise_level"):
@@ -294,6 +301,7 @@ def grpo_trainer(world, engine, cfg: WorldGRPOConfig) -> GRPOTrainer:
     torch.manual_seed(cfg.seed)
     return GRPOTrainer(world.dit, GRPOTrainerConfig(
         lr=cfg.lr, lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), bf16_autocast=False,
+        lora_targets=tuple(t.strip() for t in cfg.lora_targets.split(",")) if cfg.lora_targets.strip() else DEFAULT_LORA_TARGETS,
         micro_batch_size=min(cfg.micro_batch_size, members), loss=GRPOLossConfig(kl_coef=cfg.kl_coef),
         objective=cfg.objective, denoising_weights=cfg.denoising_weights, dpo_beta=cfg.dpo_beta,
         lora_timesteps=trained_timesteps(cfg, engine.config.schedule.model_timesteps) if cfg.gate_adapters else None),

@@ -101,7 +101,7 @@ def test_two_ranks_roll_out_different_goals_and_rank0_logs_both(tmp_path):
                                           ("train_steps", "0,x"), ("train_steps", "-1"),
                                           ("critic_processes", -1), ("noise", "shared"), ("credit", "chunk"),
                                           ("objective", "ppo"), ("denoising_weights", "all"), ("dpo_beta", 0.0),
-                                          ("dpo_beta", -2.0)])
+                                          ("dpo_beta", -2.0), ("lora_targets", "self_attn.q,,ffn.0")])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         WorldGRPOConfig(**{field: value}).validate()
@@ -173,3 +173,11 @@ def test_dpo_cli_flags_reach_the_trainer_config(tmp_path, capsys):
     assert "'dpo_beta'" in capsys.readouterr().out
     with pytest.raises(ValueError, match="credit"):  # pairs are ranked by the member's (video) reward
         WorldGRPOConfig(objective="dpo", credit="step").validate()
+
+
+def test_lora_targets_flag_adapts_only_those_linears(tmp_path):
+    assert main(["--out", str(tmp_path), "--smoke", "--no-progress", "--iterations", "1", "--goals-per-update", "1",
+                 "--lora-targets", "self_attn.q, self_attn.k"]) == 0
+    state = json.loads((tmp_path / "trainer" / "trainer.json").read_text())
+    assert state["config"]["lora_targets"] == ["self_attn.q", "self_attn.k"]
+    assert state["parameters"] and all(".self_attn.q." in n or ".self_attn.k." in n for n in state["parameters"])
