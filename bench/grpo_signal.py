@@ -62,7 +62,7 @@ def groups_of(names, num_blocks: int) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {"all": list(names)}
     for name in names:
         parts = name.split(".")
-        kind = ".".join(p for p in parts[2:4]) if parts[0] == "blocks" else parts[0]
+        kind = ".".join(parts[2:4]) if parts[0] == "blocks" else parts[0]
         out.setdefault(kind, []).append(name)
         if parts[0] == "blocks":
             third = ("blocks 1st third", "blocks 2nd third", "blocks 3rd third")[min(2, 3 * int(parts[1]) // num_blocks)]
