@@ -115,7 +115,9 @@ class EngineConfig:
     """CUDA only: replay each chunk's whole forward sequence (steps + clean pass) from a CUDA graph, one
     per context-length bucket (captured the second time a bucket is met; Philox noise only)."""
     vae_side_stream: bool = True
-    """CUDA only: decode on a second stream, overlapped with the next chunk's DiT work."""
+    """CUDA only: decode on a second stream, beside the next chunk's DiT work. On an H100 the two do not
+    overlap in time (each fills the GPU): one stream measured the same within 0.7% (bench/NOTES.md,
+    session 23)."""
     timing: bool = False
     """Record per-stage times (CUDA events / perf_counter); read with ``Engine.stage_times()``."""
     device: torch.device | str | None = None

@@ -167,7 +167,7 @@ class WorldGRPOConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"WorldGRPOConfig: '{name}' must be a positive int, got {v!r}")
-        if any(not t.strip() for t in self.lora_targets.split(",")) and self.lora_targets.strip():
+        if any(not t for t in self.lora_target_names()):
             raise ValueError(f"WorldGRPOConfig: 'lora_targets' must be empty or comma-separated module suffixes, "
                              f"got {self.lora_targets!r}")
         if self.group_size < 2:
@@ -212,6 +212,11 @@ class WorldGRPOConfig:
                 raise ValueError(f"WorldGRPOConfig: '{name}' must be an int >= 0, got {v!r}")
         if isinstance(self.critic_processes, bool) or not isinstance(self.critic_processes, int) or self.critic_processes < 0:
             raise ValueError(f"WorldGRPOConfig: 'critic_processes' must be an int >= 0, got {self.critic_processes!r}")
+
+    def lora_target_names(self) -> tuple[str, ...]:
+        """``lora_targets`` as a tuple of module suffixes (``DEFAULT_LORA_TARGETS`` when empty)."""
+        text = self.lora_targets.strip()
+        return tuple(t.strip() for t in text.split(",")) if text else DEFAULT_LORA_TARGETS
 
     def trained_step_indices(self) -> tuple[int, ...] | None:
         """``train_steps`` as a tuple (None: every stochastic step); ValueError when it does not parse."""
@@ -301,7 +306,7 @@ def grpo_trainer(world, engine, cfg: WorldGRPOConfig) -> GRPOTrainer:
     torch.manual_seed(cfg.seed)
     return GRPOTrainer(world.dit, GRPOTrainerConfig(
         lr=cfg.lr, lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), bf16_autocast=False,
-        lora_targets=tuple(t.strip() for t in cfg.lora_targets.split(",")) if cfg.lora_targets.strip() else DEFAULT_LORA_TARGETS,
+        lora_targets=cfg.lora_target_names(),
         micro_batch_size=min(cfg.micro_batch_size, members), loss=GRPOLossConfig(kl_coef=cfg.kl_coef),
         objective=cfg.objective, denoising_weights=cfg.denoising_weights, dpo_beta=cfg.dpo_beta,
         lora_timesteps=trained_timesteps(cfg, engine.config.schedule.model_timesteps) if cfg.gate_adapters else None),
