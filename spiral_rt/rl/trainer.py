@@ -101,6 +101,8 @@ OBJECTIVES = ("policy_gradient", "denoising", "dpo")
 """``GRPOTrainerConfig.objective`` values."""
 DENOISING_WEIGHTS = ("advantage", "positive")
 """``GRPOTrainerConfig.denoising_weights`` values."""
+DENOISING_INPUTS = ("fresh", "recorded")
+"""``GRPOTrainerConfig.denoising_input`` values."""
 
 TextProvider = Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor]
 
@@ -155,6 +157,13 @@ class GRPOTrainerConfig:
     the mean are fitted (reward-weighted regression on the group's better videos; bounded without
     a KL term, where pushing away is not: five unregularised updates at lr 3e-3 on one batch dropped
     fresh groups' reward from 0.68 to 0.11, bench/NOTES.md session 11)."""
+    denoising_input: Literal["fresh", "recorded"] = "fresh"
+    """The x_t of the "denoising" objective: "fresh" (the member's clean chunk noised afresh at the
+    transition's sigma: the flow-matching loss on the member's video) or "recorded" (the state the
+    rollout's sampler fed the model at that transition: the model is fitted where the sampler runs
+    it, from its own intermediate states to the member's final clean chunk; with a re-noise sampler
+    those states carry the blurred x0 predictions of earlier steps, which fresh noising of clean
+    latents never shows). "dpo" noises its pairs afresh only."""
     dpo_beta: float = 1000.0
     """Inverse temperature of the "dpo" objective: the pair loss is -log sigmoid(-dpo_beta (d_w - d_l)),
     d a member's denoising error (mean over latent elements, fp32) minus the reference's. The world
@@ -213,6 +222,12 @@ class GRPOTrainerConfig:
         if self.denoising_weights not in DENOISING_WEIGHTS:
             raise ValueError(f"GRPOTrainerConfig: 'denoising_weights' must be one of {DENOISING_WEIGHTS}, "
                              f"got {self.denoising_weights!r}")
+        if self.denoising_input not in DENOISING_INPUTS:
+            raise ValueError(f"GRPOTrainerConfig: 'denoising_input' must be one of {DENOISING_INPUTS}, "
+                             f"got {self.denoising_input!r}")
+        if self.denoising_input == "recorded" and self.objective != "denoising":
+            raise ValueError(f"GRPOTrainerConfig: 'denoising_input'='recorded' is for objective 'denoising' (a DPO pair "
+                             f"needs one x_t for both members), got objective {self.objective!r}")
         if isinstance(self.dpo_beta, bool) or not isinstance(self.dpo_beta, (int, float)) or not math.isfinite(self.dpo_beta) \
                 or self.dpo_beta <= 0:
             raise ValueError(f"GRPOTrainerConfig: 'dpo_beta' must be a finite number > 0, got {self.dpo_beta!r}")
@@ -807,11 +822,14 @@ class GRPOTrainer:
         afresh at the transition's sigma, (1 - sigma) x0 + sigma eps. eps is drawn from a generator
         keyed by (rollout seed, optimizer step, noise key, transition), so the policy and the reference
         see the same x_t; the key is the member's row unless ``noise_keys`` (one per row) says
-        otherwise (a DPO pair shares its winner's)."""
+        otherwise (a DPO pair shares its winner's). With ``denoising_input="recorded"`` x_t is the
+        transition's recorded sampler state instead."""
         ecfg = self.engine_config
         F_ = ecfg.chunk_frames
         chunk = int(batch.chunk[t])
         x0 = batch.latents[rows, :, chunk * F_:(chunk + 1) * F_].to(self.device, torch.float32)
+        if self.config.denoising_input == "recorded":
+            return x0, batch.x[rows, t].to(self.device, ecfg.latent_dtype)
         sigma = float(batch.sigma[t])
         eps = torch.empty_like(x0)
         gen = torch.Generator(device=self.device)

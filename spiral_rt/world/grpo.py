@@ -59,7 +59,8 @@ from spiral_rt.agents.types import Goal, Plan, Step
 from spiral_rt.config_cli import config_from_args, dataclass_parser
 from spiral_rt.rl import GRPOLossConfig
 from spiral_rt.rl.launch import join_from_env
-from spiral_rt.rl.trainer import DEFAULT_LORA_TARGETS, DENOISING_WEIGHTS, OBJECTIVES, GRPOTrainer, GRPOTrainerConfig
+from spiral_rt.rl.trainer import (DEFAULT_LORA_TARGETS, DENOISING_INPUTS, DENOISING_WEIGHTS, OBJECTIVES, GRPOTrainer,
+                                  GRPOTrainerConfig)
 from spiral_rt.rollout import RolloutRunner, RolloutSpec
 from spiral_rt.rollout.spec import CREDITS, NOISE_POLICIES, REWARD_SIGNALS
 from spiral_rt.sampling import FlowGRPOStep, SelfForcingRenoise
@@ -135,6 +136,9 @@ class WorldGRPOConfig:
     denoising_weights: str = "advantage"
     """``GRPOTrainerConfig.denoising_weights`` of the "denoising" objective: "advantage" or "positive"
     (only the members above their group's mean are fitted)."""
+    denoising_input: str = "fresh"
+    """``GRPOTrainerConfig.denoising_input`` of the "denoising" objective: "fresh" (the member's clean
+    chunk noised afresh at the step's sigma) or "recorded" (the state the sampler fed the model)."""
     dpo_beta: float = 1000.0
     """``GRPOTrainerConfig.dpo_beta``: inverse temperature of the "dpo" objective's pair loss
     -log sigmoid(-beta (d_w - d_l)), d = a member's mean squared x0 error minus the reference's."""
@@ -192,6 +196,9 @@ class WorldGRPOConfig:
         if self.denoising_weights not in DENOISING_WEIGHTS:
             raise ValueError(f"WorldGRPOConfig: 'denoising_weights' must be one of {DENOISING_WEIGHTS}, "
                              f"got {self.denoising_weights!r}")
+        if self.denoising_input not in DENOISING_INPUTS:
+            raise ValueError(f"WorldGRPOConfig: 'denoising_input' must be one of {DENOISING_INPUTS}, "
+                             f"got {self.denoising_input!r}")
         if isinstance(self.dpo_beta, bool) or not isinstance(self.dpo_beta, (int, float)) \
                 or not 0 < self.dpo_beta < float("inf"):
             raise ValueError(f"WorldGRPOConfig: 'dpo_beta' must be a finite number > 0, got {self.dpo_beta!r}")
@@ -308,8 +315,8 @@ def grpo_trainer(world, engine, cfg: WorldGRPOConfig) -> GRPOTrainer:
         lr=cfg.lr, lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), bf16_autocast=False,
         lora_targets=cfg.lora_target_names(),
         micro_batch_size=min(cfg.micro_batch_size, members), loss=GRPOLossConfig(kl_coef=cfg.kl_coef),
-        objective=cfg.objective, denoising_weights=cfg.denoising_weights, dpo_beta=cfg.dpo_beta,
-        lora_timesteps=trained_timesteps(cfg, engine.config.schedule.model_timesteps) if cfg.gate_adapters else None),
+        objective=cfg.objective, denoising_weights=cfg.denoising_weights, denoising_input=cfg.denoising_input,
+        dpo_beta=cfg.dpo_beta, lora_timesteps=trained_timesteps(cfg, engine.config.schedule.model_timesteps) if cfg.gate_adapters else None),
         world.text_encoder, engine_config=engine.config)
 
 
@@ -403,7 +410,8 @@ def run(cfg: WorldGRPOConfig) -> dict:
                     "lr": cfg.lr, "lora_rank": cfg.lora_rank, "kl_coef": cfg.kl_coef, "reward": cfg.reward,
                     "policy": cfg.policy, "noise": cfg.noise, "train_steps": cfg.train_steps, "credit": cfg.credit,
                     "gate_adapters": cfg.gate_adapters, "objective": cfg.objective,
-                    "denoising_weights": cfg.denoising_weights, "dpo_beta": cfg.dpo_beta}})
+                    "denoising_weights": cfg.denoising_weights, "denoising_input": cfg.denoising_input,
+                    "dpo_beta": cfg.dpo_beta, "lora_targets": cfg.lora_targets}})
         if stop:
             logger.info("time limit of %.1f min reached after %d update(s)", cfg.time_limit_min, updates)
             break

@@ -188,15 +188,19 @@ def test_loss_and_gradient_match_hand_reference():
         torch.testing.assert_close(grads[n], p.grad.float(), rtol=2e-3, atol=1e-6, msg=lambda s: f"{n}: {s}")
 
 
-def hand_x0_pair(trainer, model, ref_model, batch, text, m: int, t: int, noise_key: int | None = None):
+def hand_x0_pair(trainer, model, ref_model, batch, text, m: int, t: int, noise_key: int | None = None,
+                 recorded: bool = False):
     """(x0, policy x0_hat with its graph, reference x0_hat) of member ``m`` at transition ``t``: one
     dense block-causal forward over [clean chunks 0..c-1 at t = 0, the member's clean chunk c noised at
-    the transition's sigma (the trainer's draw, under ``noise_key``, default m)], fp64 from the fp32
-    model output."""
+    the transition's sigma (the trainer's draw, under ``noise_key``, default m), or with ``recorded``
+    the rollout's recorded state x[m, t]], fp64 from the fp32 model output."""
     tpf = (batch.x.shape[4] // 2) * (batch.x.shape[5] // 2)
     c = int(batch.chunk[t])
     x0 = batch.latents[m:m + 1, :, c * F:(c + 1) * F].double()
-    x_t = trainer._denoising_input(batch, [m], t, None if noise_key is None else [noise_key])[1]
+    if recorded:
+        x_t = batch.x[m:m + 1, t]
+    else:
+        x_t = trainer._denoising_input(batch, [m], t, None if noise_key is None else [noise_key])[1]
     seq = torch.cat([batch.latents[m:m + 1, :, :c * F], x_t], dim=2)
     ts = torch.cat([torch.zeros(c * F), torch.full((F,), float(batch.timestep[t]))])[None]
     attn = DetachedContext(F * tpf, block_frames=F, tokens_per_frame=tpf)
@@ -209,29 +213,33 @@ def hand_x0_pair(trainer, model, ref_model, batch, text, m: int, t: int, noise_k
     return x0, x0_hat(model), ref
 
 
-def hand_denoising_terms(trainer, model, ref_model, batch, emb, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+def hand_denoising_terms(trainer, model, ref_model, batch, emb, kl_coef: float,
+                         recorded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Independent advantage-weighted denoising loss and per-member mean error (``hand_x0_pair`` per
     member and transition, one prompt)."""
     text = emb[batch.prompts[0]][None]
     terms, mse = [], torch.zeros(batch.num_members, dtype=torch.float64)
     for m in range(batch.num_members):
         for t in range(batch.num_transitions):
-            x0, pred, ref = hand_x0_pair(trainer, model, ref_model, batch, text, m, t)
+            x0, pred, ref = hand_x0_pair(trainer, model, ref_model, batch, text, m, t, recorded=recorded)
             err = ((pred - x0) ** 2).mean()
             mse[m] += err.detach() / batch.num_transitions
             terms.append(batch.advantages[m] * err + kl_coef * ((pred - ref) ** 2).mean())
     return torch.stack(terms).mean(), mse
 
 
-def test_denoising_objective_matches_hand_reference():
+@pytest.mark.parametrize("denoising_input", ["fresh", "recorded"])
+def test_denoising_objective_matches_hand_reference(denoising_input):
     model = tiny_model(seed=5)
     batch, ecfg, emb = rollout(model, plans=[[["a fox in snow"]]], group_size=3, num_chunks=3, fork_chunk=1)
     batch.advantages = torch.tensor([1.3, -0.4, -0.9], dtype=torch.float64)
     reference = copy.deepcopy(model)
     trainer = GRPOTrainer(model, GRPOTrainerConfig(lora_rank=None, micro_batch_size=2, objective="denoising",
+                                                   denoising_input=denoising_input,
                                                    loss=GRPOLossConfig(kl_coef=3.0)), emb, engine_config=ecfg)
     stats, grads, hand_model = moved_policy_gradients(model, trainer, batch)
-    expected, mse = hand_denoising_terms(trainer, hand_model, reference, batch, emb, kl_coef=3.0)
+    expected, mse = hand_denoising_terms(trainer, hand_model, reference, batch, emb, kl_coef=3.0,
+                                         recorded=denoising_input == "recorded")
     expected.backward()
     assert stats["kl"] > 0 and stats["denoise_mse"] == pytest.approx(mse.mean().item(), rel=1e-4)
     assert stats["loss"] == pytest.approx(expected.item(), rel=1e-4, abs=1e-7)
@@ -632,6 +640,8 @@ def test_two_process_gloo_step(tmp_path):
     (dict(reference="lora_disabled", lora_rank=None), "'reference'"), (dict(checkpoint_interval=3), "'checkpoint_interval'"),
     (dict(grad_clip=0.0), "'grad_clip'"), (dict(lora_targets=()), "'lora_targets'"), (dict(objective="ppo"), "'objective'"),
     (dict(denoising_weights="negative"), "'denoising_weights'"), (dict(dpo_beta=0.0), "'dpo_beta'"),
+    (dict(objective="denoising", denoising_input="clean"), "'denoising_input'"),
+    (dict(objective="dpo", denoising_input="recorded"), "'denoising_input'"),
     (dict(dpo_beta=-1.0), "'dpo_beta'"), (dict(dpo_beta=float("nan")), "'dpo_beta'"),
 ])
 def test_config_errors_name_the_field(kw, name):

@@ -101,7 +101,8 @@ def test_two_ranks_roll_out_different_goals_and_rank0_logs_both(tmp_path):
                                           ("train_steps", "0,x"), ("train_steps", "-1"),
                                           ("critic_processes", -1), ("noise", "shared"), ("credit", "chunk"),
                                           ("objective", "ppo"), ("denoising_weights", "all"), ("dpo_beta", 0.0),
-                                          ("dpo_beta", -2.0), ("lora_targets", "self_attn.q,,ffn.0")])
+                                          ("dpo_beta", -2.0), ("lora_targets", "self_attn.q,,ffn.0"),
+                                          ("denoising_input", "clean")])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         WorldGRPOConfig(**{field: value}).validate()
