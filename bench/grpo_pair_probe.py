@@ -60,18 +60,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper())
 
-    cfg = WorldGRPOConfig(goals_per_update=args.goals, group_size=args.group_size, device=args.device, critic_processes=0,
+    cfg = WorldGRPOConfig(goals_per_update=args.goals, group_size=args.group_size, device=args.device,
                           train_steps=args.train_steps, lr=args.lr, kl_coef=0.0, objective="dpo", dpo_beta=args.dpo_beta,
                           lora_targets=args.lora_targets, micro_batch_size=args.goals * args.group_size)
     cfg.validate()
     world = load_world_model(None, device=args.device, dtype=torch.float32)
     engine = grpo_engine(world, args.goals * args.group_size)
     trainer = grpo_trainer(world, engine, cfg)  # fresh adapters (B = 0): the rollouts are the shipped model's
-    runner = RolloutRunner(engine, WorldCritic(WorldConfig()), critic_processes=0)
+    runner = RolloutRunner(engine, WorldCritic(WorldConfig()), critic_processes=cfg.critic_processes)
     stream = iteration_goals(cfg.seed, args.goals, WorldConfig())
     t0 = time.perf_counter()
-    batches = [rollout_goals(runner, world, cfg, next(stream), seed=i + 1)
-               for i in range(args.train_batches + args.test_batches)]
+    batches = []
+    for i in range(args.train_batches + args.test_batches):
+        batches.append(rollout_goals(runner, world, cfg, next(stream), seed=i + 1))
+        print(f"rollout batch {i + 1}: reward {float(batches[-1].rewards.mean()):.3f}, "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
     rollout_s = time.perf_counter() - t0
     runner.close()
     engine.close()

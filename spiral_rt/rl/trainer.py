@@ -163,7 +163,9 @@ class GRPOTrainerConfig:
     rollout's sampler fed the model at that transition: the model is fitted where the sampler runs
     it, from its own intermediate states to the member's final clean chunk; with a re-noise sampler
     those states carry the blurred x0 predictions of earlier steps, which fresh noising of clean
-    latents never shows). "dpo" noises its pairs afresh only."""
+    latents never shows). "dpo" noises its pairs afresh only. Measured on the world model with every
+    step trained and the adapters ungated, positive weights, lr 1e-3: the reward fell to 0 within
+    10 updates, each update fitting the members' ever worse videos (bench/NOTES.md, session 24)."""
     dpo_beta: float = 1000.0
     """Inverse temperature of the "dpo" objective: the pair loss is -log sigmoid(-dpo_beta (d_w - d_l)),
     d a member's denoising error (mean over latent elements, fp32) minus the reference's. The world

@@ -113,7 +113,8 @@ class WorldGRPOConfig:
     train_steps: str = "0,1,2"
     """Trained denoising steps of every chunk, comma-separated (default: the early steps that set where
     things go); empty: every stochastic step (the late steps' small noise barely changes the outcome,
-    so crediting it adds gradient noise: every step trained lost ~10 points of held-out steps)."""
+    so crediting it adds gradient noise: every step trained lost ~10 points of held-out steps; so
+    did Diffusion-DPO over every step, -13 points after 12 updates, bench/NOTES.md session 24)."""
     noise: str = "shared_initial"
     """Noise within a goal's group (``RolloutSpec.noise``): "shared_initial" (DanceGRPO: the members
     start every chunk from the same initial noise, so they differ only by the noise of the recorded
