@@ -35,7 +35,7 @@ import torch
 from common import print_table, write_result
 from spiral_rt.rl.trainer import DENOISING_WEIGHTS, OBJECTIVES, GRPOTrainer
 from spiral_rt.rollout import RolloutRunner
-from spiral_rt.rollout.spec import REWARD_SIGNALS
+from spiral_rt.rollout.spec import NOISE_POLICIES, REWARD_SIGNALS
 from spiral_rt.world import WorldConfig, WorldCritic
 from spiral_rt.world.grpo import WorldGRPOConfig, grpo_engine, grpo_trainer, iteration_goals, rollout_goals
 from spiral_rt.world.model.loader import load_world_model
@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-cosines", action="store_true", help="only the update check")
     p.add_argument("--train-steps", default=WorldGRPOConfig.train_steps,
                    help="trained denoising steps (comma-separated; empty: all), as world GRPO's --train-steps")
+    p.add_argument("--noise", default=WorldGRPOConfig.noise, choices=NOISE_POLICIES,
+                   help="noise within a group (RolloutSpec.noise; \"branch\": members differ only in the trained steps' draws)")
     p.add_argument("--reward", default=WorldGRPOConfig.reward, choices=REWARD_SIGNALS,
                    help="what each step's verdict contributes to a member's reward (RolloutSpec.reward_signal)")
     p.add_argument("--result", default="grpo_signal", help="name of the result file (bench/results/NAME.json)")
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     # which the B gradients depend
     cfg = WorldGRPOConfig(goals_per_update=args.goals, group_size=args.group_size, device=args.device, critic_processes=0,
                           train_steps=args.train_steps, lr=args.lr, kl_coef=0.0, micro_batch_size=args.goals * args.group_size,
-                          reward=args.reward)
+                          reward=args.reward, noise=args.noise)
     cfg.validate()
     world = load_world_model(None, device=args.device, dtype=torch.float32)
     members = args.goals * args.group_size

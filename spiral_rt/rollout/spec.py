@@ -24,7 +24,11 @@ id). The noise policy picks, per chunk after the fork, which slots use the share
     "independent"         no slot shared: members differ from the fork chunk's first draw on;
     "shared_initial"      slot 0 shared in every chunk after the fork (DanceGRPO's shared initial
                           noise): members start each chunk from the same x_T, the SDE noise differs;
-    "shared_except_fork"  slot 0 shared in every chunk after the fork except the fork chunk itself.
+    "shared_except_fork"  slot 0 shared in every chunk after the fork except the fork chunk itself;
+    "branch"              every slot shared except those the trained transitions draw (slot k + 1
+                          of trained step k, in trained chunks): TempFlow-GRPO's branching. The
+                          members differ only by the noise of the transitions the update credits,
+                          so the group's reward spread is theirs alone.
 """
 
 from __future__ import annotations
@@ -39,8 +43,8 @@ from spiral_rt.agents.types import Goal, Plan, Step, WorldMemory
 from spiral_rt.rl import AdvantageConfig
 from spiral_rt.sampling import FlowGRPOStep, FlowMatchSchedule, StepPolicy, make_step_policy
 
-NoisePolicy = Literal["independent", "shared_initial", "shared_except_fork"]
-NOISE_POLICIES = ("independent", "shared_initial", "shared_except_fork")
+NoisePolicy = Literal["independent", "shared_initial", "shared_except_fork", "branch"]
+NOISE_POLICIES = ("independent", "shared_initial", "shared_except_fork", "branch")
 RewardReduce = Literal["mean", "min", "last"]
 REWARD_REDUCE = ("mean", "min", "last")
 REWARD_SIGNALS = ("score", "completed", "consistent")
@@ -110,8 +114,8 @@ class RolloutSpec:
     step is trainable when it is stochastic in the engine (sigma_next > 0 and the policy's C > 0):
     the engine draws no noise into the last step (sigma_next = 0), which has no density."""
     noise: NoisePolicy = "independent"
-    """Noise within an execution group: "independent", "shared_initial" or "shared_except_fork"
-    (module docstring)."""
+    """Noise within an execution group: "independent", "shared_initial", "shared_except_fork" or
+    "branch" (module docstring)."""
     seed: int = 0
     """Philox seed of every draw; with the noise ids it determines the rollout (replay)."""
     step_policy: StepPolicy = field(default_factory=FlowGRPOStep)
@@ -271,6 +275,11 @@ class RolloutSpec:
         shared, own = self.group_noise_id(group), self.member_noise_id(group, member)
         if chunk < self.fork_chunk:
             return [shared] * (num_steps + 1)
+        if self.noise == "branch":
+            trained = chunk - self.fork_chunk in (self.train_chunks or range(self.num_chunks - self.fork_chunk))
+            steps = self.train_steps if self.train_steps is not None else range(num_steps - 1)
+            own_slots = {k + 1 for k in steps} if trained else set()
+            return [own if j in own_slots else shared for j in range(num_steps + 1)]
         share_initial = self.noise == "shared_initial" or (self.noise == "shared_except_fork" and chunk > self.fork_chunk)
         return [shared if (j == 0 and share_initial) else own for j in range(num_steps + 1)]
 

@@ -118,7 +118,9 @@ class WorldGRPOConfig:
     noise: str = "shared_initial"
     """Noise within a goal's group (``RolloutSpec.noise``): "shared_initial" (DanceGRPO: the members
     start every chunk from the same initial noise, so they differ only by the noise of the recorded
-    transitions, which the update credits), "independent" or "shared_except_fork"."""
+    transitions, which the update credits), "independent", "shared_except_fork" or "branch" (the members
+    share every draw but the noise the trained steps draw, slot k + 1 of step k: TempFlow-GRPO's
+    branching, so a group's reward spread comes from the credited transitions alone)."""
     noise_level: float = 0.7
     """Flow-GRPO's SDE noise level of the rollouts' step policy."""
     credit: str = "video"

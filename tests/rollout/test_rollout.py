@@ -353,6 +353,26 @@ def test_noise_policies(model, noise):
     assert_no_leaks(engine)
 
 
+def test_branch_noise_differs_only_in_the_trained_transitions_draws(model):
+    """noise="branch": a member's own id only in the slot its trained step draws (slot k + 1), in trained
+    chunks; so the trained transition's input is the group's and its output the member's own."""
+    engine = make_engine(model, context_noise=0.05)
+    G, fork = 3, 1
+    batch = runner_for(engine, model).run(spec(noise="branch", group_size=G, num_chunks=3, fork_chunk=fork,
+                                               train_steps=(1,), train_chunks=(0,)))
+    sp = RolloutSpec.from_dict(batch.spec)
+    for row in range(batch.num_members):
+        g, m = int(batch.group_index[row]), int(batch.member_index[row])
+        shared, own = sp.group_noise_id(g), sp.member_noise_id(g, m)
+        assert batch.noise_ids[row, 1].tolist() == [shared, shared, own] + [shared] * (N - 2)  # fork chunk, trained
+        assert batch.noise_ids[row, 2].tolist() == [shared] * (N + 1)  # untrained chunk
+    for g in range(2):
+        rows = range(g * G, (g + 1) * G)
+        assert all(torch.equal(batch.x[g * G, 0], batch.x[r, 0]) for r in rows)  # step 1's input: shared
+        assert all(not torch.equal(batch.x_next[g * G, 0], batch.x_next[r, 0]) for r in rows if r != g * G)
+    assert_no_leaks(engine)
+
+
 # ----------------------------------------------------------------------------- rewards and advantages
 
 
