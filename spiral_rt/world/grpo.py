@@ -120,7 +120,10 @@ class WorldGRPOConfig:
     start every chunk from the same initial noise, so they differ only by the noise of the recorded
     transitions, which the update credits), "independent", "shared_except_fork" or "branch" (the members
     share every draw but the noise the trained steps draw, slot k + 1 of step k: TempFlow-GRPO's
-    branching, so a group's reward spread comes from the credited transitions alone)."""
+    branching, so a group's reward spread comes from the credited transitions alone). Measured on the
+    shipped model: the initial latents barely move the outcome (members differing only there split
+    6% of groups), while any single re-noise draw from sigma 0.94 down re-draws most of it
+    (bench/grpo_outcome_probe.py, bench/NOTES.md session 25)."""
     noise_level: float = 0.7
     """Flow-GRPO's SDE noise level of the rollouts' step policy."""
     credit: str = "video"
